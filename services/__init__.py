@@ -1,0 +1,1 @@
+"""ModelMax core: the gRPC CompletionService and its providers."""

@@ -1,0 +1,40 @@
+"""`python -m services`: run the ModelMax core until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from services.catalog import CatalogError
+from services.server import start_core
+from services.settings import Settings, SettingsError
+
+
+async def _serve(settings: Settings) -> None:
+    core = await start_core(settings, os.environ)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logging.getLogger("services").info("stopping: draining for up to %.0fs", settings.shutdown_grace_seconds)
+    await core.stop(settings.shutdown_grace_seconds)
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        sys.exit(f"modelmax-core: {exc}")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve(settings))
+    except (CatalogError, SettingsError) as exc:
+        sys.exit(f"modelmax-core: bad configuration: {exc}")
+
+
+if __name__ == "__main__":
+    main()

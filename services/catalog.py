@@ -1,0 +1,143 @@
+"""The model catalog: public model names mapped to a provider, an upstream model id and options, from YAML."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options"}
+# Option names that would hold a secret in the file itself. Secrets are named by environment variable instead.
+_SECRET_OPTIONS = {"api_key", "key", "secret", "password", "token", "aws_secret_access_key"}
+
+
+class CatalogError(Exception):
+    """A catalog that cannot be served. The message names the file, the entry and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """One public model name and the deployment that serves it."""
+
+    name: str
+    provider: str
+    model: str
+    owned_by: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    where: str = ""  # "catalog.yaml: models[0] (smollm2-135m)", for error messages
+
+    def problem(self, message: str) -> CatalogError:
+        """A CatalogError about this entry."""
+        return CatalogError(f"{self.where}: {message}")
+
+    def check_options(self, allowed: set[str]) -> None:
+        """Refuse options the provider does not know, so a typo never silently falls back to a default."""
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise self.problem(f"unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+    def option(self, name: str, kind: type[T], default: T) -> T:
+        """Option `name`, checked to be of type `kind` (an int is accepted where a float is wanted)."""
+        value = self.options.get(name, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.problem(f"option {name!r} must be of type {kind.__name__}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """All entries, in file order."""
+
+    path: str
+    entries: tuple[CatalogEntry, ...]
+
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.entries]
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and check a catalog file; raise CatalogError on any problem."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror or exc}") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_catalog(document, path)
+
+
+def parse_catalog(document: object, path: str) -> Catalog:
+    """Check an already-parsed catalog document."""
+    if not isinstance(document, dict) or not isinstance(document.get("models"), list):
+        raise CatalogError(f"{path}: the catalog must be a mapping with a 'models' list")
+    extra = set(document) - {"models"}
+    if extra:
+        raise CatalogError(f"{path}: unknown top-level keys {sorted(extra)}; expected only 'models'")
+    if not document["models"]:
+        raise CatalogError(f"{path}: 'models' is empty; list at least one model")
+    entries: list[CatalogEntry] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(document["models"]):
+        entry = _parse_entry(raw, f"{path}: models[{index}]")
+        if entry.name in seen:
+            raise entry.problem(f"duplicate model name {entry.name!r}")
+        seen.add(entry.name)
+        entries.append(entry)
+    return Catalog(path=path, entries=tuple(entries))
+
+
+def _parse_entry(raw: object, where: str) -> CatalogEntry:
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: each model must be a mapping")
+    name = raw.get("name")
+    if isinstance(name, str):
+        where = f"{where} ({name})"
+    unknown = set(raw) - _ENTRY_KEYS
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise CatalogError(f"{where}: 'name' must be a model name such as 'smollm2-135m', got {name!r}")
+    provider = raw.get("provider")
+    if not isinstance(provider, str) or not provider:
+        raise CatalogError(f"{where}: 'provider' is required (for example 'local' or 'openai')")
+    model = raw.get("model", "")
+    if not isinstance(model, str):
+        raise CatalogError(f"{where}: 'model' must be a string (the upstream model id)")
+    owned_by = raw.get("owned_by", provider)
+    if not isinstance(owned_by, str):
+        raise CatalogError(f"{where}: 'owned_by' must be a string")
+    options = raw.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise CatalogError(f"{where}: 'options' must be a mapping of names to values")
+    for key in options:
+        if key.lower() in _SECRET_OPTIONS:
+            raise CatalogError(
+                f"{where}: option {key!r} would put a secret in the file; "
+                f"name an environment variable instead ({key}_env: MY_VARIABLE)"
+            )
+    return CatalogEntry(name, provider, model, owned_by, dict(options), where)
+
+
+def read_secret(entry: CatalogEntry, option: str, env: Mapping[str, str]) -> str | None:
+    """The secret named by option `<option>_env`, read from env; None when the option is absent."""
+    variable = entry.options.get(f"{option}_env")
+    if variable is None:
+        return None
+    if not isinstance(variable, str) or not variable:
+        raise entry.problem(f"option '{option}_env' must name an environment variable")
+    value = env.get(variable)
+    if not value:
+        raise entry.problem(f"environment variable {variable} (option '{option}_env') is not set")
+    return value

@@ -1,0 +1,57 @@
+"""GatewayError, the one error type the core reports, and its single mapping to google.rpc.Status (AIP-193)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from modelmax.v1.completion_pb2 import ErrorReason
+
+ERROR_DOMAIN = "modelmax.v1"
+
+# The only table from ErrorReason to a gRPC status code. The bridge maps the reason back once (bridge/errors.py).
+GRPC_CODE: dict[int, grpc.StatusCode] = {
+    ErrorReason.ERROR_REASON_INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorReason.ERROR_REASON_MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorReason.ERROR_REASON_RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorReason.ERROR_REASON_UPSTREAM_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorReason.ERROR_REASON_UPSTREAM_AUTH: grpc.StatusCode.INTERNAL,
+    ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: grpc.StatusCode.INTERNAL,
+    ErrorReason.ERROR_REASON_INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+class GatewayError(Exception):
+    """A failure the caller should see. Any other exception in the core is a bug and becomes INTERNAL."""
+
+    def __init__(
+        self, reason: ErrorReason.ValueType, message: str, *, param: str = "", provider: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.param = param
+        self.provider = provider
+
+    def to_status(self) -> grpc.Status:
+        """This error as a grpc.Status carrying ErrorInfo{reason, domain, metadata}."""
+        metadata = {k: v for k, v in (("param", self.param), ("provider", self.provider)) if v}
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=ErrorReason.Name(self.reason), domain=ERROR_DOMAIN, metadata=metadata
+            )
+        )
+        code = GRPC_CODE[self.reason]
+        return rpc_status.to_status(
+            status_pb2.Status(code=code.value[0], message=self.message, details=[detail])
+        )
+
+
+def invalid_request(message: str, *, param: str = "") -> GatewayError:
+    """Shorthand for the most common error: a bad parameter, named by `param`."""
+    return GatewayError(ErrorReason.ERROR_REASON_INVALID_REQUEST, message, param=param)

@@ -1,0 +1,244 @@
+"""The `local` provider: a GGUF model run in-process by llama.cpp (llama-cpp-python), token by token.
+
+llama.cpp is synchronous and one model context is not thread-safe, so each loaded model gets one worker thread:
+requests queue for it in order, and the event loop never waits on generation. Tokens cross to the loop with
+`call_soon_threadsafe`; a consumer that goes away sets a flag the worker checks before every token, so a cancelled
+request stops generating at once and the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import importlib.util
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from modelmax.v1 import completion_pb2 as pb
+from modelmax.v1 import completion_service_pb2 as svc
+from services.catalog import CatalogEntry
+from services.errors import GatewayError
+
+_OPTIONS = {"threads", "context_length", "seed"}
+_PACKAGE_PREFIX = "pkg:"
+_ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
+
+
+def resolve_model_path(model: str) -> Path:
+    """A GGUF path; `pkg:<package>/<file>` names a file shipped inside an installed package (not imported)."""
+    if not model.startswith(_PACKAGE_PREFIX):
+        return Path(model).expanduser()
+    package, _, relative = model[len(_PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One generation, as the worker thread sees it."""
+
+    messages: list[dict[str, str]]
+    temperature: float
+    top_p: float
+    max_tokens: int | None
+    stops: tuple[str, ...]
+    cancelled: threading.Event
+    emit: Callable[[tuple[Any, ...]], None]
+
+
+class _Engine:
+    """One loaded model and the single thread that runs it."""
+
+    def __init__(self, path: Path, threads: int, context_length: int, seed: int) -> None:
+        self._llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=context_length,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=seed,
+            verbose=False,
+        )
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError("the GGUF has no tokenizer.chat_template")
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(self._llm.token_eos()),
+            bos_token=self._token_text(self._llm.token_bos()),
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}")
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def submit(self, job: _Job) -> asyncio.Future[None]:
+        return asyncio.wrap_future(self._executor.submit(self._run, job))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._llm.close()
+
+    def _run(self, job: _Job) -> None:
+        """Worker thread: template, tokenize, sample token by token until EOG, a stop sequence or a limit."""
+        if job.cancelled.is_set():
+            return
+        try:
+            self._generate(job)
+        except GatewayError as exc:
+            job.emit(("error", exc))
+        except Exception as exc:  # a llama.cpp failure is a bug to report, not to hang on
+            job.emit(("error", exc))
+
+    def _generate(self, job: _Job) -> None:
+        llm = self._llm
+        formatted = self._formatter(messages=job.messages)
+        prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        room = llm.n_ctx() - len(prompt)
+        if room < 1:
+            raise GatewayError(
+                pb.ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {llm.n_ctx()} tokens; the messages use {len(prompt)}.",
+                param="messages",
+            )
+        limit = room if job.max_tokens is None else min(job.max_tokens, room)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        held = ""  # text kept back because it may be the start of a stop sequence
+        generated = 0
+        finish = pb.FinishReason.FINISH_REASON_LENGTH
+        vocab = llm._model.vocab  # no public accessor for end-of-generation tokens in llama-cpp-python 0.3
+        for token in llm.generate(prompt, temp=job.temperature, top_p=job.top_p, reset=True):
+            if job.cancelled.is_set():
+                return
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = pb.FinishReason.FINISH_REASON_STOP
+                break
+            generated += 1
+            held += decoder.decode(llm.detokenize([token]))
+            cut = _first_stop(held, job.stops)
+            if cut is not None:
+                held = held[:cut]
+                finish = pb.FinishReason.FINISH_REASON_STOP
+                break
+            keep = _partial_stop_length(held, job.stops)
+            if len(held) > keep:
+                job.emit(("text", held[: len(held) - keep]))
+                held = held[len(held) - keep :]
+            if generated >= limit:
+                break
+        if held:
+            job.emit(("text", held))
+        job.emit(("finish", finish, len(prompt), generated))
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(positions) if positions else None
+
+
+def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop sequence."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class LocalProvider:
+    """Serves one catalog entry from a shared engine."""
+
+    def __init__(self, engine: _Engine) -> None:
+        self._engine = engine
+
+    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()  # bounded by the context length
+        job = _Job(
+            messages=[{"role": _ROLE_NAMES[m.role], "content": m.content} for m in params.messages],
+            temperature=params.temperature if params.HasField("temperature") else 0.8,
+            top_p=params.top_p if params.HasField("top_p") else 0.95,
+            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+            stops=tuple(params.stop_sequences),
+            cancelled=threading.Event(),
+            emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+        )
+        done = self._engine.submit(job)
+        done.add_done_callback(lambda _: queue.put_nowait(("exit",)))
+        try:
+            while True:
+                item = await queue.get()
+                kind = item[0]
+                if kind == "text":
+                    yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=item[1]))
+                elif kind == "finish":
+                    _, reason, prompt_tokens, completion_tokens = item
+                    usage = pb.Usage(
+                        prompt_tokens=prompt_tokens,
+                        completion_tokens=completion_tokens,
+                        total_tokens=prompt_tokens + completion_tokens,
+                    )
+                    yield svc.StreamCompletionResponse(
+                        finish=svc.CompletionFinish(finish_reason=reason, usage=usage)
+                    )
+                    return
+                elif kind == "error":
+                    raise item[1]
+                else:  # the worker ended without finishing: only possible when it raised inside llama.cpp
+                    done.result()
+                    raise RuntimeError("local generation ended without a finish")
+        finally:
+            job.cancelled.set()  # stops the worker before its next token if we were cancelled or failed
+
+
+class LocalBackend:
+    """Loads each GGUF once, however many catalog entries name it."""
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[Path, int, int, int], _Engine] = {}
+
+    def provider_for(self, entry: CatalogEntry) -> LocalProvider:
+        entry.check_options(_OPTIONS)
+        threads = entry.option("threads", int, 1)
+        context_length = entry.option("context_length", int, 2048)
+        seed = entry.option("seed", int, llama_cpp.LLAMA_DEFAULT_SEED)
+        if threads < 1 or context_length < 16:
+            raise entry.problem("options 'threads' must be >= 1 and 'context_length' >= 16")
+        if not entry.model:
+            raise entry.problem("'model' must be a GGUF path or pkg:<package>/<file>.gguf")
+        try:
+            path = resolve_model_path(entry.model)
+        except FileNotFoundError as exc:
+            raise entry.problem(f"cannot find the model {entry.model!r}: {exc}") from exc
+        if not path.is_file():
+            raise entry.problem(f"the model file {str(path)!r} does not exist")
+        key = (path.resolve(), threads, context_length, seed)
+        if key not in self._engines:
+            try:
+                self._engines[key] = _Engine(path, threads, context_length, seed)
+            except ValueError as exc:
+                raise entry.problem(f"cannot load {str(path)!r}: {exc}") from exc
+        return LocalProvider(self._engines[key])
+
+    async def aclose(self) -> None:
+        for engine in self._engines.values():
+            await asyncio.to_thread(engine.close)
+        self._engines.clear()
+
+
+def create_backend(env: Mapping[str, str]) -> LocalBackend:
+    del env  # the local provider needs no secrets
+    return LocalBackend()
+

@@ -1,0 +1,69 @@
+"""The grpc.aio server: CompletionService, grpc.health.v1 and reflection, with a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelmax.v1 import completion_service_pb2 as svc
+from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from services.catalog import load_catalog
+from services.providers import build_registry
+from services.servicer import CompletionServicer
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = svc.DESCRIPTOR.services_by_name["CompletionService"].full_name
+
+
+class CoreServer:
+    """A started core. `port` is the bound port (useful when settings asked for port 0)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+                 stack: AsyncExitStack) -> None:
+        self.server = server
+        self.port = port
+        self._health = health_servicer
+        self._stack = stack
+
+    async def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within `grace` seconds, cancel the rest, close providers."""
+        await self._health.enter_graceful_shutdown()
+        try:
+            await self.server.stop(grace)
+        finally:
+            await self._stack.aclose()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
+    """Load the catalog, create every provider once, bind and start. Raises CatalogError on a bad catalog."""
+    stack = AsyncExitStack()
+    try:
+        catalog = load_catalog(settings.catalog_path)
+        registry = await build_registry(catalog, env, stack)
+        server = grpc.aio.server()
+        svc_grpc.add_CompletionServiceServicer_to_server(CompletionServicer(registry), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await stack.aclose()
+        raise
+    log.info("core serving %s on %s:%d (models: %s)", SERVICE_NAME, settings.host, port,
+             ", ".join(catalog.names()))
+    return CoreServer(server, port, health_servicer, stack)
