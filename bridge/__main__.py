@@ -1,0 +1,36 @@
+"""`python -m bridge`: serve the OpenAI-compatible API with uvicorn until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from bridge.app import create_app
+from bridge.settings import Settings, SettingsError
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        sys.exit(f"modelmax-bridge: {exc}")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bridge").info(
+        "OpenAI-compatible API on http://%s:%d/v1 (core at %s, %d API key(s))",
+        settings.host, settings.port, settings.core_target, len(settings.api_keys),
+    )  # fmt: skip
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""create_app: the Starlette application, its one long-lived gRPC channel, and OpenAI-shaped error responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge.auth import KeyChecker
+from bridge.errors import OpenAIError
+from bridge.routes import ROUTES, Gateway
+from bridge.settings import Settings
+from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+
+log = logging.getLogger(__name__)
+
+# gRPC's default 4 MiB message limit would turn a large but allowed body into a channel error.
+_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        channel = grpc.aio.insecure_channel(
+            settings.core_target,
+            options=[
+                ("grpc.max_send_message_length", _GRPC_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", _GRPC_MESSAGE_BYTES),
+            ],
+        )
+        app.state.gateway = Gateway(
+            stub=svc_grpc.CompletionServiceStub(channel),
+            health=health_pb2_grpc.HealthStub(channel),
+            keys=KeyChecker(settings.api_keys),
+            max_body_bytes=settings.max_body_bytes,
+            timeout=settings.request_timeout_seconds,
+        )
+        try:
+            yield
+        finally:
+            await channel.close()
+
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            OpenAIError: _openai_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+
+
+async def _openai_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OpenAIError)
+    return Response(exc.body_bytes(), status_code=exc.status, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 and friends, in OpenAI's error shape."""
+    assert isinstance(exc, HTTPException)
+    message = {404: f"Unknown request URL: {request.method} {request.url.path}.",
+               405: f"Method {request.method} is not allowed for {request.url.path}."}.get(exc.status_code, exc.detail)  # fmt: skip
+    error = OpenAIError(exc.status_code, message, "invalid_request_error", None, None)
+    return Response(error.body_bytes(), status_code=exc.status_code, media_type="application/json",
+                    headers=exc.headers)  # fmt: skip
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    error = OpenAIError(500, "The gateway failed to serve this request.", "api_error", None, "internal_error")
+    return Response(error.body_bytes(), status_code=500, media_type="application/json")

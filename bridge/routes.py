@@ -1,0 +1,140 @@
+"""HTTP handlers: /v1/chat/completions, /v1/models, and the health endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from bridge.auth import KeyChecker
+from bridge.errors import OpenAIError, from_rpc_error
+from bridge.openai_request import parse_chat_request
+from bridge.sse import open_stream
+from bridge.translate import completion_json, model_json, to_params
+from modelmax.v1 import completion_service_pb2 as svc
+from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+
+
+
+@dataclass(slots=True)
+class Gateway:
+    """What the handlers share for the life of the process: one channel to the core, and the settings they need."""
+
+    stub: svc_grpc.CompletionServiceStub
+    health: health_pb2_grpc.HealthStub
+    keys: KeyChecker
+    max_body_bytes: int
+    timeout: float
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+async def chat_completions(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.keys.check(request)
+    _check_content_type(request)
+    chat = parse_chat_request(await _read_body(request, gateway.max_body_bytes))
+    params = to_params(chat)
+    if chat.stream:
+        return await open_stream(gateway.stub, svc.StreamCompletionRequest(params=params), gateway.timeout)
+    call = gateway.stub.CreateCompletion(svc.CreateCompletionRequest(params=params), timeout=gateway.timeout)
+    watcher = asyncio.ensure_future(_client_gone(request.receive))
+    watcher.add_done_callback(lambda _: call.cancel())  # a client that leaves stops the generation it asked for
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED and watcher.done() and not watcher.cancelled():
+            return Response(status_code=499)  # nobody is listening any more
+        raise from_rpc_error(exc) from None
+    finally:
+        watcher.cancel()
+    return JSONResponse(completion_json(response))
+
+
+async def list_models(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.keys.check(request)
+    models = await _models(gateway)
+    return JSONResponse({"object": "list", "data": [model_json(model) for model in models]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.keys.check(request)
+    model_id = request.path_params["model_id"]
+    for model in await _models(gateway):
+        if model.id == model_id:
+            return JSONResponse(model_json(model))
+    raise OpenAIError(404, f"The model '{model_id}' does not exist", "invalid_request_error", "model",
+                      "model_not_found")  # fmt: skip
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the core answers its health check for CompletionService with SERVING."""
+    gateway = _gateway(request)
+    try:
+        reply = await gateway.health.Check(
+            health_pb2.HealthCheckRequest(service="modelmax.v1.CompletionService"), timeout=1.0
+        )
+    except grpc.aio.AioRpcError as exc:
+        return JSONResponse({"status": "unavailable", "core": exc.code().name}, status_code=503)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return JSONResponse({"status": "unavailable", "core": "NOT_SERVING"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def _models(gateway: Gateway) -> list[svc.ModelInfo]:
+    try:
+        reply = await gateway.stub.ListModels(svc.ListModelsRequest(), timeout=10.0)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    return list(reply.models)
+
+
+def _check_content_type(request: Request) -> None:
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
+        raise OpenAIError(415, "Unsupported content type: send the request body as application/json.",
+                          param=None, code="unsupported_media_type")  # fmt: skip
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = OpenAIError(413, f"The request body exceeds the limit of {limit} bytes.", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+ROUTES = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

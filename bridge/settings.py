@@ -1,0 +1,70 @@
+"""The bridge's settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+class SettingsError(Exception):
+    """An environment variable with a value the bridge cannot use; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the bridge reads from its environment. Nothing reads os.environ after start-up."""
+
+    api_keys: tuple[str, ...]
+    core_target: str = "127.0.0.1:50051"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 8 * 1024 * 1024
+    request_timeout_seconds: float = 600.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read MODELMAX_* variables. API keys are required: the bridge never starts open to anyone."""
+        keys = [k.strip() for k in env.get("MODELMAX_API_KEYS", "").split(",") if k.strip()]
+        if env.get("MODELMAX_API_KEY", "").strip():
+            keys.append(env["MODELMAX_API_KEY"].strip())
+        keys_file = env.get("MODELMAX_API_KEYS_FILE", "")
+        if keys_file:
+            try:
+                lines = Path(keys_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise SettingsError(f"MODELMAX_API_KEYS_FILE={keys_file!r} cannot be read: {exc.strerror}") from None
+            keys.extend(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+        if not keys:
+            raise SettingsError(
+                "no API key configured: set MODELMAX_API_KEY (one key), MODELMAX_API_KEYS (comma-separated) "
+                "or MODELMAX_API_KEYS_FILE (one key per line); the bridge refuses to serve without a key"
+            )
+        if any(len(key) < 16 for key in keys):
+            raise SettingsError("API keys must be at least 16 characters long")
+        return cls(
+            api_keys=tuple(dict.fromkeys(keys)),
+            core_target=env.get("MODELMAX_CORE_TARGET", "127.0.0.1:50051"),
+            host=env.get("MODELMAX_BRIDGE_HOST", "127.0.0.1"),
+            port=_number(env, "MODELMAX_BRIDGE_PORT", 8000, int),
+            max_body_bytes=_number(env, "MODELMAX_MAX_BODY_BYTES", 8 * 1024 * 1024, int),
+            request_timeout_seconds=_number(env, "MODELMAX_REQUEST_TIMEOUT_SECONDS", 600.0, float),
+            log_level=env.get("MODELMAX_LOG_LEVEL", "INFO").upper(),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be positive")
+    return value

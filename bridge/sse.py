@@ -1,0 +1,70 @@
+"""Relays one StreamCompletion call as OpenAI SSE: errors before the first byte are statuses, later ones events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from starlette.responses import Response, StreamingResponse
+
+from bridge.errors import OpenAIError, from_rpc_error
+from bridge.translate import SSE_DONE, ChunkEncoder, sse_data
+from modelmax.v1 import completion_service_pb2 as svc
+from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+
+log = logging.getLogger(__name__)
+
+_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+async def open_stream(
+    stub: svc_grpc.CompletionServiceStub, request: svc.StreamCompletionRequest, timeout: float
+) -> Response:
+    """Start the call and wait for its first event, so a failure to start is a real HTTP status, not a 200."""
+    call = stub.StreamCompletion(request, timeout=timeout)
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    except BaseException:
+        call.cancel()
+        raise
+    if first is grpc.aio.EOF or not first.HasField("start"):
+        call.cancel()
+        raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
+    encoder = ChunkEncoder(first.start, request.params.include_usage)
+    return StreamingResponse(_events(call, encoder), media_type="text/event-stream", headers=_HEADERS)
+
+
+async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder) -> AsyncIterator[bytes]:
+    """Role chunk, content chunks, the finish chunk, the usage chunk when asked, then [DONE].
+
+    If the client disconnects, Starlette cancels this generator; the `finally` cancels the gRPC call, which cancels
+    the provider in the core. A failure mid-stream ends with an error event, never with an invented finish_reason.
+    """
+    finished = False
+    try:
+        yield encoder.role()
+        while True:
+            event = await call.read()
+            if event is grpc.aio.EOF:
+                break
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                yield encoder.content(event.delta.text)
+            elif kind == "finish":
+                finished = True
+                yield encoder.finish(event.finish.finish_reason)
+                if event.finish.HasField("usage"):
+                    yield encoder.usage(event.finish.usage)
+        if not finished:
+            log.error("core stream ended without a finish event")
+            yield sse_data(
+                OpenAIError(502, "The stream ended unexpectedly.", "api_error", None, "internal_error").body()
+            )
+    except grpc.aio.AioRpcError as exc:
+        yield sse_data(from_rpc_error(exc).body())
+    finally:
+        call.cancel()  # no-op once the call is done; otherwise carries a client disconnect into the core
+    yield SSE_DONE

@@ -1,0 +1,290 @@
+"""The `openai` provider: any OpenAI-compatible chat completions server (vLLM, Ollama, llama.cpp server, OpenAI).
+
+Spoken with httpx directly: one pooled client per (base_url, api key), the upstream always streamed
+(`stream_options.include_usage`), its server-sent events parsed here, and every upstream failure turned into a
+GatewayError by the one table below. No httpx type leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from modelmax.v1 import completion_pb2 as pb
+from modelmax.v1 import completion_service_pb2 as svc
+from services.catalog import CatalogEntry, read_secret
+from services.errors import GatewayError
+
+_PROVIDER = "openai"
+_OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds"}
+_ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
+_FINISH_REASONS = {
+    "stop": pb.FinishReason.FINISH_REASON_STOP,
+    "length": pb.FinishReason.FINISH_REASON_LENGTH,
+    "content_filter": pb.FinishReason.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": pb.FinishReason.FINISH_REASON_TOOL_CALLS,
+    "function_call": pb.FinishReason.FINISH_REASON_TOOL_CALLS,  # the deprecated name of tool_calls
+}
+_MESSAGE_LIMIT = 500  # characters of an upstream error message forwarded to the caller
+_ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read; enough for any JSON error, bounded against junk
+_DRAIN_SECONDS = 1.0  # after [DONE], how long to wait for the body's end so the connection can be reused
+
+R = pb.ErrorReason
+# The one table of upstream failures. The HTTP status decides; error.code / error.type names (OpenAI's, and the
+# servers' own) refine a 400 and classify in-stream errors, which carry no status.
+_REASON_BY_STATUS = {
+    400: R.ERROR_REASON_INVALID_REQUEST,
+    413: R.ERROR_REASON_INVALID_REQUEST,
+    422: R.ERROR_REASON_INVALID_REQUEST,
+    401: R.ERROR_REASON_UPSTREAM_AUTH,
+    403: R.ERROR_REASON_UPSTREAM_AUTH,
+    404: R.ERROR_REASON_MODEL_NOT_FOUND,
+    408: R.ERROR_REASON_UPSTREAM_TIMEOUT,
+    429: R.ERROR_REASON_RATE_LIMITED,
+    504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
+}
+_REASON_BY_NAME = {
+    "context_length_exceeded": R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,  # OpenAI error.code
+    "exceed_context_size_error": R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,  # llama.cpp server error.type
+    "invalid_request_error": R.ERROR_REASON_INVALID_REQUEST,
+    "model_not_found": R.ERROR_REASON_MODEL_NOT_FOUND,
+    "rate_limit_exceeded": R.ERROR_REASON_RATE_LIMITED,
+    "rate_limit_error": R.ERROR_REASON_RATE_LIMITED,
+    "insufficient_quota": R.ERROR_REASON_RATE_LIMITED,
+    "invalid_api_key": R.ERROR_REASON_UPSTREAM_AUTH,
+    "authentication_error": R.ERROR_REASON_UPSTREAM_AUTH,
+    "permission_error": R.ERROR_REASON_UPSTREAM_AUTH,
+}
+# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward the
+# upstream's words; the rest would leak upstream details, and an auth failure is the gateway's, never the caller's.
+_MESSAGES = {
+    R.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
+    R.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
+    R.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
+    R.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
+    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
+    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' answered with something the gateway cannot use.",
+}
+
+
+class OpenAICompatibleProvider:
+    """Serves one catalog entry through its backend's shared client."""
+
+    def __init__(self, client: httpx.AsyncClient, entry: CatalogEntry, timeout: httpx.Timeout) -> None:
+        self._client = client
+        self._name = entry.name
+        self._model = entry.model
+        self._timeout = timeout
+
+    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+        try:
+            # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
+            # CancelledError) closes it, which drops the upstream connection and so stops the generation.
+            async with self._client.stream(
+                "POST", "chat/completions", json=_request_body(self._model, params), timeout=self._timeout
+            ) as response:
+                if response.status_code != 200:
+                    raise self._error(_reason(response.status_code, *await _error_fields(response)))
+                if "event-stream" not in response.headers.get("content-type", ""):
+                    raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+                finish_reason: pb.FinishReason.ValueType | None = None
+                usage: pb.Usage | None = None
+                async for data in _sse_data(response):
+                    chunk = self._chunk(data)
+                    if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk, per server
+                        usage = self._usage(chunk["usage"])
+                    for text, reason in self._choices(chunk):
+                        if text:
+                            yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
+                        if reason is not None:
+                            finish_reason = reason
+                if finish_reason is None:  # cut short: never fabricate a "stop"
+                    raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+                finish = svc.CompletionFinish(finish_reason=finish_reason, usage=usage)  # usage=None leaves it unset
+                yield svc.StreamCompletionResponse(finish=finish)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
+        except httpx.TimeoutException as exc:  # read, write or waiting for a pooled connection
+            raise self._error(R.ERROR_REASON_UPSTREAM_TIMEOUT) from exc
+        except httpx.TransportError as exc:  # the connection broke, e.g. mid-stream
+            raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
+        except httpx.HTTPError as exc:  # a body httpx cannot decode
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc
+
+    def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
+        template = _MESSAGES.get(reason)
+        if template is not None:
+            message = template.format(model=self._name)
+        else:
+            message = upstream_message[:_MESSAGE_LIMIT] or f"The upstream serving '{self._name}' refused the request."
+        param = "messages" if reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
+        return GatewayError(reason, message, param=param, provider=_PROVIDER)
+
+    def _chunk(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc
+        if not isinstance(chunk, dict):
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+        if chunk.get("error") is not None or chunk.get("object") == "error":  # older vLLM sends the error flat
+            raise self._error(_reason(None, *_fields_of(chunk)))
+        return chunk
+
+    def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, pb.FinishReason.ValueType | None]]:
+        """(content, finish reason) of the first choice in a chunk; the usage chunk has none."""
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+        out: list[tuple[str, pb.FinishReason.ValueType | None]] = []
+        for choice in choices:
+            if choice.get("index", 0) != 0:  # we never ask for n > 1
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if isinstance(delta, dict) else None
+            name = choice.get("finish_reason")
+            if (text is not None and not isinstance(text, str)) or (name is not None and name not in _FINISH_REASONS):
+                raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+            out.append((text or "", None if name is None else _FINISH_REASONS[name]))
+        return out
+
+    def _usage(self, usage: dict[str, Any]) -> pb.Usage:
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        total = usage.get("total_tokens", None)
+        total = prompt + completion if total is None else total
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion, total)):
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
+        return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+
+
+def _request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
+    """The upstream request: its own model name, and only the parameters the caller set."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": _ROLE_NAMES[m.role], "content": m.content} for m in params.messages],
+        "stream": True,  # always: the core folds the stream for callers that did not ask for one
+        "stream_options": {"include_usage": True},
+    }
+    for name in ("temperature", "top_p", "max_tokens"):
+        if params.HasField(name):
+            body[name] = getattr(params, name)
+    if params.stop_sequences:
+        body["stop"] = list(params.stop_sequences)
+    return body
+
+
+async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The `data` of each server-sent event, until `[DONE]` or the end of the body."""
+    lines = response.aiter_lines()
+    data: list[str] = []
+    async for line in lines:
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+            continue
+        if line or not data:  # `event:`, `id:` and `:` keep-alive comments carry nothing we use
+            continue
+        event, data = "\n".join(data), []
+        if event == "[DONE]":
+            await _drain(lines)
+            return
+        yield event
+    if data:  # a last event without its blank line
+        yield "\n".join(data)
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read to the end of the body, so httpx returns the connection to the pool instead of closing it."""
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the answer is complete; a server that lingers after [DONE] only costs us the connection
+
+
+async def _error_fields(response: httpx.Response) -> tuple[object, object, str]:
+    """(error.code, error.type, error.message) of an HTTP error body; empty when it is not OpenAI's shape."""
+    body = b""
+    async for part in response.aiter_bytes():
+        body += part
+        if len(body) >= _ERROR_BODY_LIMIT:
+            break
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None, None, ""
+    return _fields_of(document) if isinstance(document, dict) else (None, None, "")
+
+
+def _fields_of(document: dict[str, Any]) -> tuple[object, object, str]:
+    error = document.get("error", document)  # {"error": {...}} (OpenAI, newer vLLM) or flat (older vLLM)
+    if isinstance(error, str):
+        return None, None, error
+    if not isinstance(error, dict):
+        return None, None, ""
+    message = error.get("message")
+    return error.get("code"), error.get("type"), message if isinstance(message, str) else ""
+
+
+def _reason(status: int | None, code: object, kind: object, message: str) -> tuple[pb.ErrorReason.ValueType, str]:
+    """Map an upstream failure through the tables above; returns (reason, the upstream's message)."""
+    if status is None and isinstance(code, int) and not isinstance(code, bool):
+        status = code  # vLLM and llama.cpp put the HTTP status in error.code
+    named = next((_REASON_BY_NAME[n] for n in (code, kind) if isinstance(n, str) and n in _REASON_BY_NAME), None)
+    if status is None:
+        reason = named or R.ERROR_REASON_UPSTREAM_UNAVAILABLE
+    elif status in _REASON_BY_STATUS:
+        reason = _REASON_BY_STATUS[status]
+        if reason == R.ERROR_REASON_INVALID_REQUEST and named == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED:
+            reason = named
+    else:
+        reason = R.ERROR_REASON_UPSTREAM_UNAVAILABLE if status >= 500 else R.ERROR_REASON_UPSTREAM_PROTOCOL
+    return reason, message
+
+
+class OpenAICompatibleBackend:
+    """Owns one pooled httpx client per (base_url, api key), shared by every entry that names it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        self._clients: dict[tuple[str, str | None], httpx.AsyncClient] = {}
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def provider_for(self, entry: CatalogEntry) -> OpenAICompatibleProvider:
+        entry.check_options(_OPTIONS)
+        if not entry.model:
+            raise entry.problem("'model' is required: the upstream's model name, such as 'Qwen/Qwen2.5-7B-Instruct'")
+        base_url = entry.option("base_url", str, "")
+        if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
+            raise entry.problem(f"option 'base_url' must be an http(s) URL such as http://vllm:8000/v1, got {base_url!r}")
+        timeout = entry.option("timeout_seconds", float, 60.0)
+        connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
+        if timeout <= 0 or connect_timeout <= 0:
+            raise entry.problem("options 'timeout_seconds' and 'connect_timeout_seconds' must be > 0")
+        api_key = read_secret(entry, "api_key", self._env)
+        key = (base_url.rstrip("/"), api_key)
+        client = self._clients.get(key)
+        if client is None:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            client = httpx.AsyncClient(base_url=key[0] + "/", headers=headers)
+            self._clients[key] = client
+        # timeout_seconds bounds every wait for upstream bytes (the first token, then each gap), not the whole
+        # stream: a long answer is fine while tokens keep coming, and the caller's gRPC deadline bounds the total.
+        return OpenAICompatibleProvider(client, entry, httpx.Timeout(timeout, connect=connect_timeout))
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+
+def create_backend(env: Mapping[str, str]) -> OpenAICompatibleBackend:
+    return OpenAICompatibleBackend(env)
