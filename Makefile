@@ -47,7 +47,7 @@ run-bridge: proto
 tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
-test: proto tests/node/node_modules/.package-lock.json
+test: lint tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 lint: proto

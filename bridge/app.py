@@ -66,8 +66,11 @@ async def _openai_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 and friends, in OpenAI's error shape."""
     assert isinstance(exc, HTTPException)
-    message = {404: f"Unknown request URL: {request.method} {request.url.path}.",
-               405: f"Method {request.method} is not allowed for {request.url.path}."}.get(exc.status_code, exc.detail)  # fmt: skip
+    messages = {
+        404: f"Unknown request URL: {request.method} {request.url.path}.",
+        405: f"Method {request.method} is not allowed for {request.url.path}.",
+    }
+    message = messages.get(exc.status_code, exc.detail)
     error = OpenAIError(exc.status_code, message, "invalid_request_error", None, None)
     return Response(error.body_bytes(), status_code=exc.status_code, media_type="application/json",
                     headers=exc.headers)  # fmt: skip

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2
@@ -35,15 +34,23 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str, str | None, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class OpenAIError(Exception):
     """An error as OpenAI clients expect it: an HTTP status and {"error": {message, type, param, code}}."""
 
-    status: int
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",  # noqa: A002 (OpenAI's field name)
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

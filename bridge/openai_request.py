@@ -26,7 +26,8 @@ _KNOWN = {
 _IGNORED = {
     "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed",
     "service_tier", "store", "metadata", "parallel_tool_calls", "prediction", "modalities", "audio",
-    "reasoning_effort", "web_search_options", "tool_choice", "function_call", "safety_identifier", "prompt_cache_key", "verbosity",
+    "reasoning_effort", "web_search_options", "tool_choice", "function_call", "safety_identifier",
+    "prompt_cache_key", "verbosity",
 }  # fmt: skip
 # Not implemented, and ignoring them would return a different kind of answer than the caller asked for.
 # (tool_choice and function_call mean nothing without tools, so they are ignored.)

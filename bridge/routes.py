@@ -21,7 +21,6 @@ from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 
 
-
 @dataclass(slots=True)
 class Gateway:
     """What the handlers share for the life of the process: one channel to the core, and the settings they need."""
@@ -106,7 +105,9 @@ async def _models(gateway: Gateway) -> list[svc.ModelInfo]:
 
 def _check_content_type(request: Request) -> None:
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type != "application/json" and not (media_type.startswith("application/") and media_type.endswith("+json")):
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
         raise OpenAIError(415, "Unsupported content type: send the request body as application/json.",
                           param=None, code="unsupported_media_type")  # fmt: skip
 

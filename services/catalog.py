@@ -118,7 +118,8 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
     owned_by = raw.get("owned_by", provider)
     if not isinstance(owned_by, str):
         raise CatalogError(f"{where}: 'owned_by' must be a string")
-    options = raw.get("options") or {}
+    options = raw.get("options")
+    options = {} if options is None else options
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise CatalogError(f"{where}: 'options' must be a mapping of names to values")
     for key in options:

@@ -28,9 +28,7 @@ GRPC_CODE: dict[int, grpc.StatusCode] = {
 class GatewayError(Exception):
     """A failure the caller should see. Any other exception in the core is a bug and becomes INTERNAL."""
 
-    def __init__(
-        self, reason: ErrorReason.ValueType, message: str, *, param: str = "", provider: str = ""
-    ) -> None:
+    def __init__(self, reason: ErrorReason.ValueType, message: str, *, param: str = "", provider: str = "") -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -42,14 +40,10 @@ class GatewayError(Exception):
         metadata = {k: v for k, v in (("param", self.param), ("provider", self.provider)) if v}
         detail = any_pb2.Any()
         detail.Pack(
-            error_details_pb2.ErrorInfo(
-                reason=ErrorReason.Name(self.reason), domain=ERROR_DOMAIN, metadata=metadata
-            )
+            error_details_pb2.ErrorInfo(reason=ErrorReason.Name(self.reason), domain=ERROR_DOMAIN, metadata=metadata)
         )
         code = GRPC_CODE[self.reason]
-        return rpc_status.to_status(
-            status_pb2.Status(code=code.value[0], message=self.message, details=[detail])
-        )
+        return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=self.message, details=[detail]))
 
 
 def invalid_request(message: str, *, param: str = "") -> GatewayError:

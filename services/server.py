@@ -25,8 +25,9 @@ SERVICE_NAME = svc.DESCRIPTOR.services_by_name["CompletionService"].full_name
 class CoreServer:
     """A started core. `port` is the bound port (useful when settings asked for port 0)."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
-                 stack: AsyncExitStack) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer, stack: AsyncExitStack
+    ) -> None:
         self.server = server
         self.port = port
         self._health = health_servicer
@@ -54,9 +55,7 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         svc_grpc.add_CompletionServiceServicer_to_server(CompletionServicer(registry), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         await server.start()
         for name in ("", SERVICE_NAME):
@@ -64,6 +63,5 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
     except BaseException:
         await stack.aclose()
         raise
-    log.info("core serving %s on %s:%d (models: %s)", SERVICE_NAME, settings.host, port,
-             ", ".join(catalog.names()))
+    log.info("core serving %s on %s:%d (models: %s)", SERVICE_NAME, settings.host, port, ", ".join(catalog.names()))
     return CoreServer(server, port, health_servicer, stack)

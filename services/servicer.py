@@ -77,7 +77,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         )
 
 
-async def _events(registry: ProviderRegistry, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+async def _events(
+    registry: ProviderRegistry, params: pb.CompletionParams
+) -> AsyncIterator[svc.StreamCompletionResponse]:
     """The contract every caller sees: `start` once the provider produced output, its deltas, exactly one finish.
 
     A provider stream that ends without a finish is an upstream protocol error, never a fabricated `stop`.
@@ -90,9 +92,7 @@ async def _events(registry: ProviderRegistry, params: pb.CompletionParams) -> As
         if first is None:
             raise _protocol("the provider's stream ended before any output", params.model)
         yield svc.StreamCompletionResponse(
-            start=svc.CompletionStart(
-                id=f"chatcmpl-{uuid.uuid4().hex}", model=params.model, created=int(time.time())
-            )
+            start=svc.CompletionStart(id=f"chatcmpl-{uuid.uuid4().hex}", model=params.model, created=int(time.time()))
         )
         event = first
         while event is not None:

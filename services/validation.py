@@ -18,9 +18,7 @@ def check_params(params: pb.CompletionParams) -> None:
         raise invalid_request("'messages' must contain at least one message", param="messages")
     for index, message in enumerate(params.messages):
         if message.role == pb.Role.ROLE_UNSPECIFIED or message.role not in pb.Role.values():
-            raise invalid_request(
-                "role must be one of 'system', 'user', 'assistant'", param=f"messages[{index}].role"
-            )
+            raise invalid_request("role must be one of 'system', 'user', 'assistant'", param=f"messages[{index}].role")
     if params.HasField("temperature") and not (0.0 <= params.temperature <= 2.0):
         raise invalid_request(f"{params.temperature} is not in [0, 2]", param="temperature")
     if params.HasField("top_p") and not (0.0 <= params.top_p <= 1.0):

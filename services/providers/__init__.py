@@ -58,9 +58,7 @@ class ProviderRegistry:
         return provider
 
 
-async def build_registry(
-    catalog: Catalog, env: Mapping[str, str], stack: AsyncExitStack
-) -> ProviderRegistry:
+async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncExitStack) -> ProviderRegistry:
     """Create every backend the catalog needs, once, and one provider per entry. `stack` closes the backends."""
     backends: dict[str, Backend] = {}
     providers: dict[str, Provider] = {}

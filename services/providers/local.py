@@ -26,7 +26,7 @@ from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry
 from services.errors import GatewayError
 
-_OPTIONS = {"threads", "context_length", "seed"}
+_OPTIONS = {"threads", "context_length", "default_max_tokens", "seed"}
 _PACKAGE_PREFIX = "pkg:"
 _ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
 
@@ -75,6 +75,8 @@ class _Engine:
             eos_token=self._token_text(self._llm.token_eos()),
             bos_token=self._token_text(self._llm.token_bos()),
         )
+        # llama.cpp may round its context up (to a multiple of 256); the catalog's value is the limit we honour.
+        self._context_length = min(context_length, self._llm.n_ctx())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}")
 
     def _token_text(self, token: int) -> str:
@@ -104,11 +106,12 @@ class _Engine:
         llm = self._llm
         formatted = self._formatter(messages=job.messages)
         prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
-        room = llm.n_ctx() - len(prompt)
+        room = self._context_length - len(prompt)
         if room < 1:
             raise GatewayError(
                 pb.ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {llm.n_ctx()} tokens; the messages use {len(prompt)}.",
+                f"This model's maximum context length is {self._context_length} tokens; "
+                f"the messages use {len(prompt)}.",
                 param="messages",
             )
         limit = room if job.max_tokens is None else min(job.max_tokens, room)
@@ -160,8 +163,9 @@ def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
 class LocalProvider:
     """Serves one catalog entry from a shared engine."""
 
-    def __init__(self, engine: _Engine) -> None:
+    def __init__(self, engine: _Engine, default_max_tokens: int | None) -> None:
         self._engine = engine
+        self._default_max_tokens = default_max_tokens
 
     async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
         loop = asyncio.get_running_loop()
@@ -170,7 +174,7 @@ class LocalProvider:
             messages=[{"role": _ROLE_NAMES[m.role], "content": m.content} for m in params.messages],
             temperature=params.temperature if params.HasField("temperature") else 0.8,
             top_p=params.top_p if params.HasField("top_p") else 0.95,
-            max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
+            max_tokens=params.max_tokens if params.HasField("max_tokens") else self._default_max_tokens,
             stops=tuple(params.stop_sequences),
             cancelled=threading.Event(),
             emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
@@ -190,9 +194,7 @@ class LocalProvider:
                         completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,
                     )
-                    yield svc.StreamCompletionResponse(
-                        finish=svc.CompletionFinish(finish_reason=reason, usage=usage)
-                    )
+                    yield svc.StreamCompletionResponse(finish=svc.CompletionFinish(finish_reason=reason, usage=usage))
                     return
                 elif kind == "error":
                     raise item[1]
@@ -214,8 +216,9 @@ class LocalBackend:
         threads = entry.option("threads", int, 1)
         context_length = entry.option("context_length", int, 2048)
         seed = entry.option("seed", int, llama_cpp.LLAMA_DEFAULT_SEED)
-        if threads < 1 or context_length < 16:
-            raise entry.problem("options 'threads' must be >= 1 and 'context_length' >= 16")
+        default_max_tokens = entry.option("default_max_tokens", int, 0)
+        if threads < 1 or context_length < 16 or default_max_tokens < 0:
+            raise entry.problem("options 'threads' must be >= 1, 'context_length' >= 16 and 'default_max_tokens' >= 0")
         if not entry.model:
             raise entry.problem("'model' must be a GGUF path or pkg:<package>/<file>.gguf")
         try:
@@ -230,7 +233,7 @@ class LocalBackend:
                 self._engines[key] = _Engine(path, threads, context_length, seed)
             except ValueError as exc:
                 raise entry.problem(f"cannot load {str(path)!r}: {exc}") from exc
-        return LocalProvider(self._engines[key])
+        return LocalProvider(self._engines[key], default_max_tokens or None)
 
     async def aclose(self) -> None:
         for engine in self._engines.values():
@@ -241,4 +244,3 @@ class LocalBackend:
 def create_backend(env: Mapping[str, str]) -> LocalBackend:
     del env  # the local provider needs no secrets
     return LocalBackend()
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,7 +69,7 @@ _MESSAGES = {
     R.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
     R.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
     R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
-    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' answered with something the gateway cannot use.",
+    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' sent an answer the gateway cannot use.",
 }
 
 
@@ -89,20 +90,22 @@ class OpenAICompatibleProvider:
                 "POST", "chat/completions", json=_request_body(self._model, params), timeout=self._timeout
             ) as response:
                 if response.status_code != 200:
-                    raise self._error(_reason(response.status_code, *await _error_fields(response)))
+                    code, kind, message = await _error_fields(response)
+                    raise self._error(_reason(response.status_code, code, kind), message)
                 if "event-stream" not in response.headers.get("content-type", ""):
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
                 finish_reason: pb.FinishReason.ValueType | None = None
                 usage: pb.Usage | None = None
-                async for data in _sse_data(response):
-                    chunk = self._chunk(data)
-                    if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk, per server
-                        usage = self._usage(chunk["usage"])
-                    for text, reason in self._choices(chunk):
-                        if text:
-                            yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
-                        if reason is not None:
-                            finish_reason = reason
+                async with aclosing(_sse_data(response)) as events:
+                    async for data in events:
+                        chunk = self._chunk(data)
+                        if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk, per server
+                            usage = self._usage(chunk["usage"])
+                        for text, reason in self._choices(chunk):
+                            if text:
+                                yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
+                            if reason is not None:
+                                finish_reason = reason
                 if finish_reason is None:  # cut short: never fabricate a "stop"
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
                 finish = svc.CompletionFinish(finish_reason=finish_reason, usage=usage)  # usage=None leaves it unset
@@ -133,7 +136,8 @@ class OpenAICompatibleProvider:
         if not isinstance(chunk, dict):
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
         if chunk.get("error") is not None or chunk.get("object") == "error":  # older vLLM sends the error flat
-            raise self._error(_reason(None, *_fields_of(chunk)))
+            code, kind, message = _fields_of(chunk)
+            raise self._error(_reason(None, code, kind), message)
         return chunk
 
     def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, pb.FinishReason.ValueType | None]]:
@@ -154,12 +158,11 @@ class OpenAICompatibleProvider:
         return out
 
     def _usage(self, usage: dict[str, Any]) -> pb.Usage:
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        total = usage.get("total_tokens", None)
-        total = prompt + completion if total is None else total
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion, total)):
+        counts = [usage.get(name) or 0 for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-        return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+        prompt, completion, total = counts
+        return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total or prompt + completion)
 
 
 def _request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
@@ -193,8 +196,9 @@ async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
             await _drain(lines)
             return
         yield event
-    if data:  # a last event without its blank line
-        yield "\n".join(data)
+    last = "\n".join(data)  # an event the body ended without its blank line
+    if last and last != "[DONE]":
+        yield last
 
 
 async def _drain(lines: AsyncIterator[str]) -> None:
@@ -231,8 +235,8 @@ def _fields_of(document: dict[str, Any]) -> tuple[object, object, str]:
     return error.get("code"), error.get("type"), message if isinstance(message, str) else ""
 
 
-def _reason(status: int | None, code: object, kind: object, message: str) -> tuple[pb.ErrorReason.ValueType, str]:
-    """Map an upstream failure through the tables above; returns (reason, the upstream's message)."""
+def _reason(status: int | None, code: object, kind: object) -> pb.ErrorReason.ValueType:
+    """Map an upstream failure (HTTP status, error.code, error.type) through the tables above."""
     if status is None and isinstance(code, int) and not isinstance(code, bool):
         status = code  # vLLM and llama.cpp put the HTTP status in error.code
     named = next((_REASON_BY_NAME[n] for n in (code, kind) if isinstance(n, str) and n in _REASON_BY_NAME), None)
@@ -244,7 +248,7 @@ def _reason(status: int | None, code: object, kind: object, message: str) -> tup
             reason = named
     else:
         reason = R.ERROR_REASON_UPSTREAM_UNAVAILABLE if status >= 500 else R.ERROR_REASON_UPSTREAM_PROTOCOL
-    return reason, message
+    return reason
 
 
 class OpenAICompatibleBackend:
@@ -263,8 +267,10 @@ class OpenAICompatibleBackend:
         if not entry.model:
             raise entry.problem("'model' is required: the upstream's model name, such as 'Qwen/Qwen2.5-7B-Instruct'")
         base_url = entry.option("base_url", str, "")
+        if not base_url:
+            raise entry.problem("option 'base_url' is required: the upstream's API root, such as http://vllm:8000/v1")
         if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
-            raise entry.problem(f"option 'base_url' must be an http(s) URL such as http://vllm:8000/v1, got {base_url!r}")
+            raise entry.problem(f"option 'base_url' must be an http(s) URL, got {base_url!r}")
         timeout = entry.option("timeout_seconds", float, 60.0)
         connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
         if timeout <= 0 or connect_timeout <= 0:

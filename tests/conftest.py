@@ -1,0 +1,87 @@
+"""Real servers on 127.0.0.1 and ephemeral ports: the core (grpc.aio) and the bridge (uvicorn), wired together."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.app import create_app
+from bridge.settings import Settings as BridgeSettings
+from services.server import CoreServer, start_core
+from services.settings import DEFAULT_CATALOG
+from services.settings import Settings as CoreSettings
+from tests.fakes.serve import serve
+
+API_KEY = "mm-test-key-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No developer or CI credentials leak into a test, and no test sees another's variables."""
+    for name in list(os.environ):
+        if name.startswith(("MODELMAX_", "AWS_", "OPENAI_", "GEMINI_", "GOOGLE_")):
+            monkeypatch.delenv(name)
+
+
+@asynccontextmanager
+async def running_core(catalog_path: str, env: dict[str, str] | None = None) -> AsyncIterator[CoreServer]:
+    core = await start_core(CoreSettings(catalog_path=catalog_path, port=0), env or {})
+    try:
+        yield core
+    finally:
+        await core.stop(grace=None)
+
+
+@asynccontextmanager
+async def running_bridge(core_target: str, **overrides: object) -> AsyncIterator[str]:
+    """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1")."""
+    settings = BridgeSettings(api_keys=(API_KEY,), core_target=core_target, **overrides)  # type: ignore[arg-type]
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), serve(app) as url:
+        yield f"{url}/v1"
+
+
+@asynccontextmanager
+async def running_gateway(catalog_path: str, env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """Core and bridge together; yields the OpenAI base URL."""
+    async with running_core(catalog_path, env) as core, running_bridge(f"127.0.0.1:{core.port}") as base_url:
+        yield base_url
+
+
+def write_catalog(tmp_path: Path, models: list[dict[str, object]]) -> str:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"models": models}))
+    return str(path)
+
+
+@pytest.fixture
+async def local_core() -> AsyncIterator[CoreServer]:
+    """The core on the default catalog: the embedded SmolLM2 model."""
+    async with running_core(DEFAULT_CATALOG) as core:
+        yield core
+
+
+@pytest.fixture
+async def gateway_url(local_core: CoreServer) -> AsyncIterator[str]:
+    """The OpenAI base URL of a bridge in front of the local-model core."""
+    async with running_bridge(f"127.0.0.1:{local_core.port}") as base_url:
+        yield base_url
+
+
+GatewayFactory = Callable[[str], Awaitable[str]]
+
+
+@pytest.fixture
+async def gateway_for() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start a gateway on a given catalog file (and environment); all are stopped at the end of the test."""
+    async with AsyncExitStack() as stack:
+
+        async def start(catalog_path: str, env: dict[str, str] | None = None) -> str:
+            return await stack.enter_async_context(running_gateway(catalog_path, env))
+
+        yield start

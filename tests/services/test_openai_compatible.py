@@ -1,0 +1,337 @@
+"""The `openai` provider, driven through its backend against a real fake OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from typing import Any
+
+import pytest
+
+from modelmax.v1 import completion_pb2 as pb
+from modelmax.v1 import completion_service_pb2 as svc
+from services.catalog import CatalogEntry, CatalogError
+from services.errors import GatewayError
+from services.providers import Provider
+from services.providers.openai_compatible import OpenAICompatibleBackend, create_backend
+from tests.fakes.openai_upstream import SERVER_ERROR, OpenAIUpstream, serve_openai_upstream
+
+R = pb.ErrorReason
+F = pb.FinishReason
+KEY = "sk-gateway-secret-1234"
+ENV = {"UPSTREAM_KEY": KEY}
+TOO_LONG = "This model's maximum context length is 4096 tokens."
+
+
+def make_entry(options: Mapping[str, Any], *, name: str = "gpt-test", model: str = "org/upstream-7b") -> CatalogEntry:
+    return CatalogEntry(name, "openai", model, "acme", dict(options), where=f"catalog.yaml: models[0] ({name})")
+
+
+def make_params(**fields: Any) -> pb.CompletionParams:
+    return pb.CompletionParams(
+        model="gpt-test", messages=[pb.Message(role=pb.Role.ROLE_USER, content="Say hello")], **fields
+    )
+
+
+async def run(provider: Provider, params: pb.CompletionParams) -> tuple[list[str], svc.CompletionFinish]:
+    """The texts of the deltas and the finish, checking that the finish comes last and exactly once."""
+    texts: list[str] = []
+    finish: svc.CompletionFinish | None = None
+    async with aclosing(provider.stream(params)) as events:  # type: ignore[type-var]
+        async for event in events:
+            assert finish is None, "an event after the finish"
+            if event.HasField("delta"):
+                assert event.delta.text
+                texts.append(event.delta.text)
+            else:
+                finish = event.finish
+    assert finish is not None
+    return texts, finish
+
+
+async def fail(provider: Provider, params: pb.CompletionParams | None = None) -> GatewayError:
+    with pytest.raises(GatewayError) as info:
+        await run(provider, params or make_params())
+    assert info.value.provider == "openai"
+    return info.value
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[OpenAIUpstream]:
+    async with serve_openai_upstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def backend(upstream: OpenAIUpstream) -> AsyncIterator[OpenAICompatibleBackend]:
+    backend = create_backend(ENV)  # depends on `upstream` so its clients close before the server stops
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+def provider(upstream: OpenAIUpstream, backend: OpenAICompatibleBackend) -> Provider:
+    return backend.provider_for(make_entry({"base_url": upstream.url}))
+
+
+async def test_streams_deltas_then_finish_and_sends_the_openai_request(
+    upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
+) -> None:
+    upstream.api_key = KEY
+    provider = backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
+    params = make_params(temperature=0.0, max_tokens=50, stop_sequences=["\n\n", "END"])
+    params.messages.insert(0, pb.Message(role=pb.Role.ROLE_SYSTEM, content="Be brief."))
+    params.messages.append(pb.Message(role=pb.Role.ROLE_ASSISTANT, content="Hello?"))
+
+    texts, finish = await run(provider, params)
+
+    assert texts == ["Hello", ", ", "world", "!"]
+    assert finish == svc.CompletionFinish(
+        finish_reason=F.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+    )
+    [request] = upstream.requests
+    assert request.body == {
+        "model": "org/upstream-7b",  # the upstream's name, not the public one
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello"},
+            {"role": "assistant", "content": "Hello?"},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,  # set to zero is still set
+        "max_tokens": 50,
+        "stop": ["\n\n", "END"],
+    }
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_sends_only_what_the_caller_set(upstream: OpenAIUpstream, provider: Provider) -> None:
+    await run(provider, make_params(top_p=0.5))
+    [request] = upstream.requests
+    assert set(request.body) == {"model", "messages", "stream", "stream_options", "top_p"}
+    assert request.body["top_p"] == 0.5
+    assert "authorization" not in request.headers
+
+
+@pytest.mark.parametrize("in_finish_chunk", [False, True], ids=["own-chunk", "finish-chunk"])
+async def test_usage_wherever_the_server_sends_it(
+    upstream: OpenAIUpstream, provider: Provider, in_finish_chunk: bool
+) -> None:
+    upstream.usage_in_finish_chunk = in_finish_chunk
+    upstream.usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    _, finish = await run(provider, make_params())
+    assert finish.usage == pb.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+
+
+async def test_usage_never_sent_leaves_the_field_unset(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.usage = None
+    texts, finish = await run(provider, make_params())
+    assert texts and finish.finish_reason == F.FINISH_REASON_STOP
+    assert not finish.HasField("usage")
+
+
+@pytest.mark.parametrize(
+    ("upstream_reason", "expected"),
+    [
+        ("length", F.FINISH_REASON_LENGTH),
+        ("content_filter", F.FINISH_REASON_CONTENT_FILTER),
+        ("tool_calls", F.FINISH_REASON_TOOL_CALLS),
+        ("function_call", F.FINISH_REASON_TOOL_CALLS),
+    ],
+)
+async def test_finish_reasons(
+    upstream: OpenAIUpstream, provider: Provider, upstream_reason: str, expected: pb.FinishReason.ValueType
+) -> None:
+    upstream.finish_reason = upstream_reason
+    upstream.chunks = ["Hel", "lo"]
+    _, finish = await run(provider, make_params(max_tokens=2))
+    assert finish.finish_reason == expected
+
+
+async def test_an_unknown_finish_reason_is_a_protocol_error(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.finish_reason = "abort"
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+
+
+@pytest.mark.parametrize("script", [{"cut_after": 2}, {"finish_reason": None}], ids=["cut-off", "done-no-finish"])
+async def test_a_stream_without_finish_reason_is_a_protocol_error(
+    upstream: OpenAIUpstream, provider: Provider, script: dict[str, Any]
+) -> None:
+    for name, value in script.items():
+        setattr(upstream, name, value)
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_PROTOCOL  # never a fabricated "stop"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (SERVER_ERROR, R.ERROR_REASON_UPSTREAM_UNAVAILABLE),  # OpenAI
+        ({"error": {"object": "error", "message": "bad", "type": "BadRequestError", "code": 400}}, None),  # vLLM
+        ({"error": {"message": "too long", "code": "context_length_exceeded"}}, R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED),
+        ({"error": {"message": "slow down", "type": "rate_limit_error"}}, R.ERROR_REASON_RATE_LIMITED),
+    ],
+)
+async def test_an_error_event_in_the_stream(
+    upstream: OpenAIUpstream, provider: Provider, error: dict[str, Any], reason: pb.ErrorReason.ValueType | None
+) -> None:
+    upstream.stream_error_after = 1
+    upstream.stream_error = error
+    exc = await fail(provider)
+    assert exc.reason == (reason or R.ERROR_REASON_INVALID_REQUEST)
+    if reason is None:
+        assert exc.message == "bad"  # the caller's own mistake: the upstream's words are forwarded
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (400, R.ERROR_REASON_INVALID_REQUEST),
+        (401, R.ERROR_REASON_UPSTREAM_AUTH),
+        (403, R.ERROR_REASON_UPSTREAM_AUTH),
+        (404, R.ERROR_REASON_MODEL_NOT_FOUND),
+        (408, R.ERROR_REASON_UPSTREAM_TIMEOUT),
+        (422, R.ERROR_REASON_INVALID_REQUEST),
+        (429, R.ERROR_REASON_RATE_LIMITED),
+        (500, R.ERROR_REASON_UPSTREAM_UNAVAILABLE),
+        (503, R.ERROR_REASON_UPSTREAM_UNAVAILABLE),
+        (504, R.ERROR_REASON_UPSTREAM_TIMEOUT),
+    ],
+)
+async def test_http_errors_before_the_stream(
+    upstream: OpenAIUpstream, provider: Provider, status: int, reason: pb.ErrorReason.ValueType
+) -> None:
+    upstream.error_status = status
+    exc = await fail(provider)
+    assert exc.reason == reason
+    if reason == R.ERROR_REASON_INVALID_REQUEST:
+        assert exc.message == f"fake upstream error {status}"  # the caller's own mistake: forwarded
+    else:
+        assert "fake upstream error" not in exc.message and str(status) not in exc.message
+
+
+async def test_a_rejected_key_is_the_gateways_problem_and_does_not_leak(
+    upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
+) -> None:
+    upstream.api_key = "sk-the-right-one"
+    provider = backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
+    exc = await fail(provider)
+    assert exc.reason == R.ERROR_REASON_UPSTREAM_AUTH
+    assert "credentials" in exc.message
+    assert KEY not in exc.message and "401" not in exc.message
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"message": TOO_LONG, "type": "invalid_request_error", "code": "context_length_exceeded"},
+        {"code": 400, "message": TOO_LONG, "type": "exceed_context_size_error", "n_ctx": 4096},
+    ],
+    ids=["openai", "llama.cpp"],
+)
+async def test_a_400_for_context_length(upstream: OpenAIUpstream, provider: Provider, error: dict[str, Any]) -> None:
+    upstream.error_status, upstream.error_body = 400, {"error": error}
+    exc = await fail(provider)
+    assert exc.reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED
+    assert exc.message == TOO_LONG
+
+
+async def test_a_long_400_message_is_truncated(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.error_status = 400
+    upstream.error_body = {"error": {"message": "x" * 5000, "type": "invalid_request_error"}}
+    assert (await fail(provider)).message == "x" * 500
+
+
+async def test_a_connection_dropped_mid_stream_is_unavailable(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.abort_after = 2
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_UNAVAILABLE
+
+
+async def test_connection_refused_is_unavailable(backend: OpenAICompatibleBackend) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago, and is closed now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    provider = backend.provider_for(make_entry({"base_url": f"http://127.0.0.1:{port}/v1"}))
+    started = time.monotonic()
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_UNAVAILABLE
+    assert time.monotonic() - started < 2
+
+
+async def test_a_slow_upstream_times_out(upstream: OpenAIUpstream, backend: OpenAICompatibleBackend) -> None:
+    upstream.chunk_delay = 3.0
+    provider = backend.provider_for(make_entry({"base_url": upstream.url, "timeout_seconds": 0.3}))
+    started = time.monotonic()
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_TIMEOUT
+    assert time.monotonic() - started < 2
+
+
+async def test_closing_the_stream_closes_the_upstream_request(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.chunks, upstream.chunk_delay = ["tok"] * 100, 0.1
+    stream = provider.stream(make_params())
+    first = await anext(stream)
+    assert first.delta.text == "tok"
+    await stream.aclose()  # type: ignore[attr-defined]
+    await asyncio.wait_for(upstream.disconnected.wait(), timeout=2)
+
+
+async def test_cancelling_the_consumer_closes_the_upstream_request(
+    upstream: OpenAIUpstream, provider: Provider
+) -> None:
+    upstream.chunks, upstream.chunk_delay = ["tok"] * 100, 0.1
+    first_delta = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in provider.stream(make_params()):
+            first_delta.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_delta.wait(), timeout=2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # re-raised, not swallowed
+        await task
+    await asyncio.wait_for(upstream.disconnected.wait(), timeout=2)
+
+
+async def test_entries_with_the_same_upstream_share_one_pooled_client(
+    upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
+) -> None:
+    first = backend.provider_for(make_entry({"base_url": upstream.url}, name="a", model="m1"))
+    second = backend.provider_for(make_entry({"base_url": upstream.url + "/", "timeout_seconds": 9}, name="b"))
+    await run(first, make_params())
+    await run(second, make_params())
+    # One pool: the second request, from another entry, reuses the first one's connection.
+    assert upstream.requests[0].client_port == upstream.requests[1].client_port
+    assert backend.client_count == 1
+    backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}, name="c"))
+    assert backend.client_count == 2  # another key is another client
+    await backend.aclose()
+    assert backend.client_count == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "model", "expected"),
+    [
+        ({"base_url": "http://h/v1", "temperature": 1}, "m", "unknown options"),
+        ({}, "m", "'base_url' is required"),
+        ({"base_url": 8000}, "m", "'base_url' must be of type str"),
+        ({"base_url": "vllm:8000/v1"}, "m", "http(s) URL"),
+        ({"base_url": "http://h/v1", "timeout_seconds": "60"}, "m", "'timeout_seconds' must be of type float"),
+        ({"base_url": "http://h/v1", "connect_timeout_seconds": True}, "m", "'connect_timeout_seconds' must be"),
+        ({"base_url": "http://h/v1", "timeout_seconds": 0}, "m", "must be > 0"),
+        ({"base_url": "http://h/v1", "api_key_env": "NOT_SET_ANYWHERE"}, "m", "NOT_SET_ANYWHERE"),
+        ({"base_url": "http://h/v1"}, "", "'model' is required"),
+    ],
+)
+async def test_bad_catalog_entries_are_refused_with_the_entry_named(
+    options: dict[str, Any], model: str, expected: str
+) -> None:
+    backend = create_backend(ENV)
+    with pytest.raises(CatalogError) as info:
+        backend.provider_for(make_entry(options, model=model))
+    assert expected in str(info.value)
+    assert "(gpt-test)" in str(info.value)
+    assert backend.client_count == 0
+    await backend.aclose()
