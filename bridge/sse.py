@@ -53,6 +53,8 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder) -> Asyn
             kind = event.WhichOneof("event")
             if kind == "delta":
                 yield encoder.content(event.delta.text)
+            elif kind == "reasoning":
+                yield encoder.reasoning(event.reasoning.text)
             elif kind == "finish":
                 finished = True
                 yield encoder.finish(event.finish.finish_reason)

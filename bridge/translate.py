@@ -35,16 +35,25 @@ def to_params(request: ChatRequest) -> pb.CompletionParams:
     return params
 
 
-def usage_json(usage: pb.Usage) -> dict[str, int]:
-    return {
+def usage_json(usage: pb.Usage) -> dict[str, Any]:
+    """OpenAI's usage object; the details appear only when the provider reported them."""
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.HasField("cached_tokens"):
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.HasField("reasoning_tokens"):
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
 
 
 def completion_json(response: svc.CreateCompletionResponse) -> dict[str, Any]:
     """A `chat.completion` object, exactly the fields OpenAI sends."""
+    message: dict[str, Any] = {"role": "assistant", "content": response.content, "refusal": None}
+    if response.reasoning_content:
+        message["reasoning_content"] = response.reasoning_content
     return {
         "id": response.id,
         "object": "chat.completion",
@@ -53,7 +62,7 @@ def completion_json(response: svc.CreateCompletionResponse) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": response.content, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": FINISH_REASON[response.finish_reason],
             }
@@ -91,6 +100,9 @@ class ChunkEncoder:
 
     def content(self, text: str) -> bytes:
         return self._choice(f'{{"content":{_dumps(text)}}}', "null")
+
+    def reasoning(self, text: str) -> bytes:
+        return self._choice(f'{{"reasoning_content":{_dumps(text)}}}', "null")
 
     def finish(self, reason: int) -> bytes:
         return self._choice("{}", f'"{FINISH_REASON[reason]}"')

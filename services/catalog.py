@@ -22,6 +22,10 @@ class CatalogError(Exception):
     """A catalog that cannot be served. The message names the file, the entry and the problem."""
 
 
+class MissingSecret(CatalogError):
+    """An entry whose secret's environment variable is unset: the entry is served as unavailable, not fatal."""
+
+
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
     """One public model name and the deployment that serves it."""
@@ -140,5 +144,5 @@ def read_secret(entry: CatalogEntry, option: str, env: Mapping[str, str]) -> str
         raise entry.problem(f"option '{option}_env' must name an environment variable")
     value = env.get(variable)
     if not value:
-        raise entry.problem(f"environment variable {variable} (option '{option}_env') is not set")
+        raise MissingSecret(f"{entry.where}: environment variable {variable} (option '{option}_env') is not set")
     return value

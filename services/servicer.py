@@ -46,12 +46,15 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
     ) -> svc.CreateCompletionResponse:
         response = svc.CreateCompletionResponse()
         pieces: list[str] = []
+        reasoning: list[str] = []
         try:
             async with aclosing(_events(self._registry, request.params)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
                     if kind == "delta":
                         pieces.append(event.delta.text)
+                    elif kind == "reasoning":
+                        reasoning.append(event.reasoning.text)
                     elif kind == "start":
                         response.id = event.start.id
                         response.model = event.start.model
@@ -64,6 +67,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         except Exception as exc:  # noqa: BLE001
             await context.abort_with_status(_internal(exc, request.params.model).to_status())
         response.content = "".join(pieces)
+        response.reasoning_content = "".join(reasoning)
         return response
 
     async def ListModels(  # noqa: N802

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Protocol
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.catalog import Catalog, CatalogEntry
+from services.catalog import Catalog, CatalogEntry, MissingSecret
 from services.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 # Provider kind (the catalog's `provider:`) -> the module that implements it. Imported only when a catalog
 # entry uses it, so a gateway without local models never loads llama.cpp.
 _MODULES = {
     "local": "services.providers.local",
     "openai": "services.providers.openai_compatible",
+    "bedrock": "services.providers.bedrock",
+    "gemini": "services.providers.gemini",
 }
 
 
 class Provider(Protocol):
     """Serves one catalog entry.
 
-    `stream` yields `delta` events, then exactly one `finish` event carrying usage. It raises GatewayError for
-    failures the caller should see. Cancellation arrives as CancelledError and must stop the upstream work.
+    `stream` yields `delta` (and `reasoning`) events, then exactly one `finish` event carrying usage. It raises
+    GatewayError for failures the caller should see. Cancellation arrives as CancelledError and must stop the
+    upstream work.
     """
 
     def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]: ...
@@ -72,5 +78,22 @@ async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncE
             backend = module.create_backend(env)
             stack.push_async_callback(backend.aclose)
             backends[entry.provider] = backend
-        providers[entry.name] = backend.provider_for(entry)
+        try:
+            providers[entry.name] = backend.provider_for(entry)
+        except MissingSecret as exc:
+            # A machine without this provider's credentials still serves every other model; this one answers
+            # each request with an error that says what to set, instead of the whole gateway refusing to start.
+            log.warning("%s; requests for %r will fail until it is set", exc, entry.name)
+            providers[entry.name] = UnavailableProvider(entry.name, str(exc).partition(": ")[2])
     return ProviderRegistry(catalog, providers)
+
+
+class UnavailableProvider:
+    """Stands in for an entry whose credentials are missing: every request fails with UPSTREAM_AUTH."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self._message = f"ModelMax has no credentials for '{name}': {problem}."
+
+    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+        raise GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_AUTH, self._message)
+        yield  # an async generator, like every provider

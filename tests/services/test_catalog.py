@@ -82,3 +82,32 @@ def test_core_process_exits_with_the_message(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"{path}: models[0] (small): unknown provider 'magic'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_entry_without_its_secret_is_served_as_unavailable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = {
+        "name": "remote",
+        "provider": "openai",
+        "model": "m",
+        "options": {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "REMOTE_KEY_FOR_TEST"},
+    }
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"models": [LOCAL, remote]}))
+    import openai
+
+    from tests.conftest import running_bridge  # noqa: PLC0415 (only this test needs the bridge)
+
+    async with running_core(str(path)) as core, running_bridge(f"127.0.0.1:{core.port}") as base_url:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="mm-test-key-0123456789abcdef", max_retries=0) as c:
+            models = [m.id async for m in c.models.list()]
+            with pytest.raises(openai.InternalServerError) as raised:
+                await c.chat.completions.create(model="remote", messages=[{"role": "user", "content": "hi"}])
+            small = await c.chat.completions.create(
+                model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+    assert models == ["small", "remote"]
+    assert "REMOTE_KEY_FOR_TEST" in raised.value.message and raised.value.status_code == 500
+    assert small.choices[0].message.content
+    assert any("REMOTE_KEY_FOR_TEST" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
