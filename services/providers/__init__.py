@@ -39,8 +39,11 @@ class Provider(Protocol):
 class Backend(Protocol):
     """One provider kind: owns what its providers share (clients, loaded models), created once at start-up."""
 
-    def provider_for(self, entry: CatalogEntry) -> Provider:
-        """Check the entry's options and return its provider; raise CatalogError on a bad entry."""
+    async def provider_for(self, entry: CatalogEntry) -> Provider:
+        """Check the entry's options and return its provider; raise CatalogError on a bad entry.
+
+        Async so a backend can open its clients here, once, at start-up (aioboto3 clients are entered this way).
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -79,7 +82,7 @@ async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncE
             stack.push_async_callback(backend.aclose)
             backends[entry.provider] = backend
         try:
-            providers[entry.name] = backend.provider_for(entry)
+            providers[entry.name] = await backend.provider_for(entry)
         except MissingSecret as exc:
             # A machine without this provider's credentials still serves every other model; this one answers
             # each request with an error that says what to set, instead of the whole gateway refusing to start.

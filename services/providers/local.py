@@ -211,7 +211,7 @@ class LocalBackend:
     def __init__(self) -> None:
         self._engines: dict[tuple[Path, int, int, int], _Engine] = {}
 
-    def provider_for(self, entry: CatalogEntry) -> LocalProvider:
+    async def provider_for(self, entry: CatalogEntry) -> LocalProvider:
         entry.check_options(_OPTIONS)
         threads = entry.option("threads", int, 1)
         context_length = entry.option("context_length", int, 2048)

@@ -262,7 +262,7 @@ class OpenAICompatibleBackend:
     def client_count(self) -> int:
         return len(self._clients)
 
-    def provider_for(self, entry: CatalogEntry) -> OpenAICompatibleProvider:
+    async def provider_for(self, entry: CatalogEntry) -> OpenAICompatibleProvider:
         entry.check_options(_OPTIONS)
         if not entry.model:
             raise entry.problem("'model' is required: the upstream's model name, such as 'Qwen/Qwen2.5-7B-Instruct'")

@@ -73,15 +73,15 @@ async def backend(upstream: OpenAIUpstream) -> AsyncIterator[OpenAICompatibleBac
 
 
 @pytest.fixture
-def provider(upstream: OpenAIUpstream, backend: OpenAICompatibleBackend) -> Provider:
-    return backend.provider_for(make_entry({"base_url": upstream.url}))
+async def provider(upstream: OpenAIUpstream, backend: OpenAICompatibleBackend) -> Provider:
+    return await backend.provider_for(make_entry({"base_url": upstream.url}))
 
 
 async def test_streams_deltas_then_finish_and_sends_the_openai_request(
     upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
 ) -> None:
     upstream.api_key = KEY
-    provider = backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
+    provider = await backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
     params = make_params(temperature=0.0, max_tokens=50, stop_sequences=["\n\n", "END"])
     params.messages.insert(0, pb.Message(role=pb.Role.ROLE_SYSTEM, content="Be brief."))
     params.messages.append(pb.Message(role=pb.Role.ROLE_ASSISTANT, content="Hello?"))
@@ -217,7 +217,7 @@ async def test_a_rejected_key_is_the_gateways_problem_and_does_not_leak(
     upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
 ) -> None:
     upstream.api_key = "sk-the-right-one"
-    provider = backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
+    provider = await backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}))
     exc = await fail(provider)
     assert exc.reason == R.ERROR_REASON_UPSTREAM_AUTH
     assert "credentials" in exc.message
@@ -254,7 +254,7 @@ async def test_connection_refused_is_unavailable(backend: OpenAICompatibleBacken
     with socket.socket() as probe:  # a port that was free a moment ago, and is closed now
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    provider = backend.provider_for(make_entry({"base_url": f"http://127.0.0.1:{port}/v1"}))
+    provider = await backend.provider_for(make_entry({"base_url": f"http://127.0.0.1:{port}/v1"}))
     started = time.monotonic()
     assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_UNAVAILABLE
     assert time.monotonic() - started < 2
@@ -262,7 +262,7 @@ async def test_connection_refused_is_unavailable(backend: OpenAICompatibleBacken
 
 async def test_a_slow_upstream_times_out(upstream: OpenAIUpstream, backend: OpenAICompatibleBackend) -> None:
     upstream.chunk_delay = 3.0
-    provider = backend.provider_for(make_entry({"base_url": upstream.url, "timeout_seconds": 0.3}))
+    provider = await backend.provider_for(make_entry({"base_url": upstream.url, "timeout_seconds": 0.3}))
     started = time.monotonic()
     assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_TIMEOUT
     assert time.monotonic() - started < 2
@@ -298,14 +298,14 @@ async def test_cancelling_the_consumer_closes_the_upstream_request(
 async def test_entries_with_the_same_upstream_share_one_pooled_client(
     upstream: OpenAIUpstream, backend: OpenAICompatibleBackend
 ) -> None:
-    first = backend.provider_for(make_entry({"base_url": upstream.url}, name="a", model="m1"))
-    second = backend.provider_for(make_entry({"base_url": upstream.url + "/", "timeout_seconds": 9}, name="b"))
+    first = await backend.provider_for(make_entry({"base_url": upstream.url}, name="a", model="m1"))
+    second = await backend.provider_for(make_entry({"base_url": upstream.url + "/", "timeout_seconds": 9}, name="b"))
     await run(first, make_params())
     await run(second, make_params())
     # One pool: the second request, from another entry, reuses the first one's connection.
     assert upstream.requests[0].client_port == upstream.requests[1].client_port
     assert backend.client_count == 1
-    backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}, name="c"))
+    await backend.provider_for(make_entry({"base_url": upstream.url, "api_key_env": "UPSTREAM_KEY"}, name="c"))
     assert backend.client_count == 2  # another key is another client
     await backend.aclose()
     assert backend.client_count == 0
@@ -330,7 +330,7 @@ async def test_bad_catalog_entries_are_refused_with_the_entry_named(
 ) -> None:
     backend = create_backend(ENV)
     with pytest.raises(CatalogError) as info:
-        backend.provider_for(make_entry(options, model=model))
+        await backend.provider_for(make_entry(options, model=model))
     assert expected in str(info.value)
     assert "(gpt-test)" in str(info.value)
     assert backend.client_count == 0
