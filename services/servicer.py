@@ -31,7 +31,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
         params = request.params
         try:
-            async with aclosing(_events(self._registry, params)) as events:
+            async with aclosing(_events(self._registry, params, incremental=True)) as events:
                 async for event in events:
                     if event.HasField("finish") and not params.include_usage:
                         event.finish.ClearField("usage")
@@ -48,7 +48,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         pieces: list[str] = []
         reasoning: list[str] = []
         try:
-            async with aclosing(_events(self._registry, request.params)) as events:
+            async with aclosing(_events(self._registry, request.params, incremental=False)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
                     if kind == "delta":
@@ -82,7 +82,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
 
 
 async def _events(
-    registry: ProviderRegistry, params: pb.CompletionParams
+    registry: ProviderRegistry, params: pb.CompletionParams, *, incremental: bool
 ) -> AsyncIterator[svc.StreamCompletionResponse]:
     """The contract every caller sees: `start` once the provider produced output, its deltas, exactly one finish.
 
@@ -90,7 +90,7 @@ async def _events(
     """
     check_params(params)
     provider = registry.for_model(params.model)
-    stream = provider.stream(params)
+    stream = provider.stream(params, incremental=incremental)
     try:
         first = await anext(stream, None)  # pre-stream failures surface here, before any event is sent
         if first is None:

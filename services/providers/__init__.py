@@ -33,7 +33,12 @@ class Provider(Protocol):
     upstream work.
     """
 
-    def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]: ...
+    def stream(
+        self, params: pb.CompletionParams, *, incremental: bool = True
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        """The completion as events. `incremental=False` says the caller only wants the whole answer (the core's
+        CreateCompletion), so a provider may make one non-streaming upstream call and yield its result as events."""
+        ...
 
 
 class Backend(Protocol):
@@ -97,6 +102,8 @@ class UnavailableProvider:
     def __init__(self, name: str, problem: str) -> None:
         self._message = f"ModelMax has no credentials for '{name}': {problem}."
 
-    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+    async def stream(
+        self, params: pb.CompletionParams, *, incremental: bool = True
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
         raise GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_AUTH, self._message)
         yield  # an async generator, like every provider

@@ -167,7 +167,9 @@ class LocalProvider:
         self._engine = engine
         self._default_max_tokens = default_max_tokens
 
-    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+    async def stream(
+        self, params: pb.CompletionParams, *, incremental: bool = True
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()  # bounded by the context length
         job = _Job(

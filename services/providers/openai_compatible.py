@@ -82,7 +82,9 @@ class OpenAICompatibleProvider:
         self._model = entry.model
         self._timeout = timeout
 
-    async def stream(self, params: pb.CompletionParams) -> AsyncIterator[svc.StreamCompletionResponse]:
+    async def stream(
+        self, params: pb.CompletionParams, *, incremental: bool = True
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
         try:
             # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
             # CancelledError) closes it, which drops the upstream connection and so stops the generation.
