@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install proto proto-lint run run-core run-bridge test lint check clean
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench
 
 install: $(VENV)/.installed
 
@@ -59,3 +59,7 @@ check: lint test
 
 clean:
 	rm -rf gen $(VENV) tests/node/node_modules
+
+# Benchmarks (see BENCHMARKS.md): the upstream directly and through ModelMax, interleaved, CPU-pinned.
+bench: proto
+	$(BIN)/python -m bench.run --out bench-results

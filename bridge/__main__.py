@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 
 import uvicorn
@@ -12,7 +13,15 @@ from bridge.app import create_app
 from bridge.settings import Settings, SettingsError
 
 
+def _raise_fd_limit() -> None:
+    """Every open stream holds sockets; the usual soft limit of 1024 descriptors would cap them far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
+    _raise_fd_limit()
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -24,7 +25,15 @@ async def _serve(settings: Settings) -> None:
     await core.stop(settings.shutdown_grace_seconds)
 
 
+def _raise_fd_limit() -> None:
+    """Every open stream holds sockets; the usual soft limit of 1024 descriptors would cap them far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
+    _raise_fd_limit()
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:

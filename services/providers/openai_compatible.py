@@ -22,7 +22,7 @@ from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError
 
 _PROVIDER = "openai"
-_OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds"}
+_OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds", "max_connections"}
 _ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
 _FINISH_REASONS = {
     "stop": pb.FinishReason.FINISH_REASON_STOP,
@@ -277,12 +277,18 @@ class OpenAICompatibleBackend:
         connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
         if timeout <= 0 or connect_timeout <= 0:
             raise entry.problem("options 'timeout_seconds' and 'connect_timeout_seconds' must be > 0")
+        # Open connections to this upstream, at most: one per concurrent stream. httpx's default of 100 would queue
+        # the 101st stream and fail it with a pool timeout.
+        max_connections = entry.option("max_connections", int, 1000)
+        if max_connections < 1:
+            raise entry.problem("option 'max_connections' must be >= 1")
         api_key = read_secret(entry, "api_key", self._env)
         key = (base_url.rstrip("/"), api_key)
         client = self._clients.get(key)
         if client is None:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            client = httpx.AsyncClient(base_url=key[0] + "/", headers=headers)
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            client = httpx.AsyncClient(base_url=key[0] + "/", headers=headers, limits=limits)
             self._clients[key] = client
         # timeout_seconds bounds every wait for upstream bytes (the first token, then each gap), not the whole
         # stream: a long answer is fine while tokens keep coming, and the caller's gRPC deadline bounds the total.
