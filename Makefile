@@ -51,8 +51,8 @@ test: lint tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 lint: proto
-	$(BIN)/ruff format --check services bridge tests
-	$(BIN)/ruff check services bridge tests
+	$(BIN)/ruff format --check services bridge tests bench
+	$(BIN)/ruff check services bridge tests bench
 	$(BIN)/lint-imports
 
 check: lint test

@@ -140,39 +140,42 @@ async def run_benchmarks(stack: Stack, rounds: int, seconds: float, streams: int
         body: dict[str, object] = {"model": model, "messages": MESSAGES, "stream": stream}
         return chat_request(host, port, KEY, body)
 
+    def both(model: str, stream: bool, concurrency: int, limit: int) -> tuple[Measure, Measure]:
+        """The same load against the upstream itself and against ModelMax."""
+        return (
+            lambda: http_load(host, up, request(up, model, stream), concurrency, seconds, limit),
+            lambda: http_load(host, gw, request(gw, model, stream), concurrency, seconds, limit),
+        )
+
     per_round: dict[str, list[dict[str, float]]] = {k: [] for k in ("nonstream_c1", "nonstream_c64", "stream_c1",
                                                                     "stream_c64", "grpc_c1")}  # fmt: skip
     for r in range(rounds):
-        d, g = await pair(lambda: http_load(host, up, request(up, "chunks-1", False), 1, seconds, 5000),
-                          lambda: http_load(host, gw, request(gw, "chunks-1", False), 1, seconds, 5000), r)  # fmt: skip
+        d, g = await pair(*both("chunks-1", False, 1, 5000), r)
         per_round["nonstream_c1"].append({
             "direct_p50_ms": pct(d.latencies, 0.5) * 1e3, "gateway_p50_ms": pct(g.latencies, 0.5) * 1e3,
             "added_p50_ms": (pct(g.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3,
             "added_p99_ms": (pct(g.latencies, 0.99) - pct(d.latencies, 0.99)) * 1e3,
             "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(lambda: http_load(host, up, request(up, "chunks-1", False), 64, seconds, 100000),
-                          lambda: http_load(host, gw, request(gw, "chunks-1", False), 64, seconds, 100000), r)  # fmt: skip
+        d, g = await pair(*both("chunks-1", False, 64, 100000), r)
         per_round["nonstream_c64"].append({
             "direct_rps": len(d.latencies) / d.elapsed, "gateway_rps": len(g.latencies) / g.elapsed,
             "gateway_p50_ms": pct(g.latencies, 0.5) * 1e3, "gateway_p99_ms": pct(g.latencies, 0.99) * 1e3,
             "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(lambda: http_load(host, up, request(up, "chunks-20", True), 1, seconds, 5000),
-                          lambda: http_load(host, gw, request(gw, "chunks-20", True), 1, seconds, 5000), r)  # fmt: skip
+        d, g = await pair(*both("chunks-20", True, 1, 5000), r)
         per_round["stream_c1"].append({
             "direct_ttfc_p50_ms": pct(d.first_bytes, 0.5) * 1e3, "gateway_ttfc_p50_ms": pct(g.first_bytes, 0.5) * 1e3,
             "added_ttfc_p50_ms": (pct(g.first_bytes, 0.5) - pct(d.first_bytes, 0.5)) * 1e3,
             "gateway_chunks_per_s": g.events / g.elapsed, "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(lambda: http_load(host, up, request(up, "chunks-20", True), 64, seconds, 100000),
-                          lambda: http_load(host, gw, request(gw, "chunks-20", True), 64, seconds, 100000), r)  # fmt: skip
+        d, g = await pair(*both("chunks-20", True, 64, 100000), r)
         per_round["stream_c64"].append({
             "direct_chunks_per_s": d.events / d.elapsed, "gateway_chunks_per_s": g.events / g.elapsed,
             "gateway_streams_per_s": len(g.latencies) / g.elapsed, "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(lambda: http_load(host, up, request(up, "chunks-1", False), 1, seconds, 5000),
-                          lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000), r)  # fmt: skip
+        direct, _ = both("chunks-1", False, 1, 5000)
+        d, g = await pair(direct, lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000), r)
         per_round["grpc_c1"].append({
             "direct_p50_ms": pct(d.latencies, 0.5) * 1e3, "grpc_p50_ms": pct(g.latencies, 0.5) * 1e3,
             "added_p50_ms": (pct(g.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3,

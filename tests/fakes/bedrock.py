@@ -1,0 +1,229 @@
+"""A scriptable fake AWS Bedrock Runtime (Converse and ConverseStream) on real uvicorn.
+
+ConverseStream answers in the real AWS binary event-stream framing (botocore only ships the decoder, so the encoder
+lives here); HTTP errors carry `x-amzn-ErrorType` the way the live service sends them, so botocore resolves the same
+error codes it would in production. The fake checks no signature: botocore signs locally with any credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.fakes.serve import serve
+
+DEFAULT_USAGE = {"inputTokens": 7, "outputTokens": 4, "totalTokens": 11}
+ERROR_NAMESPACE = "http://internal.amazon.com/coral/com.amazon.bedrock/"
+EVENT_STREAM = "application/vnd.amazon.eventstream"
+# Padding the live service adds to event payloads so their sizes do not reveal the text (botocore drops it).
+PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0"
+
+
+def frame(name: str, payload: dict[str, Any], *, kind: str = "event") -> bytes:
+    """Encode one AWS event-stream message: `kind` "event" (`:event-type`) or "exception" (`:exception-type`)."""
+    type_key = ":event-type" if kind == "event" else ":exception-type"
+    headers = b"".join(
+        _header(key, value)
+        for key, value in ((type_key, name), (":content-type", "application/json"), (":message-type", kind))
+    )
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    prelude = struct.pack("!II", 16 + len(headers) + len(body), len(headers))
+    message = prelude + struct.pack("!I", zlib.crc32(prelude)) + headers + body
+    return message + struct.pack("!I", zlib.crc32(message))
+
+
+def _header(name: str, value: str) -> bytes:
+    """One string header (value type 7): u8 name length, name, 7, u16 value length, value."""
+    n, v = name.encode(), value.encode()
+    return struct.pack("!B", len(n)) + n + b"\x07" + struct.pack("!H", len(v)) + v
+
+
+def use_fake_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Dummy static AWS credentials and nothing else from the chain: no files, no instance metadata."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-key-never-logged")
+    isolate_aws_config(monkeypatch, tmp_path)
+
+
+def isolate_aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Point botocore's shared files at paths that do not exist and switch off the EC2 metadata lookup."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config-absent"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials-absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """One Converse or ConverseStream request as the fake saw it."""
+
+    model_id: str  # decoded from the path: "deepseek.v3.2", or an ARN with its "/" and ":"
+    operation: str  # "converse" or "converse-stream"
+    body: dict[str, Any]
+    headers: dict[str, str]  # lower-case names
+    client_port: int  # the client's TCP port: equal ports mean a reused connection
+
+
+@dataclass
+class BedrockUpstream:
+    """The script (set its fields in a test, before the request) and what the fake observed.
+
+    A stream is: messageStart; when `reasoning` is set, a reasoning content block (one reasoningContent delta per
+    piece, then a `reasoning_signature` delta when set) and its contentBlockStop; a text block (one text delta per
+    item of `text`) and its contentBlockStop; messageStop with `stop_reason`; metadata with `usage`. Converse
+    answers the same script as one message. `events`, when set, replaces the generated event list entirely.
+    """
+
+    url: str = ""  # "http://127.0.0.1:PORT", set once serving
+    text: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
+    reasoning: list[str] = field(default_factory=list)
+    reasoning_signature: str | None = None  # a final reasoningContent delta carrying only a signature
+    stop_reason: str = "end_turn"
+    usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))  # None: no usage / metadata
+    send_message_stop: bool = False is False  # False: the stream ends without messageStop
+    padding: bool = True  # the live service's random "p" field on every event payload
+    events: list[tuple[str, dict[str, Any]]] | None = None  # (event type, payload): replaces the script above
+    # Failures before the stream: `error_status` with `x-amzn-ErrorType: <error_type>:...` and {"message": ...}.
+    error_status: int | None = None
+    error_type: str = "ThrottlingException"
+    error_message: str = "Too many requests, please wait before trying again."
+    error_headers: dict[str, str] = field(default_factory=dict)  # extra headers, such as Retry-After
+    error_count: int | None = None  # how many requests get the error before the script resumes; None: all
+    response_delay: float = 0.0  # seconds before the response starts (status and headers)
+    # Failures inside a stream, after this many content deltas (reasoning and text together):
+    stream_error_after: int | None = None  # an exception frame, `stream_error_type` (lower-camel on the wire)
+    stream_error_type: str = "throttlingException"
+    stream_error_message: str = "Too many tokens, please wait before trying again."
+    cut_after: int | None = None  # end the body cleanly: no messageStop, no metadata
+    abort_after: int | None = None  # drop the connection mid-body
+    chunk_delay: float = 0.0  # seconds before each content delta
+    write_size: int | None = None  # split the body into writes of this many bytes (frames across TCP reads)
+    request_id: str = "11111111-2222-3333-4444-555555555555"
+    requests: list[ReceivedRequest] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)  # the client left before the stream ended
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/model/{model_id:path}/converse", self._converse, methods=["POST"]),
+                Route("/model/{model_id:path}/converse-stream", self._converse_stream, methods=["POST"]),
+            ]
+        )
+
+    async def _record(self, request: Request, operation: str) -> Response | None:
+        """Record the request; the scripted HTTP error to answer instead, if any."""
+        port = request.client.port if request.client else 0
+        body = await request.json()
+        self.requests.append(
+            ReceivedRequest(request.path_params["model_id"], operation, body, dict(request.headers), port)
+        )
+        await asyncio.sleep(self.response_delay)
+        if self.error_status is None or self.error_count == 0:
+            return None
+        if self.error_count is not None:
+            self.error_count -= 1
+        headers = {
+            "x-amzn-ErrorType": f"{self.error_type}:{ERROR_NAMESPACE}",
+            "x-amzn-RequestId": self.request_id,
+            **self.error_headers,
+        }
+        return JSONResponse({"message": self.error_message}, status_code=self.error_status, headers=headers)
+
+    async def _converse(self, request: Request) -> Response:
+        error = await self._record(request, "converse")
+        if error is not None:
+            return error
+        content: list[dict[str, Any]] = []
+        if self.reasoning:
+            reasoning_text: dict[str, Any] = {"text": "".join(self.reasoning)}
+            if self.reasoning_signature is not None:
+                reasoning_text["signature"] = self.reasoning_signature
+            content.append({"reasoningContent": {"reasoningText": reasoning_text}})
+        if self.text:
+            content.append({"text": "".join(self.text)})
+        answer: dict[str, Any] = {
+            "output": {"message": {"role": "assistant", "content": content}},
+            "stopReason": self.stop_reason,
+            "metrics": {"latencyMs": 42},
+        }
+        if self.usage is not None:
+            answer["usage"] = self.usage
+        return JSONResponse(answer, headers={"x-amzn-RequestId": self.request_id})
+
+    async def _converse_stream(self, request: Request) -> Response:
+        error = await self._record(request, "converse-stream")
+        if error is not None:
+            return error
+        headers = {"x-amzn-RequestId": self.request_id}
+        return StreamingResponse(self._body(), media_type=EVENT_STREAM, headers=headers)
+
+    def script(self) -> list[tuple[str, dict[str, Any]]]:
+        """The events of one stream, in order, before faults are applied."""
+        if self.events is not None:
+            return list(self.events)
+        events: list[tuple[str, dict[str, Any]]] = [("messageStart", {"role": "assistant"})]
+        index = 0
+        if self.reasoning:
+            for piece in self.reasoning:
+                events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": piece}}}))
+            if self.reasoning_signature is not None:
+                delta = {"reasoningContent": {"signature": self.reasoning_signature}}
+                events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
+            events.append(("contentBlockStop", {"contentBlockIndex": 0}))
+            index = 1
+        for piece in self.text:
+            events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
+        events.append(("contentBlockStop", {"contentBlockIndex": index}))
+        if self.send_message_stop:
+            events.append(("messageStop", {"stopReason": self.stop_reason}))
+        if self.usage is not None:
+            events.append(("metadata", {"usage": self.usage, "metrics": {"latencyMs": 42}}))
+        return events
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        ended = False
+        try:
+            deltas = 0
+            for name, payload in self.script():
+                if name == "contentBlockDelta":
+                    if await self._fault(deltas):
+                        ended = True
+                        return
+                    await asyncio.sleep(self.chunk_delay)
+                    deltas += 1
+                if self.padding:
+                    payload = {**payload, "p": PADDING[: 1 + deltas % len(PADDING)]}
+                data = frame(name, payload)
+                size = self.write_size or len(data)
+                for start in range(0, len(data), size):
+                    yield data[start : start + size]
+            if await self._fault(deltas):  # a fault scheduled after the last delta
+                ended = True
+                return
+            ended = True
+        finally:
+            # Starlette cancels this generator when uvicorn reports http.disconnect mid-stream.
+            if not ended:
+                self.disconnected.set()
+
+    async def _fault(self, deltas: int) -> bool:
+        """Apply the fault scheduled after `deltas` content deltas; True when the body must end here."""
+        if self.stream_error_after == deltas:
+            self._pending = frame(
+                self.stream_error_type, {"message": self.stream_error_message}, kind="exception"
+            )
+            return True
+        return False
