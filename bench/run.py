@@ -189,20 +189,23 @@ async def run_benchmarks(stack: Stack, rounds: int, seconds: float, streams: int
 
 
 async def held(stack: Stack, count: int) -> dict[str, float]:
-    pids = [stack.processes["core"].pid, stack.processes["bridge"].pid]
-    before = sum(rss_kib(pid) for pid in pids)
+    pids = {name: stack.processes[name].pid for name in ("core", "bridge")}
+    before = {name: rss_kib(pid) for name, pid in pids.items()}
     request = chat_request("127.0.0.1", stack.bridge_port, KEY, {"model": "hold", "messages": MESSAGES, "stream": True})
     connections = await asyncio.wait_for(hold_streams("127.0.0.1", stack.bridge_port, request, count), timeout=120)
     await asyncio.sleep(1.0)
-    during = sum(rss_kib(pid) for pid in pids)
+    during = {name: rss_kib(pid) for name, pid in pids.items()}
     for connection in connections:
         connection.close()
+    held_count = max(1, len(connections))
     return {
         "held": len(connections),
         "all_open": float(len(connections) == count),
-        "rss_before_kib": before,
-        "rss_during_kib": during,
-        "kib_per_stream": (during - before) / max(1, len(connections)),
+        "rss_before_kib": sum(before.values()),
+        "rss_during_kib": sum(during.values()),
+        "kib_per_stream": (sum(during.values()) - sum(before.values())) / held_count,
+        "core_kib_per_stream": (during["core"] - before["core"]) / held_count,
+        "bridge_kib_per_stream": (during["bridge"] - before["bridge"]) / held_count,
     }
 
 

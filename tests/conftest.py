@@ -21,11 +21,19 @@ API_KEY = "mm-test-key-0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No developer or CI credentials leak into a test, and no test sees another's variables."""
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No developer or CI credentials leak into a test, and no test sees another's variables.
+
+    botocore looks for credentials in ~/.aws and, failing that, asks the EC2 metadata service on a link-local
+    address: neither may be reached from a test, so both are pointed away.
+    """
     for name in list(os.environ):
         if name.startswith(("MODELMAX_", "AWS_", "OPENAI_", "GEMINI_", "GOOGLE_")):
             monkeypatch.delenv(name)
+    nowhere = tmp_path_factory.getbasetemp() / "no-aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @asynccontextmanager
