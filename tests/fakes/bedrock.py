@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import uuid
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,13 +33,19 @@ PADDING = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0"
 
 
 def frame(name: str, payload: dict[str, Any], *, kind: str = "event") -> bytes:
-    """Encode one AWS event-stream message: `kind` "event" (`:event-type`) or "exception" (`:exception-type`)."""
-    type_key = ":event-type" if kind == "event" else ":exception-type"
-    headers = b"".join(
-        _header(key, value)
-        for key, value in ((type_key, name), (":content-type", "application/json"), (":message-type", kind))
-    )
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    """Encode one AWS event-stream message.
+
+    `kind` "event" and "exception" name the shape in `:event-type` / `:exception-type` and carry `payload` as JSON;
+    "error" (the generic form) puts `name` in `:error-code` and `payload["message"]` in `:error-message`, no body.
+    """
+    if kind == "error":
+        pairs = [(":error-code", name), (":error-message", str(payload.get("message", ""))), (":message-type", kind)]
+        body = b""
+    else:
+        type_key = ":event-type" if kind == "event" else ":exception-type"
+        pairs = [(type_key, name), (":content-type", "application/json"), (":message-type", kind)]
+        body = json.dumps(payload).encode()
+    headers = b"".join(_header(key, value) for key, value in pairs)
     prelude = struct.pack("!II", 16 + len(headers) + len(body), len(headers))
     message = prelude + struct.pack("!I", zlib.crc32(prelude)) + headers + body
     return message + struct.pack("!I", zlib.crc32(message))
@@ -93,12 +98,12 @@ class BedrockUpstream:
     reasoning_signature: str | None = None  # a final reasoningContent delta carrying only a signature
     stop_reason: str = "end_turn"
     usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))  # None: no usage / metadata
-    send_message_stop: bool = False is False  # False: the stream ends without messageStop
+    send_message_stop: bool = True  # False: the stream ends without messageStop (metadata still follows)
     padding: bool = True  # the live service's random "p" field on every event payload
     events: list[tuple[str, dict[str, Any]]] | None = None  # (event type, payload): replaces the script above
     # Failures before the stream: `error_status` with `x-amzn-ErrorType: <error_type>:...` and {"message": ...}.
     error_status: int | None = None
-    error_type: str = "ThrottlingException"
+    error_type: str = "ThrottlingException"  # "": no x-amzn-ErrorType header (a proxy's error, say)
     error_message: str = "Too many requests, please wait before trying again."
     error_headers: dict[str, str] = field(default_factory=dict)  # extra headers, such as Retry-After
     error_count: int | None = None  # how many requests get the error before the script resumes; None: all
@@ -106,6 +111,7 @@ class BedrockUpstream:
     # Failures inside a stream, after this many content deltas (reasoning and text together):
     stream_error_after: int | None = None  # an exception frame, `stream_error_type` (lower-camel on the wire)
     stream_error_type: str = "throttlingException"
+    stream_error_kind: str = "exception"  # or "error": the generic frame with `:error-code` (see `frame`)
     stream_error_message: str = "Too many tokens, please wait before trying again."
     cut_after: int | None = None  # end the body cleanly: no messageStop, no metadata
     abort_after: int | None = None  # drop the connection mid-body
@@ -114,6 +120,8 @@ class BedrockUpstream:
     request_id: str = "11111111-2222-3333-4444-555555555555"
     requests: list[ReceivedRequest] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)  # the client left before the stream ended
+    open_streams: int = 0  # stream bodies being sent right now
+    peak_open_streams: int = 0  # the most at once, since the fake started
 
     def app(self) -> Starlette:
         return Starlette(
@@ -135,11 +143,9 @@ class BedrockUpstream:
             return None
         if self.error_count is not None:
             self.error_count -= 1
-        headers = {
-            "x-amzn-ErrorType": f"{self.error_type}:{ERROR_NAMESPACE}",
-            "x-amzn-RequestId": self.request_id,
-            **self.error_headers,
-        }
+        headers = {"x-amzn-RequestId": self.request_id, **self.error_headers}
+        if self.error_type:
+            headers["x-amzn-ErrorType"] = f"{self.error_type}:{ERROR_NAMESPACE}"
         return JSONResponse({"message": self.error_message}, status_code=self.error_status, headers=headers)
 
     async def _converse(self, request: Request) -> Response:
@@ -178,7 +184,8 @@ class BedrockUpstream:
         index = 0
         if self.reasoning:
             for piece in self.reasoning:
-                events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": piece}}}))
+                delta = {"reasoningContent": {"text": piece}}
+                events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
             if self.reasoning_signature is not None:
                 delta = {"reasoningContent": {"signature": self.reasoning_signature}}
                 events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
@@ -194,14 +201,30 @@ class BedrockUpstream:
         return events
 
     async def _body(self) -> AsyncIterator[bytes]:
+        events = self.script()
+        faults = (("error", self.stream_error_after), ("cut", self.cut_after), ("abort", self.abort_after))
+        at = {_position_after(events, after): kind for kind, after in faults if after is not None}
         ended = False
+        self.open_streams += 1
+        self.peak_open_streams = max(self.peak_open_streams, self.open_streams)
         try:
             deltas = 0
-            for name, payload in self.script():
+            for position, (name, payload) in enumerate([*events, ("", {})]):
+                fault = at.get(position)
+                if fault == "error":
+                    message = {"message": self.stream_error_message}
+                    yield frame(self.stream_error_type, message, kind=self.stream_error_kind)
+                if fault in ("error", "cut"):
+                    ended = True
+                    return
+                if fault == "abort":
+                    ended = True
+                    # uvicorn closes the connection when the app fails after the response started: the chunked
+                    # body is left without its last chunk, as when a server dies mid-answer.
+                    raise _Abort("scripted mid-stream abort")
+                if not name:  # the end marker
+                    break
                 if name == "contentBlockDelta":
-                    if await self._fault(deltas):
-                        ended = True
-                        return
                     await asyncio.sleep(self.chunk_delay)
                     deltas += 1
                 if self.padding:
@@ -210,20 +233,33 @@ class BedrockUpstream:
                 size = self.write_size or len(data)
                 for start in range(0, len(data), size):
                     yield data[start : start + size]
-            if await self._fault(deltas):  # a fault scheduled after the last delta
-                ended = True
-                return
             ended = True
         finally:
+            self.open_streams -= 1
             # Starlette cancels this generator when uvicorn reports http.disconnect mid-stream.
             if not ended:
                 self.disconnected.set()
 
-    async def _fault(self, deltas: int) -> bool:
-        """Apply the fault scheduled after `deltas` content deltas; True when the body must end here."""
-        if self.stream_error_after == deltas:
-            self._pending = frame(
-                self.stream_error_type, {"message": self.stream_error_message}, kind="exception"
-            )
-            return True
-        return False
+
+def _position_after(events: list[tuple[str, dict[str, Any]]], deltas: int) -> int:
+    """Where a fault "after `deltas` content deltas" goes: before the next delta, else right after the last one."""
+    seen, last = 0, -1
+    for position, (name, _) in enumerate(events):
+        if name == "contentBlockDelta":
+            if seen == deltas:
+                return position
+            seen, last = seen + 1, position
+    return last + 1 if last >= 0 else min(1, len(events))
+
+
+class _Abort(Exception):
+    """Raised inside the fake's stream to drop the connection."""
+
+
+@asynccontextmanager
+async def serve_bedrock(**script: Any) -> AsyncIterator[BedrockUpstream]:
+    """A fake Bedrock Runtime scripted by `script` (fields of BedrockUpstream, also settable later), until exit."""
+    upstream = BedrockUpstream(**script)
+    async with serve(upstream.app()) as root:
+        upstream.url = root
+        yield upstream

@@ -1,0 +1,267 @@
+"""The `bedrock` provider: AWS Bedrock Runtime's Converse (whole answers) and ConverseStream, through aioboto3.
+
+One bedrock-runtime client per distinct client configuration (region, endpoint_url, profile, timeouts), entered
+once while the catalog is loaded and shared by every entry that names it. The SDK's own retries are off (the
+gateway owns retries) and its timeouts come from the catalog. Credentials come from the standard AWS chain only
+(environment, shared profile, web identity / IRSA, container and instance metadata), never from the catalog.
+Every AWS failure becomes a GatewayError through the one table below; no botocore type leaves this module. The
+request and answer shapes are in bedrock_translate.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, aclosing
+from typing import Any
+from urllib.parse import urlsplit
+
+import aioboto3
+import aiohttp
+from botocore.config import Config
+from botocore.eventstream import ParserError
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    InvalidRegionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    SSOError,
+    TokenRetrievalError,
+)
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+from botocore.parsers import ResponseParserError
+
+from modelmax.v1 import completion_pb2 as pb
+from modelmax.v1 import completion_service_pb2 as svc
+from services.catalog import CatalogEntry, MissingSecret
+from services.errors import GatewayError
+from services.providers.bedrock_translate import (
+    PROVIDER,
+    StreamFold,
+    UnusableAnswer,
+    converse_events,
+    converse_request,
+)
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = {"region", "endpoint_url", "connect_timeout_seconds", "read_timeout_seconds", "profile"}
+# Connections per client, so concurrent streams per client. botocore's default of 10 would queue the eleventh
+# concurrent stream behind a pool slot, silently, for as long as the first ten take.
+_MAX_POOL_CONNECTIONS = 100
+_MESSAGE_LIMIT = 500  # characters of an upstream error message forwarded to the caller
+
+R = pb.ErrorReason
+# The one table of AWS error codes. HTTP errors carry PascalCase codes; exception frames inside a stream carry the
+# same names in lowerCamel (`throttlingException`), normalised before the lookup.
+_REASON_BY_CODE = {
+    "ValidationException": R.ERROR_REASON_INVALID_REQUEST,
+    "ThrottlingException": R.ERROR_REASON_RATE_LIMITED,
+    "ResourceNotFoundException": R.ERROR_REASON_MODEL_NOT_FOUND,
+    # Our own credentials: the caller can do nothing about them, so never a 401 (or 403) to the caller.
+    "AccessDeniedException": R.ERROR_REASON_UPSTREAM_AUTH,
+    "UnrecognizedClientException": R.ERROR_REASON_UPSTREAM_AUTH,
+    "ExpiredTokenException": R.ERROR_REASON_UPSTREAM_AUTH,
+    "InvalidSignatureException": R.ERROR_REASON_UPSTREAM_AUTH,  # a wrong secret key
+    # STS codes, when the credential chain's own call (web identity / IRSA, assumed roles) fails.
+    "AccessDenied": R.ERROR_REASON_UPSTREAM_AUTH,
+    "ExpiredToken": R.ERROR_REASON_UPSTREAM_AUTH,
+    "InvalidIdentityToken": R.ERROR_REASON_UPSTREAM_AUTH,
+    "ModelNotReadyException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    "ServiceUnavailableException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    "InternalServerException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    "ModelStreamErrorException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    "ModelErrorException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    "ModelTimeoutException": R.ERROR_REASON_UPSTREAM_TIMEOUT,
+}
+# When a response names no error type at all (a proxy or load balancer in front of the endpoint), botocore's code is
+# the bare HTTP status; these statuses still say what happened.
+_REASON_BY_STATUS = {
+    429: R.ERROR_REASON_RATE_LIMITED,
+    500: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    502: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    503: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
+    504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
+}
+# Bedrock reports an over-long prompt only as a ValidationException whose text says so; there is no structured
+# field. The exact live texts are fixtures in tests/services/test_bedrock.py (TOO_LONG_MESSAGES).
+_CONTEXT_TOO_LONG = ("input is too long for requested model", "prompt is too long")
+_CREDENTIAL_ERRORS = (
+    NoCredentialsError,
+    PartialCredentialsError,
+    CredentialRetrievalError,
+    TokenRetrievalError,
+    SSOError,
+)
+# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward AWS's
+# words; the rest would leak account details, and an auth failure is the gateway's, never the caller's.
+_MESSAGES = {
+    R.ERROR_REASON_UPSTREAM_AUTH: "AWS Bedrock rejected the gateway's credentials for '{model}'.",
+    R.ERROR_REASON_MODEL_NOT_FOUND: "AWS Bedrock does not know the model configured for '{model}'.",
+    R.ERROR_REASON_RATE_LIMITED: "AWS Bedrock is throttling requests for '{model}'; retry later.",
+    R.ERROR_REASON_UPSTREAM_TIMEOUT: "AWS Bedrock did not answer in time for '{model}'.",
+    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "AWS Bedrock is unavailable for '{model}'.",
+    R.ERROR_REASON_UPSTREAM_PROTOCOL: "AWS Bedrock sent an answer for '{model}' that the gateway cannot use.",
+    R.ERROR_REASON_INTERNAL: "AWS Bedrock failed with an error the gateway does not know, for '{model}'.",
+}
+
+
+class BedrockProvider:
+    """Serves one catalog entry through its backend's shared client."""
+
+    def __init__(self, client: Any, entry: CatalogEntry) -> None:
+        self._client = client
+        self._name = entry.name
+        self._model = entry.model
+
+    async def stream(
+        self, params: pb.CompletionParams, *, incremental: bool = True
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        request = converse_request(self._model, params)
+        request_id = ""  # AWS's id for this call, for the log; exception frames mid-stream carry none of their own
+        try:
+            if not incremental:
+                answer = await self._client.converse(**request)
+                request_id = _request_id(answer)
+                for event in converse_events(answer):
+                    yield event
+                return
+            response = await self._client.converse_stream(**request)
+            request_id = _request_id(response)
+            body = response["stream"]
+            try:
+                fold = StreamFold()
+                async with aclosing(aiter(body)) as events:
+                    async for event in events:
+                        for out in fold.feed(event):
+                            yield out
+                yield fold.finish()  # after the body ended, so the connection goes back to the pool
+            finally:
+                # A consumer that stops (aclose, CancelledError) or an error: drop the connection, which stops
+                # the generation upstream. A no-op when the body was read to its end.
+                body.close()
+        except ClientError as exc:  # modelled errors; EventStreamError (mid-stream) is a ClientError too
+            raise self._client_error(exc, request_id) from exc
+        except (ReadTimeoutError, ConnectTimeoutError, TimeoutError) as exc:  # aiohttp's read timeouts mid-stream
+            raise self._error(R.ERROR_REASON_UPSTREAM_TIMEOUT) from exc
+        except (BotocoreConnectionError, HTTPClientError, aiohttp.ClientError) as exc:  # refused, reset, cut short
+            raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
+        except _CREDENTIAL_ERRORS as exc:
+            log.warning("no usable AWS credentials for model %s: %s", self._name, type(exc).__name__)
+            message = f"The gateway has no usable AWS credentials for '{self._name}'."
+            raise GatewayError(R.ERROR_REASON_UPSTREAM_AUTH, message, provider=PROVIDER) from exc
+        except (UnusableAnswer, ParserError, ResponseParserError) as exc:
+            log.warning("unusable Bedrock answer for model %s (request id %s): %s", self._name, request_id, exc)
+            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc
+
+    def _client_error(self, exc: ClientError, request_id: str) -> GatewayError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message", ""))
+        request_id = exc.response.get("ResponseMetadata", {}).get("RequestId") or request_id
+        reason = _REASON_BY_CODE.get(code[:1].upper() + code[1:])
+        if reason is None and code.isdigit():
+            reason = _REASON_BY_STATUS.get(int(code))
+        if reason is None:
+            # botocore gives an exception frame of a type its model does not know an empty code.
+            log.error("unknown AWS Bedrock error %s for model %s (request id %s): %s",
+                      code or "(no code)", self._name, request_id, message)  # fmt: skip
+            return self._error(R.ERROR_REASON_INTERNAL)
+        if reason == R.ERROR_REASON_INVALID_REQUEST and any(s in message.lower() for s in _CONTEXT_TOO_LONG):
+            reason = R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED
+        if reason == R.ERROR_REASON_UPSTREAM_AUTH:
+            log.warning("AWS Bedrock refused the gateway's credentials for model %s (request id %s): %s: %s",
+                        self._name, request_id, code, message)  # fmt: skip
+        return self._error(reason, message)
+
+    def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
+        template = _MESSAGES.get(reason)
+        if template is not None:
+            message = template.format(model=self._name)
+        else:
+            message = upstream_message[:_MESSAGE_LIMIT] or f"AWS Bedrock refused the request for '{self._name}'."
+        param = "messages" if reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
+        return GatewayError(reason, message, param=param, provider=PROVIDER)
+
+
+def _request_id(response: Mapping[str, Any]) -> str:
+    return str(response.get("ResponseMetadata", {}).get("RequestId", ""))
+
+
+class BedrockBackend:
+    """Owns the aioboto3 sessions (one per AWS profile) and clients; closes the clients in `aclose`."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._sessions: dict[str | None, aioboto3.Session] = {}
+        self._clients: dict[tuple[str, str | None, str | None, float, float], Any] = {}
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    async def provider_for(self, entry: CatalogEntry) -> BedrockProvider:
+        entry.check_options(_OPTIONS)
+        if not entry.model:
+            raise entry.problem("'model' is required: a Bedrock model id such as 'deepseek.v3.2', or an ARN")
+        region = entry.option("region", str, "")
+        if not region:
+            raise entry.problem("option 'region' is required: the AWS region, such as 'us-east-1'")
+        endpoint_url = entry.option("endpoint_url", str, "") or None
+        if endpoint_url is not None and (
+            urlsplit(endpoint_url).scheme not in ("http", "https") or not urlsplit(endpoint_url).netloc
+        ):
+            raise entry.problem(f"option 'endpoint_url' must be an http(s) URL, got {endpoint_url!r}")
+        connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
+        read_timeout = entry.option("read_timeout_seconds", float, 60.0)
+        if connect_timeout <= 0 or read_timeout <= 0:
+            raise entry.problem("options 'connect_timeout_seconds' and 'read_timeout_seconds' must be > 0")
+        profile = entry.option("profile", str, "") or None
+        key = (region, endpoint_url, profile, connect_timeout, read_timeout)
+        client = self._clients.get(key)
+        if client is None:
+            client = await self._open_client(entry, key)
+            self._clients[key] = client
+        return BedrockProvider(client, entry)
+
+    async def _open_client(self, entry: CatalogEntry, key: tuple[str, str | None, str | None, float, float]) -> Any:
+        region, endpoint_url, profile, connect_timeout, read_timeout = key
+        # read_timeout bounds every wait for upstream bytes (the first one, then each gap between events), not the
+        # whole answer: a long stream is fine while events keep coming, and the caller's gRPC deadline bounds it.
+        config = Config(
+            retries={"total_max_attempts": 1},  # `max_attempts` would count retries, not attempts
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=_MAX_POOL_CONNECTIONS,
+        )
+        try:
+            session = self._sessions.get(profile)
+            if session is None:
+                session = aioboto3.Session(profile_name=profile)
+                self._sessions[profile] = session
+            # Resolves the credential chain now, at start-up (a web identity token is exchanged at first use).
+            return await self._stack.enter_async_context(
+                session.client("bedrock-runtime", region_name=region, endpoint_url=endpoint_url, config=config)
+            )
+        except ProfileNotFound as exc:
+            raise MissingSecret(f"{entry.where}: AWS profile {profile!r} (option 'profile') is not configured") from exc
+        except _CREDENTIAL_ERRORS as exc:
+            raise MissingSecret(f"{entry.where}: AWS credentials could not be loaded ({type(exc).__name__})") from exc
+        except InvalidRegionError as exc:
+            raise entry.problem(f"option 'region' is not a valid AWS region name: {region!r}") from exc
+
+    async def aclose(self) -> None:
+        self._clients.clear()
+        self._sessions.clear()
+        await self._stack.aclose()
+
+
+def create_backend(env: Mapping[str, str]) -> BedrockBackend:
+    # botocore reads the credential chain's variables (AWS_*) from the process environment itself, at start-up.
+    del env
+    return BedrockBackend()
