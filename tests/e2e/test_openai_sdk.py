@@ -142,7 +142,7 @@ async def test_sync_client_plain_and_streaming(gateway_url: str) -> None:
 
     plain, streamed, models = await asyncio.to_thread(run)
     assert plain and plain == streamed
-    assert models == [MODEL]
+    assert models == [MODEL, "deepseek-v3.2", "gemini-3-flash-preview"]
 
 
 async def test_models_list_and_retrieve(gateway_url: str) -> None:
@@ -151,7 +151,7 @@ async def test_models_list_and_retrieve(gateway_url: str) -> None:
         model = await client.models.retrieve(MODEL)
         with pytest.raises(openai.NotFoundError) as missing:
             await client.models.retrieve("no-such-model")
-    assert [m.id for m in listed.data] == [MODEL]
+    assert [m.id for m in listed.data] == [MODEL, "deepseek-v3.2", "gemini-3-flash-preview"]
     assert model.id == MODEL and model.owned_by == "modelmax" and model.object == "model"
     assert missing.value.code == "model_not_found"
 
@@ -174,3 +174,13 @@ async def test_wrong_key_is_401(gateway_url: str) -> None:
             await client.chat.completions.create(model=MODEL, messages=QUESTION)
     assert raised.value.code == "invalid_api_key"
     assert "mm-wrong-key" not in str(raised.value)
+
+
+async def test_default_cloud_models_without_credentials_answer_500_naming_what_to_set(gateway_url: str) -> None:
+    async with async_client(gateway_url) as client:
+        with pytest.raises(openai.InternalServerError) as gemini:
+            await client.chat.completions.create(model="gemini-3-flash-preview", messages=QUESTION)
+        with pytest.raises(openai.InternalServerError) as bedrock:
+            await client.chat.completions.create(model="deepseek-v3.2", messages=QUESTION, stream=True)
+    assert "GEMINI_API_KEY" in gemini.value.message
+    assert "AWS credentials" in bedrock.value.message

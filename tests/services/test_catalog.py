@@ -70,7 +70,9 @@ async def test_bad_entries_fail_core_start_up(tmp_path: Path, entry: dict[str, o
 
 def test_default_catalog_is_valid() -> None:
     catalog = load_catalog(DEFAULT_CATALOG)
-    assert catalog.names() == ["smollm2-135m"]
+    assert catalog.names() == ["smollm2-135m", "deepseek-v3.2", "gemini-3-flash-preview"]
+    assert [e.provider for e in catalog.entries] == ["local", "bedrock", "gemini"]
+    assert catalog.entries[1].model == "deepseek.v3.2"
 
 
 def test_core_process_exits_with_the_message(tmp_path: Path) -> None:

@@ -72,7 +72,11 @@ async def test_unary_equals_the_folded_stream(channel: grpc.aio.Channel) -> None
 
 async def test_list_models(channel: grpc.aio.Channel) -> None:
     reply = await svc_grpc.CompletionServiceStub(channel).ListModels(svc.ListModelsRequest())
-    assert [(m.id, m.provider, m.owned_by) for m in reply.models] == [(MODEL, "local", "modelmax")]
+    assert [(m.id, m.provider, m.owned_by) for m in reply.models] == [
+        (MODEL, "local", "modelmax"),
+        ("deepseek-v3.2", "bedrock", "deepseek"),
+        ("gemini-3-flash-preview", "gemini", "google"),
+    ]
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
