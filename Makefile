@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench tools
 
 install: $(VENV)/.installed
 
@@ -47,7 +47,12 @@ run-bridge: proto
 tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
-test: lint tests/node/node_modules/.package-lock.json
+# promtool lints the metrics expositions in tests; Debian's prometheus package is the one offline source of it.
+tools:
+	command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: lint tools tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 lint: proto

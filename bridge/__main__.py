@@ -8,9 +8,23 @@ import resource
 import sys
 
 import uvicorn
+from pythonjsonlogger.json import JsonFormatter
 
 from bridge.app import create_app
 from bridge.settings import Settings, SettingsError
+
+
+def _configure_logging(level: str, style: str) -> None:
+    """One JSON object per line (fields from `extra` included), or plain text with MODELMAX_LOG_FORMAT=text."""
+    handler = logging.StreamHandler()
+    if style == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
+                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+        )  # fmt: skip
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _raise_fd_limit() -> None:
@@ -26,7 +40,7 @@ def main() -> None:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
         sys.exit(f"modelmax-bridge: {exc}")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
     logging.getLogger("bridge").info(
         "OpenAI-compatible API on http://%s:%d/v1 (core at %s, %d API key(s))",
         settings.host, settings.port, settings.core_target, len(settings.api_keys),
@@ -37,7 +51,7 @@ def main() -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
 
 

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -15,8 +16,10 @@ from starlette.responses import Response
 
 from bridge.auth import KeyChecker
 from bridge.errors import OpenAIError
-from bridge.routes import ROUTES, Gateway
+from bridge.metrics import BridgeMetrics, Observation
+from bridge.routes import REQUEST_ID, ROUTES, Gateway
 from bridge.settings import Settings
+from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,10 @@ log = logging.getLogger(__name__)
 _GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Starlette:
+    """The bridge app. Its metrics are served on `settings.metrics_port` (if set) for the life of the app."""
+    metrics = metrics or BridgeMetrics()
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         channel = grpc.aio.insecure_channel(
@@ -41,10 +47,24 @@ def create_app(settings: Settings) -> Starlette:
             keys=KeyChecker(settings.api_keys),
             max_body_bytes=settings.max_body_bytes,
             timeout=settings.request_timeout_seconds,
+            metrics=metrics,
         )
+        try:  # the catalog's names may be metric labels; names the core never served stay "unknown"
+            reply = await app.state.gateway.stub.ListModels(svc.ListModelsRequest(), timeout=2.0)
+            metrics.known_models.update(model.id for model in reply.models)
+        except grpc.aio.AioRpcError:
+            pass  # the core is not up yet: models become labels as the core serves them
+        exporter = None
+        if settings.metrics_port is not None:
+            exporter, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+            app.state.metrics_port = exporter.server_port
         try:
             yield
         finally:
+            if exporter is not None:
+                exporter.shutdown()
+                exporter.server_close()
+                thread.join(5)
             await channel.close()
 
     return Starlette(
@@ -58,9 +78,19 @@ def create_app(settings: Settings) -> Starlette:
     )
 
 
+def _finish(request: Request, status: int) -> dict[str, str]:
+    """Record a chat completion that ended in an error response; the headers every response carries."""
+    seen: Observation | None = getattr(request.state, "observation", None)
+    if seen is None:
+        return {}
+    seen.finish(status)
+    return {REQUEST_ID: seen.request_id}
+
+
 async def _openai_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
-    return Response(exc.body_bytes(), status_code=exc.status, media_type="application/json")
+    headers = _finish(request, exc.status)
+    return Response(exc.body_bytes(), status_code=exc.status, media_type="application/json", headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -79,4 +109,4 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     error = OpenAIError(500, "The gateway failed to serve this request.", "api_error", None, "internal_error")
-    return Response(error.body_bytes(), status_code=500, media_type="application/json")
+    return Response(error.body_bytes(), status_code=500, media_type="application/json", headers=_finish(request, 500))

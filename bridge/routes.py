@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -14,11 +15,15 @@ from starlette.types import Receive
 
 from bridge.auth import KeyChecker
 from bridge.errors import OpenAIError, from_rpc_error
+from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from bridge.openai_request import parse_chat_request
 from bridge.sse import open_stream
 from bridge.translate import completion_json, model_json, to_params
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+
+REQUEST_ID = "x-request-id"  # sent to the core as gRPC metadata and returned on every response
+OVERHEAD = "x-modelmax-overhead-ms"  # the gateway's own time (bridge + core) on non-streaming responses
 
 
 @dataclass(slots=True)
@@ -30,6 +35,7 @@ class Gateway:
     keys: KeyChecker
     max_body_bytes: int
     timeout: float
+    metrics: BridgeMetrics
 
 
 def _gateway(request: Request) -> Gateway:
@@ -39,30 +45,58 @@ def _gateway(request: Request) -> Gateway:
 
 async def chat_completions(request: Request) -> Response:
     gateway = _gateway(request)
+    seen = Observation(gateway.metrics, request_id_from(request.headers.get(REQUEST_ID)))
+    request.state.observation = seen  # the error handlers finish it, with the status they send
     gateway.keys.check(request)
     _check_content_type(request)
     chat = parse_chat_request(await _read_body(request, gateway.max_body_bytes))
+    seen.model, seen.stream = chat.model, chat.stream
     params = to_params(chat)
+    metadata = ((REQUEST_ID, seen.request_id),)
     if chat.stream:
-        return await open_stream(gateway.stub, svc.StreamCompletionRequest(params=params), gateway.timeout)
-    call = gateway.stub.CreateCompletion(svc.CreateCompletionRequest(params=params), timeout=gateway.timeout)
+        request_message = svc.StreamCompletionRequest(params=params)
+        return await open_stream(gateway.stub, request_message, gateway.timeout, metadata, seen)
+    call = gateway.stub.CreateCompletion(
+        svc.CreateCompletionRequest(params=params), timeout=gateway.timeout, metadata=metadata
+    )
     watcher = asyncio.ensure_future(_client_gone(request.receive))
     watcher.add_done_callback(lambda _: call.cancel())  # a client that leaves stops the generation it asked for
+    waiting = time.perf_counter()
     try:
         response = await call
+        trailing = await call.trailing_metadata()
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED and watcher.done() and not watcher.cancelled():
+            seen.finish(499)
             return Response(status_code=499)  # nobody is listening any more
         raise from_rpc_error(exc) from None
     finally:
+        seen.core_wait += time.perf_counter() - waiting
         watcher.cancel()
-    return JSONResponse(completion_json(response))
+    seen.core_overhead_ms = _core_overhead_ms(trailing)
+    reply = JSONResponse(
+        completion_json(response),
+        headers={REQUEST_ID: seen.request_id, OVERHEAD: f"{seen.overhead_ms():.3f}"},
+    )
+    seen.finish(200)
+    return reply
+
+
+def _core_overhead_ms(trailing: object) -> float | None:
+    for key, value in trailing or ():  # type: ignore[attr-defined]
+        if key == OVERHEAD:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 async def list_models(request: Request) -> Response:
     gateway = _gateway(request)
     gateway.keys.check(request)
     models = await _models(gateway)
+    gateway.metrics.known_models.update(model.id for model in models)
     return JSONResponse({"object": "list", "data": [model_json(model) for model in models]})
 
 

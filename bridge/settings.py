@@ -25,6 +25,10 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_seconds: float = 600.0
     log_level: str = "INFO"
+    # Prometheus /metrics port on `host`; None: no metrics endpoint (the default here, so tests opt in), 0: any.
+    metrics_port: int | None = None
+    # On SIGTERM: stop accepting, let open streams finish for this long, then close them.
+    shutdown_grace_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -54,10 +58,14 @@ class Settings:
             max_body_bytes=_number(env, "MODELMAX_MAX_BODY_BYTES", 8 * 1024 * 1024, int),
             request_timeout_seconds=_number(env, "MODELMAX_REQUEST_TIMEOUT_SECONDS", 600.0, float),
             log_level=env.get("MODELMAX_LOG_LEVEL", "INFO").upper(),
+            metrics_port=None
+            if env.get("MODELMAX_BRIDGE_METRICS_PORT", "").strip().lower() == "off"
+            else _number(env, "MODELMAX_BRIDGE_METRICS_PORT", 9091, int, allow_zero=True),
+            shutdown_grace_seconds=_number(env, "MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
+def _number(env: Mapping[str, str], name: str, default: N, kind: type[N], *, allow_zero: bool = False) -> N:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -65,6 +73,6 @@ def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
         value = kind(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if value <= 0:
+    if value < 0 or (value == 0 and not allow_zero):
         raise SettingsError(f"{name}={raw!r} must be positive")
     return value

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from starlette.responses import Response, StreamingResponse
 
 from bridge.errors import OpenAIError, from_rpc_error
+from bridge.metrics import Observation
 from bridge.translate import SSE_DONE, ChunkEncoder, sse_data
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -19,10 +22,15 @@ _HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 async def open_stream(
-    stub: svc_grpc.CompletionServiceStub, request: svc.StreamCompletionRequest, timeout: float
+    stub: svc_grpc.CompletionServiceStub,
+    request: svc.StreamCompletionRequest,
+    timeout: float,
+    metadata: tuple[tuple[str, str], ...],
+    seen: Observation,
 ) -> Response:
     """Start the call and wait for its first event, so a failure to start is a real HTTP status, not a 200."""
-    call = stub.StreamCompletion(request, timeout=timeout)
+    call = stub.StreamCompletion(request, timeout=timeout, metadata=metadata)
+    waiting = time.perf_counter()
     try:
         first = await call.read()
     except grpc.aio.AioRpcError as exc:
@@ -30,14 +38,34 @@ async def open_stream(
     except BaseException:
         call.cancel()
         raise
+    finally:
+        seen.core_wait += time.perf_counter() - waiting
     if first is grpc.aio.EOF or not first.HasField("start"):
         call.cancel()
         raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
     encoder = ChunkEncoder(first.start, request.params.include_usage)
-    return StreamingResponse(_events(call, encoder), media_type="text/event-stream", headers=_HEADERS)
+    headers = {**_HEADERS, "x-request-id": seen.request_id}
+    return StreamingResponse(_observed(_events(call, encoder, seen), seen), media_type="text/event-stream",
+                             headers=headers)  # fmt: skip
 
 
-async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder) -> AsyncIterator[bytes]:
+async def _observed(events: AsyncIterator[bytes], seen: Observation) -> AsyncIterator[bytes]:
+    """Counts the stream as in flight while it is open, and finishes the observation however it ends."""
+    inflight = seen.metrics.inflight.labels(seen.metrics.label(seen.model, 200))
+    inflight.inc()
+    status = 499  # unless the stream reaches its end: the client went away
+    try:
+        async with aclosing(events) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                seen.chunk()
+                yield chunk
+        status = seen.stream_status or 200
+    finally:
+        inflight.dec()
+        seen.finish(status)
+
+
+async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: Observation) -> AsyncIterator[bytes]:
     """Role chunk, content chunks, the finish chunk, the usage chunk when asked, then [DONE].
 
     If the client disconnects, Starlette cancels this generator; the `finally` cancels the gRPC call, which cancels
@@ -47,7 +75,9 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder) -> Asyn
     try:
         yield encoder.role()
         while True:
+            waiting = time.perf_counter()
             event = await call.read()
+            seen.core_wait += time.perf_counter() - waiting
             if event is grpc.aio.EOF:
                 break
             kind = event.WhichOneof("event")
@@ -62,11 +92,14 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder) -> Asyn
                     yield encoder.usage(event.finish.usage)
         if not finished:
             log.error("core stream ended without a finish event")
+            seen.stream_status = 502
             yield sse_data(
                 OpenAIError(502, "The stream ended unexpectedly.", "api_error", None, "internal_error").body()
             )
     except grpc.aio.AioRpcError as exc:
-        yield sse_data(from_rpc_error(exc).body())
+        error = from_rpc_error(exc)
+        seen.stream_status = error.status  # the status this error would have had before the first byte
+        yield sse_data(error.body())
     finally:
         call.cancel()  # no-op once the call is done; otherwise carries a client disconnect into the core
     yield SSE_DONE

@@ -19,6 +19,7 @@ export MODELMAX_API_KEY
 # A laptop has no EC2 metadata service: without this, a Bedrock model with no credentials configured would make
 # botocore wait on the link-local metadata address before failing. On EC2, set it to false.
 export AWS_EC2_METADATA_DISABLED=${AWS_EC2_METADATA_DISABLED:-true}
+export MODELMAX_LOG_FORMAT=${MODELMAX_LOG_FORMAT:-text}  # JSON lines are for log pipelines; this is a terminal
 export MODELMAX_CORE_PORT=${MODELMAX_CORE_PORT:-50051}
 export MODELMAX_BRIDGE_PORT=${MODELMAX_BRIDGE_PORT:-8000}
 export MODELMAX_CORE_TARGET=${MODELMAX_CORE_TARGET:-127.0.0.1:${MODELMAX_CORE_PORT}}

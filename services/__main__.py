@@ -10,6 +10,7 @@ import signal
 import sys
 
 import uvloop
+from pythonjsonlogger.json import JsonFormatter
 
 from services.catalog import CatalogError
 from services.server import start_core
@@ -27,6 +28,19 @@ async def _serve(settings: Settings) -> None:
     await core.stop(settings.shutdown_grace_seconds)
 
 
+def _configure_logging(level: str, style: str) -> None:
+    """One JSON object per line (fields from `extra` included), or plain text with MODELMAX_LOG_FORMAT=text."""
+    handler = logging.StreamHandler()
+    if style == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
+                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+        )  # fmt: skip
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def _raise_fd_limit() -> None:
     """Every open stream holds sockets; the usual soft limit of 1024 descriptors would cap them far too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -40,7 +54,7 @@ def main() -> None:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
         sys.exit(f"modelmax-core: {exc}")
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
     try:
         uvloop.run(_serve(settings))  # grpc.aio runs on uvloop; its loop is measurably cheaper per call (BENCHMARKS.md)
     except (CatalogError, SettingsError) as exc:

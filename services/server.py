@@ -9,10 +9,12 @@ from contextlib import AsyncExitStack
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.catalog import load_catalog
+from services.metrics import CoreMetrics
 from services.providers import build_registry
 from services.servicer import CompletionServicer
 from services.settings import Settings
@@ -26,10 +28,18 @@ class CoreServer:
     """A started core. `port` is the bound port (useful when settings asked for port 0)."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer, stack: AsyncExitStack
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health.aio.HealthServicer,
+        stack: AsyncExitStack,
+        metrics: CoreMetrics,
+        metrics_port: int | None,
     ) -> None:
         self.server = server
         self.port = port
+        self.metrics = metrics
+        self.metrics_port = metrics_port  # the bound port of /metrics, or None when disabled
         self._health = health_servicer
         self._stack = stack
 
@@ -51,12 +61,20 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
     try:
         catalog = load_catalog(settings.catalog_path)
         registry = await build_registry(catalog, env, stack)
-        server = grpc.aio.server()
-        svc_grpc.add_CompletionServiceServicer_to_server(CompletionServicer(registry), server)
+        metrics = CoreMetrics()
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        svc_grpc.add_CompletionServiceServicer_to_server(CompletionServicer(registry, metrics), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        metrics_port = None
+        if settings.metrics_port is not None:
+            http, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+            stack.callback(thread.join, 5)
+            stack.callback(http.server_close)
+            stack.callback(http.shutdown)
+            metrics_port = http.server_port
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -64,4 +82,4 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         await stack.aclose()
         raise
     log.info("core serving %s on %s:%d (models: %s)", SERVICE_NAME, settings.host, port, ", ".join(catalog.names()))
-    return CoreServer(server, port, health_servicer, stack)
+    return CoreServer(server, port, health_servicer, stack, metrics, metrics_port)

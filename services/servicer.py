@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing, asynccontextmanager
+from typing import TypeVar
 
 import grpc
 
@@ -14,32 +16,36 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.errors import GatewayError
+from services.metrics import CoreMetrics, Measurement, status_of
 from services.providers import ProviderRegistry
 from services.validation import check_params
 
 log = logging.getLogger(__name__)
+requests_log = logging.getLogger("services.requests")
+
+T = TypeVar("T")
+REQUEST_ID = "x-request-id"  # gRPC metadata key; the bridge sends the id it returns to its client
+OVERHEAD = "x-modelmax-overhead-ms"  # trailing metadata of CreateCompletion: the core's own time
 
 
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
     """Thin: validation, routing and the event contract (start, deltas, one finish) live here; I/O in providers."""
 
-    def __init__(self, registry: ProviderRegistry) -> None:
+    def __init__(self, registry: ProviderRegistry, metrics: CoreMetrics) -> None:
         self._registry = registry
+        self._metrics = metrics
+        self._providers = {entry.name: entry.provider for entry in registry.catalog.entries}
 
     async def StreamCompletion(  # noqa: N802 (gRPC method name)
         self, request: svc.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
         params = request.params
-        try:
-            async with aclosing(_events(self._registry, params, incremental=True)) as events:
+        async with self._observe(params, context, stream=True) as measurement:
+            async with aclosing(_events(self._registry, params, measurement, incremental=True)) as events:
                 async for event in events:
                     if event.HasField("finish") and not params.include_usage:
                         event.finish.ClearField("usage")
                     yield event  # awaits HTTP/2 flow control: this is the backpressure
-        except GatewayError as exc:
-            await context.abort_with_status(exc.to_status())
-        except Exception as exc:  # noqa: BLE001 (a bug: report INTERNAL, log once with the traceback)
-            await context.abort_with_status(_internal(exc, params.model).to_status())
 
     async def CreateCompletion(  # noqa: N802
         self, request: svc.CreateCompletionRequest, context: grpc.aio.ServicerContext
@@ -47,8 +53,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         response = svc.CreateCompletionResponse()
         pieces: list[str] = []
         reasoning: list[str] = []
-        try:
-            async with aclosing(_events(self._registry, request.params, incremental=False)) as events:
+        async with self._observe(request.params, context, stream=False) as measurement:
+            async with aclosing(_events(self._registry, request.params, measurement, incremental=False)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
                     if kind == "delta":
@@ -62,10 +68,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     else:
                         response.finish_reason = event.finish.finish_reason
                         response.usage.CopyFrom(event.finish.usage)
-        except GatewayError as exc:
-            await context.abort_with_status(exc.to_status())
-        except Exception as exc:  # noqa: BLE001
-            await context.abort_with_status(_internal(exc, request.params.model).to_status())
+            context.set_trailing_metadata(((OVERHEAD, f"{measurement.overhead() * 1000:.3f}"),))
         response.content = "".join(pieces)
         response.reasoning_content = "".join(reasoning)
         return response
@@ -80,9 +83,60 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             ]
         )
 
+    @asynccontextmanager
+    async def _observe(
+        self, params: pb.CompletionParams, context: grpc.aio.ServicerContext, *, stream: bool
+    ) -> AsyncIterator[Measurement]:
+        """Measure one completion, turn its failure into a gRPC status, and record metrics and one log line."""
+        provider = self._providers.get(params.model)
+        measurement = Measurement(params.model if provider else "unknown", provider or "none")
+        request_id = _request_id(context)
+        inflight = self._metrics.inflight.labels(measurement.model, measurement.provider)
+        inflight.inc()
+        status, upstream = "ok", None
+        try:
+            yield measurement
+        except GatewayError as exc:
+            status = status_of(exc.reason)
+            upstream = status if exc.provider else None
+            await context.abort_with_status(exc.to_status())
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"  # the caller went away; the provider's stream was closed on the way out
+            raise
+        except Exception as exc:  # noqa: BLE001 (a bug: report INTERNAL, log once with the traceback)
+            status = "internal"
+            await context.abort_with_status(_internal(exc, params.model, request_id).to_status())
+        finally:
+            inflight.dec()
+            duration = measurement.record(self._metrics, status, upstream)
+            requests_log.info(
+                "completion",
+                extra={
+                    "request_id": request_id,
+                    "model": measurement.model,
+                    "provider": measurement.provider,
+                    "stream": stream,
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 3),
+                    "ttft_ms": None
+                    if measurement.first_token is None
+                    else round((measurement.first_token - measurement.started) * 1000, 3),
+                    "prompt_tokens": measurement.prompt_tokens,
+                    "completion_tokens": measurement.completion_tokens,
+                    "overhead_ms": round(measurement.overhead() * 1000, 3),
+                },
+            )
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex  # a direct gRPC caller that sent none still gets a traceable log line
+
 
 async def _events(
-    registry: ProviderRegistry, params: pb.CompletionParams, *, incremental: bool
+    registry: ProviderRegistry, params: pb.CompletionParams, measurement: Measurement, *, incremental: bool
 ) -> AsyncIterator[svc.StreamCompletionResponse]:
     """The contract every caller sees: `start` once the provider produced output, its deltas, exactly one finish.
 
@@ -92,7 +146,7 @@ async def _events(
     provider = registry.for_model(params.model)
     stream = provider.stream(params, incremental=incremental)
     try:
-        first = await anext(stream, None)  # pre-stream failures surface here, before any event is sent
+        first = await _waited(anext(stream, None), measurement)  # pre-stream failures surface here
         if first is None:
             raise _protocol("the provider's stream ended before any output", params.model)
         yield svc.StreamCompletionResponse(
@@ -100,15 +154,29 @@ async def _events(
         )
         event = first
         while event is not None:
-            yield event
             if event.HasField("finish"):
                 if event.finish.finish_reason == pb.FinishReason.FINISH_REASON_UNSPECIFIED:
                     raise _protocol("the provider finished without a finish reason", params.model)
+                if event.finish.HasField("usage"):
+                    measurement.prompt_tokens = event.finish.usage.prompt_tokens
+                    measurement.completion_tokens = event.finish.usage.completion_tokens
+                yield event
                 return
-            event = await anext(stream, None)
+            measurement.token()
+            yield event
+            event = await _waited(anext(stream, None), measurement)
         raise _protocol("the provider's stream ended before it finished", params.model)
     finally:
         await stream.aclose()  # closes the upstream call when the caller went away or failed
+
+
+async def _waited(step: Awaitable[T], measurement: Measurement) -> T:
+    """Await a provider step, counting the time as the provider's, not the gateway's."""
+    started = time.perf_counter()
+    try:
+        return await step
+    finally:
+        measurement.provider_wait += time.perf_counter() - started
 
 
 def _protocol(message: str, model: str) -> GatewayError:
@@ -116,6 +184,6 @@ def _protocol(message: str, model: str) -> GatewayError:
     return GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL, message)
 
 
-def _internal(exc: Exception, model: str) -> GatewayError:
-    log.exception("internal error serving model %s", model, exc_info=exc)
+def _internal(exc: Exception, model: str, request_id: str) -> GatewayError:
+    log.exception("internal error serving model %s (request %s)", model, request_id, exc_info=exc)
     return GatewayError(pb.ErrorReason.ERROR_REASON_INTERNAL, "The gateway failed to serve this request.")

@@ -25,6 +25,8 @@ class Settings:
     port: int = 50051
     shutdown_grace_seconds: float = 30.0
     log_level: str = "INFO"
+    # Prometheus /metrics port on `host`; None: no metrics endpoint (the default here, so tests opt in), 0: any.
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -34,7 +36,15 @@ class Settings:
             port=_number(env, "MODELMAX_CORE_PORT", 50051, int),
             shutdown_grace_seconds=_number(env, "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
             log_level=env.get("MODELMAX_LOG_LEVEL", "INFO").upper(),
+            metrics_port=_metrics_port(env, "MODELMAX_CORE_METRICS_PORT", 9090),
         )
+
+
+def _metrics_port(env: Mapping[str, str], name: str, default: int) -> int | None:
+    """A metrics port; "off" disables the endpoint."""
+    if env.get(name, "").strip().lower() == "off":
+        return None
+    return _number(env, name, default, int)
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from starlette.applications import Starlette
 
 from bridge.app import create_app
 from bridge.settings import Settings as BridgeSettings
@@ -37,8 +38,11 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 
 
 @asynccontextmanager
-async def running_core(catalog_path: str, env: dict[str, str] | None = None) -> AsyncIterator[CoreServer]:
-    core = await start_core(CoreSettings(catalog_path=catalog_path, port=0), env or {})
+async def running_core(
+    catalog_path: str, env: dict[str, str] | None = None, **overrides: object
+) -> AsyncIterator[CoreServer]:
+    settings = CoreSettings(catalog_path=catalog_path, port=0, **overrides)  # type: ignore[arg-type]
+    core = await start_core(settings, env or {})
     try:
         yield core
     finally:
@@ -46,12 +50,19 @@ async def running_core(catalog_path: str, env: dict[str, str] | None = None) -> 
 
 
 @asynccontextmanager
-async def running_bridge(core_target: str, **overrides: object) -> AsyncIterator[str]:
-    """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1")."""
+async def running_bridge_app(core_target: str, **overrides: object) -> AsyncIterator[tuple[str, Starlette]]:
+    """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1") and the app."""
     settings = BridgeSettings(api_keys=(API_KEY,), core_target=core_target, **overrides)  # type: ignore[arg-type]
     app = create_app(settings)
     async with app.router.lifespan_context(app), serve(app) as url:
-        yield f"{url}/v1"
+        yield f"{url}/v1", app
+
+
+@asynccontextmanager
+async def running_bridge(core_target: str, **overrides: object) -> AsyncIterator[str]:
+    """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1")."""
+    async with running_bridge_app(core_target, **overrides) as (base_url, _):
+        yield base_url
 
 
 @asynccontextmanager

@@ -1,0 +1,109 @@
+"""The bridge's Prometheus metrics, and one HTTP request's observation (metrics, overhead, its JSON log line).
+
+Labels are bounded: `model` is a catalog model name or "unknown" (a name the core has not served is never a label
+value), `status` an HTTP status code, `stream` true or false.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+requests_log = logging.getLogger("bridge.requests")
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_MAX_REQUEST_ID = 128
+
+
+class BridgeMetrics:
+    """Every metric the bridge exports, in a registry of its own, plus the model names it may use as labels."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.known_models: set[str] = set()
+        r = self.registry
+        self.requests = Counter(
+            "modelmax_bridge_requests", "Chat completion requests, by HTTP status.", ["model", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "modelmax_bridge_request_duration_seconds", "Time to serve a chat completion request, to its last byte.",
+            ["model", "stream"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.time_to_first_chunk = Histogram(
+            "modelmax_bridge_time_to_first_chunk_seconds", "Time from the request to the first SSE chunk.",
+            ["model"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge("modelmax_bridge_inflight_streams", "SSE streams open.", ["model"], registry=r)
+        self.overhead = Histogram(
+            "modelmax_bridge_overhead_seconds",
+            "The bridge's own time per request: total time minus time waiting on the core.",
+            ["model"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+
+    def label(self, model: str, status: int) -> str:
+        """`model` once the core has served it (so it is in the catalog), else "unknown"."""
+        if model in self.known_models:
+            return model
+        if status < 400 and model:
+            self.known_models.add(model)
+            return model
+        return "unknown"
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a new one."""
+    if header and len(header) <= _MAX_REQUEST_ID and header.isprintable() and " " not in header:
+        return header
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Observation:
+    """One chat completion request: timings, then one record of metrics and one log line when it ends."""
+
+    metrics: BridgeMetrics
+    request_id: str
+    model: str = ""
+    stream: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    core_wait: float = 0.0
+    first_chunk: float | None = None
+    core_overhead_ms: float | None = None
+    stream_status: int = 0  # a stream that ended with an error event: that error's HTTP status
+    done: bool = False
+
+    def overhead_ms(self) -> float:
+        """The bridge's own time so far, plus the core's when it reported it."""
+        own = max(0.0, time.perf_counter() - self.started - self.core_wait) * 1000
+        return own + (self.core_overhead_ms or 0.0)
+
+    def chunk(self) -> None:
+        if self.first_chunk is None:
+            self.first_chunk = time.perf_counter()
+
+    def finish(self, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        now = time.perf_counter()
+        model = self.metrics.label(self.model, status)
+        self.metrics.requests.labels(model, str(status)).inc()
+        self.metrics.duration.labels(model, "true" if self.stream else "false").observe(now - self.started)
+        self.metrics.overhead.labels(model).observe(max(0.0, now - self.started - self.core_wait))
+        if self.first_chunk is not None:
+            self.metrics.time_to_first_chunk.labels(model).observe(self.first_chunk - self.started)
+        requests_log.info(
+            "request",
+            extra={
+                "request_id": self.request_id,
+                "model": model,
+                "stream": self.stream,
+                "status": status,
+                "duration_ms": round((now - self.started) * 1000, 3),
+                "overhead_ms": round(self.overhead_ms(), 3),
+            },
+        )

@@ -1,0 +1,107 @@
+"""The core's Prometheus metrics (OpenTelemetry GenAI names where one fits), and one completion's measurements.
+
+Labels are bounded: the catalog's model names and provider kinds, a status from the ErrorReason enum, a token type.
+A model name that is not in the catalog is recorded as "unknown", so callers cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from modelmax.v1 import completion_pb2 as pb
+
+# Seconds: from sub-millisecond gateway overhead to multi-minute generations.
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+# Tokens per request, as the OpenTelemetry GenAI conventions suggest (powers of 4).
+_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+
+def status_of(reason: int | None) -> str:
+    """The `status` label: "ok", "cancelled", or the ErrorReason without its prefix, in lower case."""
+    if reason is None:
+        return "ok"
+    return pb.ErrorReason.Name(reason).removeprefix("ERROR_REASON_").lower()
+
+
+class CoreMetrics:
+    """Every metric the core exports, in one registry of its own (so tests can run several cores)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "gen_ai_server_request_duration_seconds", "Time to serve one completion, end to end in the core.",
+            ["model", "provider", "status"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "gen_ai_server_time_to_first_token_seconds", "Time from the request to the first generated token.",
+            ["model", "provider"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.time_per_output_token = Histogram(
+            "gen_ai_server_time_per_output_token_seconds", "Time per generated token after the first.",
+            ["model", "provider"], buckets=_PER_TOKEN, registry=r,
+        )  # fmt: skip
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage", "Tokens per completion, by type (input: prompt, output: completion).",
+            ["model", "provider", "token_type"], buckets=_TOKENS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "modelmax_core_requests", "Completions served, by outcome.", ["model", "provider", "status"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "modelmax_core_upstream_errors", "Failures reported by providers, by reason.",
+            ["model", "provider", "reason"], registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "modelmax_core_inflight_streams", "Completions in progress.", ["model", "provider"], registry=r
+        )
+        self.overhead = Histogram(
+            "modelmax_core_overhead_seconds",
+            "The core's own time per completion: total time minus time waiting on the provider.",
+            ["model", "provider"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Measurement:
+    """One completion's timings and counts, recorded once when it ends."""
+
+    model: str
+    provider: str
+    started: float = field(default_factory=time.perf_counter)
+    provider_wait: float = 0.0
+    first_token: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    def overhead(self) -> float:
+        return max(0.0, time.perf_counter() - self.started - self.provider_wait)
+
+    def record(self, metrics: CoreMetrics, status: str, upstream_reason: str | None) -> float:
+        """Record into `metrics`; returns the total duration in seconds."""
+        now = time.perf_counter()
+        total = now - self.started
+        labels = (self.model, self.provider)
+        metrics.request_duration.labels(*labels, status).observe(total)
+        metrics.requests.labels(*labels, status).inc()
+        metrics.overhead.labels(*labels).observe(max(0.0, total - self.provider_wait))
+        if upstream_reason is not None:
+            metrics.upstream_errors.labels(*labels, upstream_reason).inc()
+        if self.first_token is not None:
+            metrics.time_to_first_token.labels(*labels).observe(self.first_token - self.started)
+            if self.completion_tokens and self.completion_tokens > 1:
+                per_token = (now - self.first_token) / (self.completion_tokens - 1)
+                metrics.time_per_output_token.labels(*labels).observe(per_token)
+        if self.prompt_tokens is not None:
+            metrics.token_usage.labels(*labels, "input").observe(self.prompt_tokens)
+        if self.completion_tokens is not None:
+            metrics.token_usage.labels(*labels, "output").observe(self.completion_tokens)
+        return total
