@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench tools
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench tools images
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,13 @@ check: lint test
 
 clean:
 	rm -rf gen $(VENV) tests/node/node_modules
+
+# Container images (one Dockerfile, two targets); needs a Docker engine, which CI does not have.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_PREFIX ?= ghcr.io/modelmax
+images:
+	docker build --target core -t $(IMAGE_PREFIX)/modelmax-core:$(VERSION) .
+	docker build --target bridge -t $(IMAGE_PREFIX)/modelmax-bridge:$(VERSION) .
 
 # Benchmarks (see BENCHMARKS.md): the upstream directly and through ModelMax, interleaved, CPU-pinned.
 bench: proto

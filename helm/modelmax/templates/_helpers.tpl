@@ -1,0 +1,147 @@
+{{/*
+The chart name, or nameOverride.
+*/}}
+{{- define "modelmax.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The fully qualified app name, as `helm create` builds it. Resources append a suffix of up to 10 characters
+("-dashboard"), so it is cut at 53 characters to keep every name within the 63 of a DNS label.
+*/}}
+{{- define "modelmax.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 53 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 53 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 53 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "modelmax.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource.
+*/}}
+{{- define "modelmax.labels" -}}
+helm.sh/chart: {{ include "modelmax.chart" . }}
+{{ include "modelmax.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: modelmax
+{{- end }}
+
+{{/*
+Selector labels: immutable once a Deployment exists, so only name and instance (plus the component below).
+*/}}
+{{- define "modelmax.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "modelmax.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Per-component names and labels. Call with (dict "ctx" $ "component" "core").
+*/}}
+{{- define "modelmax.componentName" -}}
+{{- printf "%s-%s" (include "modelmax.fullname" .ctx) .component }}
+{{- end }}
+
+{{- define "modelmax.componentLabels" -}}
+{{ include "modelmax.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "modelmax.componentSelectorLabels" -}}
+{{ include "modelmax.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+The ServiceAccount a component's pods use. Call with (dict "ctx" $ "component" "core").
+*/}}
+{{- define "modelmax.serviceAccountName" -}}
+{{- $sa := (index .ctx.Values .component).serviceAccount }}
+{{- if $sa.create }}
+{{- default (include "modelmax.componentName" .) $sa.name }}
+{{- else }}
+{{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+A component's image reference: repository, then "@digest" when a digest is set, else ":tag" (default appVersion).
+Call with (dict "ctx" $ "image" .Values.core.image).
+*/}}
+{{- define "modelmax.image" -}}
+{{- $tag := .image.tag | default .ctx.Chart.AppVersion | toString }}
+{{- if eq $tag "latest" }}
+{{- fail "image tags must be pinned: \"latest\" is refused" }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the preStop sleep, then the process's own drain, then a margin, so the kubelet never
+kills a process that is still draining. Call with (dict "ctx" $ "drainSeconds" .Values.core.drainSeconds).
+*/}}
+{{- define "modelmax.terminationGracePeriodSeconds" -}}
+{{- add (int .ctx.Values.preStopSleepSeconds) (int .drainSeconds) (int .ctx.Values.terminationGraceMarginSeconds) }}
+{{- end }}
+
+{{/*
+The Secret the bridge reads its API keys from.
+*/}}
+{{- define "modelmax.apiKeysSecretName" -}}
+{{- .Values.bridge.apiKeys.existingSecret | default (printf "%s-api-keys" (include "modelmax.fullname" .)) }}
+{{- end }}
+
+{{/*
+The ConfigMap the core reads its catalog from.
+*/}}
+{{- define "modelmax.catalogConfigMapName" -}}
+{{- .Values.core.existingCatalogConfigMap | default (printf "%s-catalog" (include "modelmax.fullname" .)) }}
+{{- end }}
+
+{{/*
+The core's gRPC target as the bridge dials it: the core Service's name and gRPC port (same namespace).
+*/}}
+{{- define "modelmax.coreTarget" -}}
+{{- printf "%s:%d" (include "modelmax.componentName" (dict "ctx" . "component" "core")) (int .Values.core.grpcPort) }}
+{{- end }}
+
+{{/*
+The preStop hook: sleep so endpoint removal reaches kube-proxy and load balancers before SIGTERM.
+*/}}
+{{- define "modelmax.lifecycle" -}}
+{{- if gt (int .Values.preStopSleepSeconds) 0 }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["sleep", "{{ int .Values.preStopSleepSeconds }}"]
+{{- end }}
+{{- end }}
+
+{{/*
+Plain environment variables from a name -> value map (extraEnv).
+*/}}
+{{- define "modelmax.extraEnv" -}}
+{{- range $name, $value := . }}
+- name: {{ $name }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
