@@ -36,6 +36,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY bridge ./bridge
+COPY startup ./startup
 # The pip cache mount keeps the compiled llama.cpp wheel between builds (the first build takes minutes).
 RUN --mount=type=cache,target=/root/.cache/pip \
     case "$LOCAL_MODEL" in true|false) ;; *) echo "LOCAL_MODEL must be true or false" >&2; exit 1 ;; esac \
@@ -52,6 +53,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services ./services
 COPY bridge ./bridge
+COPY startup ./startup
 RUN python - > /tmp/bridge-requirements.txt <<'EOF'
 import os, re, tomllib
 excluded = set(os.environ["BRIDGE_EXCLUDES"].split())

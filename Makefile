@@ -56,8 +56,8 @@ test: lint tools tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 lint: proto
-	$(BIN)/ruff format --check services bridge tests bench
-	$(BIN)/ruff check services bridge tests bench
+	$(BIN)/ruff format --check services bridge startup tests bench
+	$(BIN)/ruff check services bridge startup tests bench
 	$(BIN)/lint-imports
 
 check: lint test

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import signal
 import sys
 
 import uvloop
-from pythonjsonlogger.json import JsonFormatter
 
 from services.catalog import CatalogError
 from services.server import start_core
 from services.settings import Settings, SettingsError
+from startup import configure_logging, raise_fd_limit
 
 
 async def _serve(settings: Settings) -> None:
@@ -28,33 +27,13 @@ async def _serve(settings: Settings) -> None:
     await core.stop(settings.shutdown_grace_seconds)
 
 
-def _configure_logging(level: str, style: str) -> None:
-    """One JSON object per line (fields from `extra` included), or plain text with MODELMAX_LOG_FORMAT=text."""
-    handler = logging.StreamHandler()
-    if style == "text":
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(
-            JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
-                          rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
-        )  # fmt: skip
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
-def _raise_fd_limit() -> None:
-    """Every open stream holds sockets; the usual soft limit of 1024 descriptors would cap them far too low."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main() -> None:
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
         sys.exit(f"modelmax-core: {exc}")
-    _configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
+    configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
     try:
         uvloop.run(_serve(settings))  # grpc.aio runs on uvloop; its loop is measurably cheaper per call (BENCHMARKS.md)
     except (CatalogError, SettingsError) as exc:

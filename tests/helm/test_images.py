@@ -199,9 +199,9 @@ def test_the_bridge_image_has_every_module_the_bridge_imports() -> None:
     assert excluded <= {Requirement(r).name for r in dependencies}
     kept = _closure([r for r in dependencies if Requirement(r).name not in excluded])
     by_top_level = importlib.metadata.packages_distributions()
-    for module in sorted(_imports("bridge")):
+    for module in sorted(_imports("bridge") | _imports("startup")):  # startup: the process set-up both share
         top = module.partition(".")[0]
-        if top in sys.stdlib_module_names or top in {"bridge", "modelmax"}:
+        if top in sys.stdlib_module_names or top in {"bridge", "startup", "modelmax"}:
             continue  # modelmax: the generated stubs, copied into every image
         # `google.rpc` and `google.genai` share the `google` namespace, not a distribution: match the module's path.
         path = module.replace(".", "/")
