@@ -89,7 +89,7 @@ def _finish(request: Request, status: int) -> dict[str, str]:
 
 async def _openai_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
-    headers = _finish(request, exc.status)
+    headers = {**_finish(request, exc.status), **exc.headers()}
     return Response(exc.body_bytes(), status_code=exc.status, media_type="application/json", headers=headers)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import grpc
 from google.rpc import error_details_pb2
@@ -44,6 +45,7 @@ class OpenAIError(Exception):
         type: str = "invalid_request_error",  # noqa: A002 (OpenAI's field name)
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -51,6 +53,12 @@ class OpenAIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds; sent as Retry-After so OpenAI SDKs wait that long
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(0, math.ceil(self.retry_after)))}
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -68,11 +76,19 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
     info = _error_info(exc)
     if info is not None and info.reason in ErrorReason.keys():
         status, kind, code = HTTP_ERROR[ErrorReason.Value(info.reason)]
-        return OpenAIError(status, exc.details() or kind, kind, info.metadata.get("param") or None, code)
+        retry_after = _seconds(info.metadata.get("retry_after"))
+        return OpenAIError(status, exc.details() or kind, kind, info.metadata.get("param") or None, code, retry_after)
     status, kind, code, message = _BY_GRPC_CODE.get(
         exc.code(), (500, "api_error", "internal_error", "The gateway failed to serve this request.")
     )
     return OpenAIError(status, message, kind, None, code)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
 
 
 def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

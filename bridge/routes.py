@@ -24,6 +24,8 @@ from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 
 REQUEST_ID = "x-request-id"  # sent to the core as gRPC metadata and returned on every response
 OVERHEAD = "x-modelmax-overhead-ms"  # the gateway's own time (bridge + core) on non-streaming responses
+DEPLOYMENT = "x-modelmax-deployment"  # which catalog deployment served: "<position>:<provider>:<model>"
+ATTEMPTS = "x-modelmax-attempts"  # tries it took, retries and fallbacks included
 
 
 @dataclass(slots=True)
@@ -76,7 +78,12 @@ async def chat_completions(request: Request) -> Response:
     seen.core_overhead_ms = _core_overhead_ms(trailing)
     reply = JSONResponse(
         completion_json(response),
-        headers={REQUEST_ID: seen.request_id, OVERHEAD: f"{seen.overhead_ms():.3f}"},
+        headers={
+            REQUEST_ID: seen.request_id,
+            OVERHEAD: f"{seen.overhead_ms():.3f}",
+            DEPLOYMENT: response.deployment,
+            ATTEMPTS: str(response.attempts),
+        },
     )
     seen.finish(200)
     return reply

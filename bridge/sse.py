@@ -44,7 +44,12 @@ async def open_stream(
         call.cancel()
         raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
     encoder = ChunkEncoder(first.start, request.params.include_usage)
-    headers = {**_HEADERS, "x-request-id": seen.request_id}
+    headers = {
+        **_HEADERS,
+        "x-request-id": seen.request_id,
+        "x-modelmax-deployment": first.start.deployment,
+        "x-modelmax-attempts": str(first.start.attempts),
+    }
     return StreamingResponse(_observed(_events(call, encoder, seen), seen), media_type="text/event-stream",
                              headers=headers)  # fmt: skip
 

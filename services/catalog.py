@@ -13,7 +13,8 @@ import yaml
 T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options"}
+_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown"}
+_DEPLOYMENT_KEYS = {"provider", "model", "options", "weight"}
 # Option names that would hold a secret in the file itself. Secrets are named by environment variable instead.
 _SECRET_OPTIONS = {"api_key", "key", "secret", "password", "token", "aws_secret_access_key"}
 
@@ -27,8 +28,30 @@ class MissingSecret(CatalogError):
 
 
 @dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How the core retries a deployment that failed before its first output (never after)."""
+
+    attempts: int = 1  # tries of each deployment; 1 means no retry, only fallback to the next deployment
+    initial_backoff_seconds: float = 0.1  # doubled after each try, with full jitter, capped below
+    max_backoff_seconds: float = 2.0
+    budget_seconds: float = 30.0  # all tries and waits of one request, across deployments
+
+
+@dataclass(frozen=True, slots=True)
+class CooldownPolicy:
+    """A deployment that fails `failures` times in a row is skipped for `seconds`, then tried again."""
+
+    failures: int = 3
+    seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class CatalogEntry:
-    """One public model name and the deployment that serves it."""
+    """One public model name and the deployment(s) that serve it.
+
+    An entry with a single deployment carries it in provider/model/options; an entry with several lists them in
+    `deployments` (each itself a CatalogEntry with the same name), and provider/model/options are the first one's.
+    """
 
     name: str
     provider: str
@@ -36,6 +59,14 @@ class CatalogEntry:
     owned_by: str
     options: Mapping[str, Any] = field(default_factory=dict)
     where: str = ""  # "catalog.yaml: models[0] (smollm2-135m)", for error messages
+    deployments: tuple[CatalogEntry, ...] = ()
+    weight: float | None = None  # a deployment's share of traffic; None: tried in list order
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cooldown: CooldownPolicy | None = None  # None: no circuit breaker (a lone deployment is never skipped)
+
+    def routes(self) -> tuple[CatalogEntry, ...]:
+        """The deployments that serve this name, in catalog order."""
+        return self.deployments or (self,)
 
     def problem(self, message: str) -> CatalogError:
         """A CatalogError about this entry."""
@@ -113,15 +144,47 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}")
     if not isinstance(name, str) or not _NAME.match(name):
         raise CatalogError(f"{where}: 'name' must be a model name such as 'smollm2-135m', got {name!r}")
+    retry = _retry(raw.get("retry"), where)
+    cooldown = _cooldown(raw.get("cooldown"), where)
+    listed = raw.get("deployments")
+    if listed is None:
+        provider, model, options = _deployment_fields(raw, where)
+        owned_by = _owned_by(raw, provider, where)
+        return CatalogEntry(name, provider, model, owned_by, options, where, retry=retry, cooldown=cooldown)
+    if {"provider", "model", "options"} & set(raw):
+        raise CatalogError(f"{where}: give either 'deployments' or provider/model/options, not both")
+    if not isinstance(listed, list) or not listed:
+        raise CatalogError(f"{where}: 'deployments' must be a non-empty list")
+    deployments = []
+    for index, item in enumerate(listed):
+        at = f"{where} deployments[{index}]"
+        if not isinstance(item, dict):
+            raise CatalogError(f"{at}: each deployment must be a mapping")
+        unknown = set(item) - _DEPLOYMENT_KEYS
+        if unknown:
+            raise CatalogError(f"{at}: unknown keys {sorted(unknown)}; allowed: {sorted(_DEPLOYMENT_KEYS)}")
+        provider, model, options = _deployment_fields(item, at)
+        weight = item.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0):
+            raise CatalogError(f"{at}: 'weight' must be a number >= 0")
+        deployments.append(
+            CatalogEntry(name, provider, model, "", options, at, weight=None if weight is None else float(weight))
+        )
+    if any(d.weight is not None for d in deployments) and not any(d.weight for d in deployments):
+        raise CatalogError(f"{where}: at least one deployment needs a weight above 0")
+    first = deployments[0]
+    owned_by = _owned_by(raw, first.provider, where)
+    return CatalogEntry(name, first.provider, first.model, owned_by, first.options, where, tuple(deployments),
+                        retry=retry, cooldown=cooldown)  # fmt: skip
+
+
+def _deployment_fields(raw: dict[str, Any], where: str) -> tuple[str, str, dict[str, Any]]:
     provider = raw.get("provider")
     if not isinstance(provider, str) or not provider:
         raise CatalogError(f"{where}: 'provider' is required (for example 'local' or 'openai')")
     model = raw.get("model", "")
     if not isinstance(model, str):
         raise CatalogError(f"{where}: 'model' must be a string (the upstream model id)")
-    owned_by = raw.get("owned_by", provider)
-    if not isinstance(owned_by, str):
-        raise CatalogError(f"{where}: 'owned_by' must be a string")
     options = raw.get("options")
     options = {} if options is None else options
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
@@ -132,7 +195,49 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
                 f"{where}: option {key!r} would put a secret in the file; "
                 f"name an environment variable instead ({key}_env: MY_VARIABLE)"
             )
-    return CatalogEntry(name, provider, model, owned_by, dict(options), where)
+    return provider, model, dict(options)
+
+
+def _owned_by(raw: dict[str, Any], provider: str, where: str) -> str:
+    owned_by = raw.get("owned_by", provider)
+    if not isinstance(owned_by, str):
+        raise CatalogError(f"{where}: 'owned_by' must be a string")
+    return owned_by
+
+
+def _policy_fields(raw: object, where: str, key: str, fields: dict[str, type]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: '{key}' must be a mapping")
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys in '{key}' {sorted(unknown)}; allowed: {sorted(fields)}")
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = fields[name]
+        ok = isinstance(value, int | float) if kind is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok or value < 0:
+            raise CatalogError(f"{where}: '{key}.{name}' must be a {kind.__name__} >= 0, got {value!r}")
+        out[name] = kind(value)
+    return out
+
+
+def _retry(raw: object, where: str) -> RetryPolicy:
+    fields = {"attempts": int, "initial_backoff_seconds": float, "max_backoff_seconds": float, "budget_seconds": float}
+    policy = RetryPolicy(**_policy_fields(raw, where, "retry", fields))
+    if policy.attempts < 1:
+        raise CatalogError(f"{where}: 'retry.attempts' must be at least 1 (1 = no retry)")
+    return policy
+
+
+def _cooldown(raw: object, where: str) -> CooldownPolicy | None:
+    if raw is None:
+        return None
+    policy = CooldownPolicy(**_policy_fields(raw, where, "cooldown", {"failures": int, "seconds": float}))
+    if policy.failures < 1:
+        raise CatalogError(f"{where}: 'cooldown.failures' must be at least 1")
+    return policy
 
 
 def read_secret(entry: CatalogEntry, option: str, env: Mapping[str, str]) -> str | None:

@@ -28,16 +28,27 @@ GRPC_CODE: dict[int, grpc.StatusCode] = {
 class GatewayError(Exception):
     """A failure the caller should see. Any other exception in the core is a bug and becomes INTERNAL."""
 
-    def __init__(self, reason: ErrorReason.ValueType, message: str, *, param: str = "", provider: str = "") -> None:
+    def __init__(
+        self,
+        reason: ErrorReason.ValueType,
+        message: str,
+        *,
+        param: str = "",
+        provider: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.param = param
         self.provider = provider
+        self.retry_after = retry_after  # seconds, when the upstream (or a cooldown) said when to come back
 
     def to_status(self) -> grpc.Status:
         """This error as a grpc.Status carrying ErrorInfo{reason, domain, metadata}."""
         metadata = {k: v for k, v in (("param", self.param), ("provider", self.provider)) if v}
+        if self.retry_after is not None:
+            metadata["retry_after"] = f"{self.retry_after:.3f}"
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.ErrorInfo(reason=ErrorReason.Name(self.reason), domain=ERROR_DOMAIN, metadata=metadata)

@@ -56,6 +56,13 @@ class CoreMetrics:
             "modelmax_core_upstream_errors", "Failures reported by providers, by reason.",
             ["model", "provider", "reason"], registry=r,
         )  # fmt: skip
+        self.retries = Counter(
+            "modelmax_core_retries", "Tries of the same deployment again after a retryable failure.",
+            ["model", "provider"], registry=r,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "modelmax_core_fallbacks", "Moves to the next deployment of a model after a failure.", ["model"], registry=r
+        )
         self.inflight = Gauge(
             "modelmax_core_inflight_streams", "Completions in progress.", ["model", "provider"], registry=r
         )

@@ -18,6 +18,7 @@ from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.errors import GatewayError
 from services.metrics import CoreMetrics, Measurement, status_of
 from services.providers import ProviderRegistry
+from services.routing import NEXT_DEPLOYMENT, RETRYABLE, Deployment, Route
 from services.validation import check_params
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,30 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         self._registry = registry
         self._metrics = metrics
         self._providers = {entry.name: entry.provider for entry in registry.catalog.entries}
+        self._routes = {
+            entry.name: Route(
+                entry.name,
+                [
+                    Deployment(
+                        f"{index}:{deployment.provider}:{deployment.model}",
+                        deployment.provider,
+                        provider,
+                        deployment.weight,
+                    )  # fmt: skip
+                    for index, (deployment, provider) in enumerate(registry.deployments[entry.name])
+                ],
+                entry.retry,
+                entry.cooldown,
+            )
+            for entry in registry.catalog.entries
+        }
 
     async def StreamCompletion(  # noqa: N802 (gRPC method name)
         self, request: svc.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
         params = request.params
         async with self._observe(params, context, stream=True) as measurement:
-            async with aclosing(_events(self._registry, params, measurement, incremental=True)) as events:
+            async with aclosing(self._events(params, measurement, incremental=True)) as events:
                 async for event in events:
                     if event.HasField("finish") and not params.include_usage:
                         event.finish.ClearField("usage")
@@ -54,7 +72,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         pieces: list[str] = []
         reasoning: list[str] = []
         async with self._observe(request.params, context, stream=False) as measurement:
-            async with aclosing(_events(self._registry, request.params, measurement, incremental=False)) as events:
+            async with aclosing(self._events(request.params, measurement, incremental=False)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
                     if kind == "delta":
@@ -65,6 +83,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                         response.id = event.start.id
                         response.model = event.start.model
                         response.created = event.start.created
+                        response.deployment = event.start.deployment
+                        response.attempts = event.start.attempts
                     else:
                         response.finish_reason = event.finish.finish_reason
                         response.usage.CopyFrom(event.finish.usage)
@@ -82,6 +102,103 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 for entry in self._registry.catalog.entries
             ]
         )
+
+    async def _events(
+        self, params: pb.CompletionParams, measurement: Measurement, *, incremental: bool
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        """The contract every caller sees: `start` once a provider produced output, its deltas, exactly one finish.
+
+        Deployments are tried per the route: a retryable failure before the first output retries (with backoff)
+        and then falls back to the next deployment, within the route's time budget. Once the first event has
+        gone out, the completion stays on its deployment: a later failure ends it, never a splice of two
+        upstreams. A provider stream that ends without a finish is an upstream protocol error, never a `stop`.
+        """
+        check_params(params)
+        route = self._routes.get(params.model)
+        if route is None:
+            raise GatewayError(
+                pb.ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
+                f"The model '{params.model}' does not exist or you do not have access to it.",
+                param="model",
+            )
+        deadline = time.monotonic() + route.retry.budget_seconds
+        attempts = 0
+        failure: GatewayError | None = None
+        for position, deployment in enumerate(route.plan()):
+            if position > 0:
+                self._metrics.fallbacks.labels(measurement.model).inc()
+            for try_index in range(route.retry.attempts):
+                if try_index > 0:
+                    self._metrics.retries.labels(measurement.model, deployment.kind).inc()
+                attempts += 1
+                stream = deployment.provider.stream(params, incremental=incremental)
+                try:
+                    first = await _waited(anext(stream, None), measurement)  # pre-stream failures surface here
+                except GatewayError as exc:
+                    await stream.aclose()
+                    if exc.reason not in RETRYABLE and exc.reason not in NEXT_DEPLOYMENT:
+                        raise  # the request itself is wrong: no other try would do better
+                    route.failed(deployment)
+                    failure = exc
+                    if exc.reason not in RETRYABLE or try_index + 1 == route.retry.attempts:
+                        break  # on to the next deployment
+                    delay = route.backoff(try_index, exc.retry_after)
+                    if time.monotonic() + delay >= deadline:
+                        break
+                    await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    await stream.aclose()
+                    raise
+                route.succeeded(deployment)
+                relay = self._relay(params, measurement, stream, first, deployment, attempts)
+                async with aclosing(relay) as events:  # closed at once if our caller goes away
+                    async for event in events:
+                        yield event
+                return
+            if time.monotonic() >= deadline:
+                break
+        assert failure is not None
+        raise failure
+
+    async def _relay(
+        self,
+        params: pb.CompletionParams,
+        measurement: Measurement,
+        stream: AsyncIterator[svc.StreamCompletionResponse],
+        first: svc.StreamCompletionResponse | None,
+        deployment: Deployment,
+        attempts: int,
+    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        """One started completion: `start`, then the provider's events up to its finish."""
+        try:
+            if first is None:
+                raise _protocol("the provider's stream ended before any output", params.model)
+            yield svc.StreamCompletionResponse(
+                start=svc.CompletionStart(
+                    id=f"chatcmpl-{uuid.uuid4().hex}",
+                    model=params.model,
+                    created=int(time.time()),
+                    deployment=deployment.label,
+                    attempts=attempts,
+                )
+            )
+            event: svc.StreamCompletionResponse | None = first
+            while event is not None:
+                if event.HasField("finish"):
+                    if event.finish.finish_reason == pb.FinishReason.FINISH_REASON_UNSPECIFIED:
+                        raise _protocol("the provider finished without a finish reason", params.model)
+                    if event.finish.HasField("usage"):
+                        measurement.prompt_tokens = event.finish.usage.prompt_tokens
+                        measurement.completion_tokens = event.finish.usage.completion_tokens
+                    yield event
+                    return
+                measurement.token()
+                yield event
+                event = await _waited(anext(stream, None), measurement)
+            raise _protocol("the provider's stream ended before it finished", params.model)
+        finally:
+            await stream.aclose()  # closes the upstream call when the caller went away or failed
 
     @asynccontextmanager
     async def _observe(
@@ -133,41 +250,6 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return uuid.uuid4().hex  # a direct gRPC caller that sent none still gets a traceable log line
-
-
-async def _events(
-    registry: ProviderRegistry, params: pb.CompletionParams, measurement: Measurement, *, incremental: bool
-) -> AsyncIterator[svc.StreamCompletionResponse]:
-    """The contract every caller sees: `start` once the provider produced output, its deltas, exactly one finish.
-
-    A provider stream that ends without a finish is an upstream protocol error, never a fabricated `stop`.
-    """
-    check_params(params)
-    provider = registry.for_model(params.model)
-    stream = provider.stream(params, incremental=incremental)
-    try:
-        first = await _waited(anext(stream, None), measurement)  # pre-stream failures surface here
-        if first is None:
-            raise _protocol("the provider's stream ended before any output", params.model)
-        yield svc.StreamCompletionResponse(
-            start=svc.CompletionStart(id=f"chatcmpl-{uuid.uuid4().hex}", model=params.model, created=int(time.time()))
-        )
-        event = first
-        while event is not None:
-            if event.HasField("finish"):
-                if event.finish.finish_reason == pb.FinishReason.FINISH_REASON_UNSPECIFIED:
-                    raise _protocol("the provider finished without a finish reason", params.model)
-                if event.finish.HasField("usage"):
-                    measurement.prompt_tokens = event.finish.usage.prompt_tokens
-                    measurement.completion_tokens = event.finish.usage.completion_tokens
-                yield event
-                return
-            measurement.token()
-            yield event
-            event = await _waited(anext(stream, None), measurement)
-        raise _protocol("the provider's stream ended before it finished", params.model)
-    finally:
-        await stream.aclose()  # closes the upstream call when the caller went away or failed
 
 
 async def _waited(step: Awaitable[T], measurement: Measurement) -> T:

@@ -55,45 +55,37 @@ class Backend(Protocol):
 
 
 class ProviderRegistry:
-    """Public model name -> provider, plus the catalog for listing."""
+    """Public model name -> its deployments (catalog entry and provider, in catalog order), plus the catalog."""
 
-    def __init__(self, catalog: Catalog, providers: Mapping[str, Provider]) -> None:
+    def __init__(self, catalog: Catalog, deployments: Mapping[str, list[tuple[CatalogEntry, Provider]]]) -> None:
         self.catalog = catalog
-        self._providers = dict(providers)
-
-    def for_model(self, name: str) -> Provider:
-        provider = self._providers.get(name)
-        if provider is None:
-            raise GatewayError(
-                pb.ErrorReason.ERROR_REASON_MODEL_NOT_FOUND,
-                f"The model '{name}' does not exist or you do not have access to it.",
-                param="model",
-            )
-        return provider
+        self.deployments = dict(deployments)
 
 
 async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncExitStack) -> ProviderRegistry:
     """Create every backend the catalog needs, once, and one provider per entry. `stack` closes the backends."""
     backends: dict[str, Backend] = {}
-    providers: dict[str, Provider] = {}
+    deployments: dict[str, list[tuple[CatalogEntry, Provider]]] = {}
     for entry in catalog.entries:
-        module_name = _MODULES.get(entry.provider)
-        if module_name is None:
-            raise entry.problem(f"unknown provider {entry.provider!r}; known: {sorted(_MODULES)}")
-        backend = backends.get(entry.provider)
-        if backend is None:
-            module = importlib.import_module(module_name)
-            backend = module.create_backend(env)
-            stack.push_async_callback(backend.aclose)
-            backends[entry.provider] = backend
-        try:
-            providers[entry.name] = await backend.provider_for(entry)
-        except MissingSecret as exc:
-            # A machine without this provider's credentials still serves every other model; this one answers
-            # each request with an error that says what to set, instead of the whole gateway refusing to start.
-            log.warning("%s; requests for %r will fail until it is set", exc, entry.name)
-            providers[entry.name] = UnavailableProvider(entry.name, str(exc).partition(": ")[2])
-    return ProviderRegistry(catalog, providers)
+        for deployment in entry.routes():
+            module_name = _MODULES.get(deployment.provider)
+            if module_name is None:
+                raise deployment.problem(f"unknown provider {deployment.provider!r}; known: {sorted(_MODULES)}")
+            backend = backends.get(deployment.provider)
+            if backend is None:
+                module = importlib.import_module(module_name)
+                backend = module.create_backend(env)
+                stack.push_async_callback(backend.aclose)
+                backends[deployment.provider] = backend
+            try:
+                provider: Provider = await backend.provider_for(deployment)
+            except MissingSecret as exc:
+                # A machine without this provider's credentials still serves every other model; this one answers
+                # each request with an error that says what to set, instead of the whole gateway refusing to start.
+                log.warning("%s; requests for %r will fail until it is set", exc, entry.name)
+                provider = UnavailableProvider(entry.name, str(exc).partition(": ")[2])
+            deployments.setdefault(entry.name, []).append((deployment, provider))
+    return ProviderRegistry(catalog, deployments)
 
 
 class UnavailableProvider:

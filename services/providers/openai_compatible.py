@@ -9,7 +9,9 @@ upstream call costs about a third of the CPU (bench/: ~215 us against ~700 us pe
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
@@ -96,7 +98,9 @@ class OpenAICompatibleProvider:
             async with self._session.post(self._url, data=body, timeout=self._timeout) as response:
                 if response.status != 200:
                     code, kind, message = await _error_fields(response)
-                    raise self._error(_reason(response.status, code, kind), message)
+                    error = self._error(_reason(response.status, code, kind), message)
+                    error.retry_after = _retry_after(response.headers.get("retry-after"))
+                    raise error
                 if "event-stream" not in response.headers.get("content-type", ""):
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
                 finish_reason: pb.FinishReason.ValueType | None = None
@@ -246,6 +250,21 @@ def _fields_of(document: dict[str, Any]) -> tuple[object, object, str]:
         return None, None, ""
     message = error.get("message")
     return error.get("code"), error.get("type"), message if isinstance(message, str) else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
 
 
 def _reason(status: int | None, code: object, kind: object) -> pb.ErrorReason.ValueType:

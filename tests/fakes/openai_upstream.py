@@ -46,6 +46,8 @@ class OpenAIUpstream:
     usage_in_finish_chunk: bool = False  # as Ollama and llama.cpp do; OpenAI and vLLM send it separately
     error_status: int | None = None  # answer this HTTP status with `error_body` instead of a stream
     error_body: dict[str, Any] | None = None  # None: an OpenAI-shaped body for error_status
+    error_times: int | None = None  # answer error_status to only this many requests, then serve normally
+    retry_after: str | None = None  # the Retry-After header sent with error_status
     stream_error_after: int | None = None  # send `stream_error` (then [DONE]) after this many content chunks
     stream_error: dict[str, Any] = field(default_factory=lambda: dict(SERVER_ERROR))
     cut_after: int | None = None  # end the body cleanly after this many content chunks: no finish, no [DONE]
@@ -78,11 +80,12 @@ class OpenAIUpstream:
             message = f"Incorrect API key provided: {presented.removeprefix('Bearer ')}."
             error = {"message": message, "type": "invalid_request_error", "code": "invalid_api_key"}
             return JSONResponse({"error": error}, status_code=401)
-        if self.error_status is not None:
+        if self.error_status is not None and (self.error_times is None or len(self.requests) <= self.error_times):
             error_body = self.error_body or {
                 "error": {"message": f"fake upstream error {self.error_status}", "type": "api_error", "code": None}
             }
-            return JSONResponse(error_body, status_code=self.error_status)
+            headers = {"retry-after": self.retry_after} if self.retry_after is not None else None
+            return JSONResponse(error_body, status_code=self.error_status, headers=headers)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(self._stream(body.get("model", ""), include_usage), media_type="text/event-stream")
 

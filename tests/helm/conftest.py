@@ -63,6 +63,31 @@ FULL_VALUES: dict[str, Any] = {
                     "model": "Qwen/Qwen2.5-7B-Instruct",
                     "options": {"base_url": "http://vllm:8000/v1", "api_key_env": "VLLM_API_KEY"},
                 },
+                {  # a route: two regions by weight, then Gemini as the fallback, with retries and a cooldown
+                    "name": "deepseek-routed",
+                    "deployments": [
+                        {
+                            "provider": "bedrock",
+                            "model": "deepseek.v3.2",
+                            "options": {"region": "us-east-1"},
+                            "weight": 3,
+                        },
+                        {
+                            "provider": "bedrock",
+                            "model": "deepseek.v3.2",
+                            "options": {"region": "us-west-2"},
+                            "weight": 1,
+                        },
+                        {
+                            "provider": "gemini",
+                            "model": "gemini-3-flash-preview",
+                            "options": {"api_key_env": "GEMINI_API_KEY"},
+                            "weight": 0,
+                        },
+                    ],
+                    "retry": {"attempts": 2, "initial_backoff_seconds": 0.2, "budget_seconds": 20},
+                    "cooldown": {"failures": 3, "seconds": 30},
+                },
             ]
         },
         "secretEnv": {

@@ -113,9 +113,9 @@ def test_core_reads_the_catalog_the_chart_mounts(release: Rendered) -> None:
 def test_catalog_entries_use_options_their_providers_know(release: Rendered) -> None:
     config_map = release.one("ConfigMap", "core")
     catalog = parse_catalog(yaml.safe_load(config_map["data"]["catalog.yaml"]), "catalog.yaml")
-    for entry in catalog.entries:
-        module = importlib.import_module(PROVIDER_MODULES[entry.provider])
-        assert set(entry.options) <= module._OPTIONS, entry.name
+    for deployment in (d for entry in catalog.entries for d in entry.routes()):
+        module = importlib.import_module(PROVIDER_MODULES[deployment.provider])
+        assert set(deployment.options) <= module._OPTIONS, deployment.where
 
 
 def test_every_secret_the_catalog_names_reaches_the_core(release: Rendered) -> None:

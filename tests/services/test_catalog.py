@@ -33,9 +33,21 @@ LOCAL = {"name": "small", "provider": "local", "model": GGUF}
         ({"models": [LOCAL, LOCAL]}, "models[1] (small)", "duplicate model name 'small'"),
         ({"models": [{**LOCAL, "options": {"api_key": "sk-123"}}]}, "models[0] (small)", "api_key_env"),
         ({"models": [{**LOCAL, "options": []}]}, "models[0] (small)", "'options' must be a mapping"),
+        ({"models": [{**LOCAL, "deployments": [LOCAL]}]}, "models[0] (small)", "not both"),
+        ({"models": [{"name": "r", "deployments": []}]}, "models[0] (r)", "non-empty list"),
+        ({"models": [{"name": "r", "deployments": [{"provider": "local", "colour": 1}]}]},
+         "models[0] (r) deployments[0]", "unknown keys ['colour']"),
+        ({"models": [{"name": "r", "deployments": [{"provider": "local", "weight": -1}]}]},
+         "models[0] (r) deployments[0]", "'weight' must be a number >= 0"),
+        ({"models": [{"name": "r", "deployments": [{"provider": "local", "weight": 0}]}]}, "models[0] (r)",
+         "weight above 0"),
+        ({"models": [{**LOCAL, "retry": {"attempts": 0}}]}, "models[0] (small)", "'retry.attempts' must be at least 1"),
+        ({"models": [{**LOCAL, "retry": {"tries": 2}}]}, "models[0] (small)", "unknown keys in 'retry'"),
+        ({"models": [{**LOCAL, "cooldown": {"seconds": "long"}}]}, "models[0] (small)", "'cooldown.seconds'"),
     ],
     ids=["yaml", "no models", "empty", "top-level key", "entry type", "entry key", "name", "provider", "duplicate",
-         "literal secret", "options type"],
+         "literal secret", "options type", "both forms", "no deployments", "deployment key", "negative weight",
+         "all weights zero", "zero attempts", "retry key", "cooldown type"],
 )  # fmt: skip
 def test_bad_catalog_files(tmp_path: Path, document: object, where: str, problem: str) -> None:
     path = tmp_path / "catalog.yaml"
