@@ -48,6 +48,7 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
             max_body_bytes=settings.max_body_bytes,
             timeout=settings.request_timeout_seconds,
             metrics=metrics,
+            max_concurrent=settings.max_concurrent_requests,
         )
         try:  # the catalog's names may be metric labels; names the core never served stay "unknown"
             reply = await app.state.gateway.stub.ListModels(svc.ListModelsRequest(), timeout=2.0)

@@ -25,6 +25,7 @@ HTTP_ERROR: dict[int, tuple[int, str, str | None]] = {
     ErrorReason.ERROR_REASON_UPSTREAM_AUTH: (500, "api_error", None),
     ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: (502, "api_error", "upstream_protocol_error"),
     ErrorReason.ERROR_REASON_INTERNAL: (500, "api_error", "internal_error"),
+    ErrorReason.ERROR_REASON_OVERLOADED: (503, "api_error", "overloaded"),
 }
 
 # gRPC failures that carry no ErrorInfo: they come from the channel itself, not from the core's logic.
@@ -65,6 +66,10 @@ class OpenAIError(Exception):
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body(), separators=(",", ":")).encode()
+
+
+def overloaded(retry_after: float = 1.0) -> OpenAIError:
+    return OpenAIError(503, "The gateway is overloaded; retry shortly.", "api_error", None, "overloaded", retry_after)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive
 
 from bridge.auth import KeyChecker
-from bridge.errors import OpenAIError, from_rpc_error
+from bridge.errors import OpenAIError, from_rpc_error, overloaded
 from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from bridge.openai_request import parse_chat_request
 from bridge.sse import open_stream
@@ -38,6 +39,23 @@ class Gateway:
     max_body_bytes: int
     timeout: float
     metrics: BridgeMetrics
+    max_concurrent: int = 1024
+    active: int = 0  # chat completions being served now
+
+    def admit(self) -> Callable[[], None]:
+        """Take a slot or refuse at once; returns the idempotent release of the slot."""
+        if self.active >= self.max_concurrent:
+            raise overloaded()
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        return release
 
 
 def _gateway(request: Request) -> Gateway:
@@ -50,6 +68,20 @@ async def chat_completions(request: Request) -> Response:
     seen = Observation(gateway.metrics, request_id_from(request.headers.get(REQUEST_ID)))
     request.state.observation = seen  # the error handlers finish it, with the status they send
     gateway.keys.check(request)
+    release = gateway.admit()
+    streaming = False
+    try:
+        response = await _chat_completion(request, gateway, seen, release)
+        streaming = isinstance(response, StreamingResponse)
+        return response
+    finally:
+        if not streaming:
+            release()  # a stream releases its slot when it ends
+
+
+async def _chat_completion(
+    request: Request, gateway: Gateway, seen: Observation, release: Callable[[], None]
+) -> Response:
     _check_content_type(request)
     chat = parse_chat_request(await _read_body(request, gateway.max_body_bytes))
     seen.model, seen.stream = chat.model, chat.stream
@@ -57,7 +89,7 @@ async def chat_completions(request: Request) -> Response:
     metadata = ((REQUEST_ID, seen.request_id),)
     if chat.stream:
         request_message = svc.StreamCompletionRequest(params=params)
-        return await open_stream(gateway.stub, request_message, gateway.timeout, metadata, seen)
+        return await open_stream(gateway.stub, request_message, gateway.timeout, metadata, seen, release)
     call = gateway.stub.CreateCompletion(
         svc.CreateCompletionRequest(params=params), timeout=gateway.timeout, metadata=metadata
     )

@@ -29,6 +29,8 @@ class Settings:
     metrics_port: int | None = None
     # On SIGTERM: stop accepting, let open streams finish for this long, then close them.
     shutdown_grace_seconds: float = 30.0
+    # Chat completions served at once; beyond it a fast 503 with Retry-After, never an unbounded queue.
+    max_concurrent_requests: int = 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -62,6 +64,7 @@ class Settings:
             if env.get("MODELMAX_BRIDGE_METRICS_PORT", "").strip().lower() == "off"
             else _number(env, "MODELMAX_BRIDGE_METRICS_PORT", 9091, int, allow_zero=True),
             shutdown_grace_seconds=_number(env, "MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
+            max_concurrent_requests=_number(env, "MODELMAX_BRIDGE_MAX_CONCURRENT_REQUESTS", 1024, int),
         )
 
 

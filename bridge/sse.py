@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import grpc
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from bridge.errors import OpenAIError, from_rpc_error
@@ -27,6 +28,7 @@ async def open_stream(
     timeout: float,
     metadata: tuple[tuple[str, str], ...],
     seen: Observation,
+    release: Callable[[], None],
 ) -> Response:
     """Start the call and wait for its first event, so a failure to start is a real HTTP status, not a 200."""
     call = stub.StreamCompletion(request, timeout=timeout, metadata=metadata)
@@ -50,11 +52,17 @@ async def open_stream(
         "x-modelmax-deployment": first.start.deployment,
         "x-modelmax-attempts": str(first.start.attempts),
     }
-    return StreamingResponse(_observed(_events(call, encoder, seen), seen), media_type="text/event-stream",
-                             headers=headers)  # fmt: skip
+    return StreamingResponse(
+        _observed(_events(call, encoder, seen), seen, release),
+        media_type="text/event-stream",
+        headers=headers,
+        background=BackgroundTask(release),  # also when the body never started (the client left at once)
+    )
 
 
-async def _observed(events: AsyncIterator[bytes], seen: Observation) -> AsyncIterator[bytes]:
+async def _observed(
+    events: AsyncIterator[bytes], seen: Observation, release: Callable[[], None]
+) -> AsyncIterator[bytes]:
     """Counts the stream as in flight while it is open, and finishes the observation however it ends."""
     inflight = seen.metrics.inflight.labels(seen.metrics.label(seen.model, 200))
     inflight.inc()
@@ -67,6 +75,7 @@ async def _observed(events: AsyncIterator[bytes], seen: Observation) -> AsyncIte
         status = seen.stream_status or 200
     finally:
         inflight.dec()
+        release()
         seen.finish(status)
 
 

@@ -22,6 +22,7 @@ GRPC_CODE: dict[int, grpc.StatusCode] = {
     ErrorReason.ERROR_REASON_UPSTREAM_AUTH: grpc.StatusCode.INTERNAL,
     ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: grpc.StatusCode.INTERNAL,
     ErrorReason.ERROR_REASON_INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorReason.ERROR_REASON_OVERLOADED: grpc.StatusCode.UNAVAILABLE,
 }
 
 

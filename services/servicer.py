@@ -32,9 +32,11 @@ OVERHEAD = "x-modelmax-overhead-ms"  # trailing metadata of CreateCompletion: th
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
     """Thin: validation, routing and the event contract (start, deltas, one finish) live here; I/O in providers."""
 
-    def __init__(self, registry: ProviderRegistry, metrics: CoreMetrics) -> None:
+    def __init__(self, registry: ProviderRegistry, metrics: CoreMetrics, max_concurrent: int = 1024) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._max_concurrent = max_concurrent
+        self._active = 0
         self._providers = {entry.name: entry.provider for entry in registry.catalog.entries}
         self._routes = {
             entry.name: Route(
@@ -210,8 +212,13 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         request_id = _request_id(context)
         inflight = self._metrics.inflight.labels(measurement.model, measurement.provider)
         inflight.inc()
+        self._active += 1
         status, upstream = "ok", None
         try:
+            if self._active > self._max_concurrent:
+                raise GatewayError(
+                    pb.ErrorReason.ERROR_REASON_OVERLOADED, "The gateway is overloaded; retry shortly.", retry_after=1.0
+                )
             yield measurement
         except GatewayError as exc:
             status = status_of(exc.reason)
@@ -224,6 +231,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             status = "internal"
             await context.abort_with_status(_internal(exc, params.model, request_id).to_status())
         finally:
+            self._active -= 1
             inflight.dec()
             duration = measurement.record(self._metrics, status, upstream)
             requests_log.info(

@@ -27,6 +27,8 @@ class Settings:
     log_level: str = "INFO"
     # Prometheus /metrics port on `host`; None: no metrics endpoint (the default here, so tests opt in), 0: any.
     metrics_port: int | None = None
+    # Completions served at once; beyond it a fast OVERLOADED (503 + Retry-After), never an unbounded queue.
+    max_concurrent_requests: int = 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -37,6 +39,7 @@ class Settings:
             shutdown_grace_seconds=_number(env, "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
             log_level=env.get("MODELMAX_LOG_LEVEL", "INFO").upper(),
             metrics_port=_metrics_port(env, "MODELMAX_CORE_METRICS_PORT", 9090),
+            max_concurrent_requests=_number(env, "MODELMAX_CORE_MAX_CONCURRENT_REQUESTS", 1024, int),
         )
 
 
