@@ -1,0 +1,120 @@
+"""Graceful shutdown: on SIGTERM a process stops taking work, lets the stream in flight finish, and exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, running_bridge, running_core, write_catalog
+from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "remote-chat"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[OpenAIUpstream]:
+    async with serve_openai_upstream() as fake:
+        fake.chunks = [f"part{i} " for i in range(15)]
+        fake.chunk_delay = 0.1  # a stream of about 1.5 s
+        yield fake
+
+
+@asynccontextmanager
+async def process(module: str, env: dict[str, str], ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, cwd=ROOT, env={"PATH": os.environ["PATH"], **env},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(timeout=1) as http:
+            for _ in range(200):
+                try:
+                    if (await http.get(ready_url)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"{module} did not start: {(await child.stderr.read()).decode()}")  # type: ignore[union-attr]
+        yield child
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+async def read_stream_then_terminate(base_url: str, child: asyncio.subprocess.Process) -> tuple[list[str], int]:
+    """Open a stream, SIGTERM `child` after its first chunk, read the stream to its end; also try a new request."""
+    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=15) as http:
+        async with http.stream("POST", "/chat/completions", json=BODY) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            events = [await anext(lines)]
+            child.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            try:
+                refused = (await http.post("/chat/completions", json=BODY)).status_code
+            except httpx.HTTPError:
+                refused = 0  # the bridge's listening socket is already closed: also a refusal
+            events += [line async for line in lines]
+    return [e for e in events if e.startswith("data: ")], refused
+
+
+def assert_complete(events: list[str]) -> None:
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), "the stream in flight was not cut"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert text == "".join(f"part{i} " for i in range(15))
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_core_drains_its_streams_on_sigterm(tmp_path: Path, slow_upstream: OpenAIUpstream) -> None:
+    entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
+    port, metrics = free_port(), free_port()
+    env = {"MODELMAX_CATALOG": write_catalog(tmp_path, [entry]), "MODELMAX_CORE_PORT": str(port),
+           "MODELMAX_CORE_METRICS_PORT": str(metrics), "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS": "10"}  # fmt: skip
+    async with process("services", env, f"http://127.0.0.1:{metrics}/metrics") as core:
+        async with running_bridge(f"127.0.0.1:{port}") as base_url:
+            started = time.monotonic()
+            events, refused = await read_stream_then_terminate(base_url, core)
+            code = await asyncio.wait_for(core.wait(), timeout=10)
+    assert_complete(events)
+    assert refused == 503, "a draining core takes no new work"
+    assert code == 0 and time.monotonic() - started < 10, "it exits once its streams are done, within the grace"
+
+
+async def test_bridge_drains_its_streams_on_sigterm(tmp_path: Path, slow_upstream: OpenAIUpstream) -> None:
+    entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
+    async with running_core(write_catalog(tmp_path, [entry])) as core:
+        port = free_port()
+        env = {"MODELMAX_API_KEY": API_KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core.port}",
+               "MODELMAX_BRIDGE_PORT": str(port), "MODELMAX_BRIDGE_METRICS_PORT": "off",
+               "MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS": "10"}  # fmt: skip
+        async with process("bridge", env, f"http://127.0.0.1:{port}/healthz") as bridge:
+            events, refused = await read_stream_then_terminate(f"http://127.0.0.1:{port}/v1", bridge)
+            code = await asyncio.wait_for(bridge.wait(), timeout=10)
+    assert_complete(events)
+    assert refused in (0, 503), "a draining bridge takes no new work"
+    # uvicorn re-raises the signal once its graceful shutdown is done, so a process manager sees it.
+    assert code in (0, -signal.SIGTERM)
