@@ -13,8 +13,8 @@ import yaml
 T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown"}
-_DEPLOYMENT_KEYS = {"provider", "model", "options", "weight"}
+_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown", "timeouts"}
+_DEPLOYMENT_KEYS = {"provider", "model", "options", "weight", "timeouts"}
 # Option names that would hold a secret in the file itself. Secrets are named by environment variable instead.
 _SECRET_OPTIONS = {"api_key", "key", "secret", "password", "token", "aws_secret_access_key"}
 
@@ -35,6 +35,14 @@ class RetryPolicy:
     initial_backoff_seconds: float = 0.1  # doubled after each try, with full jitter, capped below
     max_backoff_seconds: float = 2.0
     budget_seconds: float = 30.0  # all tries and waits of one request, across deployments
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutPolicy:
+    """Limits on one try of a deployment, enforced by the core whatever the provider (None: no limit)."""
+
+    first_token_seconds: float | None = None  # from the call to the provider's first output
+    total_seconds: float | None = None  # from the call to the end of the completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,7 @@ class CatalogEntry:
     weight: float | None = None  # a deployment's share of traffic; None: tried in list order
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cooldown: CooldownPolicy | None = None  # None: no circuit breaker (a lone deployment is never skipped)
+    timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)  # a deployment's own, else its entry's
 
     def routes(self) -> tuple[CatalogEntry, ...]:
         """The deployments that serve this name, in catalog order."""
@@ -146,11 +155,14 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
         raise CatalogError(f"{where}: 'name' must be a model name such as 'smollm2-135m', got {name!r}")
     retry = _retry(raw.get("retry"), where)
     cooldown = _cooldown(raw.get("cooldown"), where)
+    timeouts = _timeouts(raw.get("timeouts"), where, TimeoutPolicy())
     listed = raw.get("deployments")
     if listed is None:
         provider, model, options = _deployment_fields(raw, where)
         owned_by = _owned_by(raw, provider, where)
-        return CatalogEntry(name, provider, model, owned_by, options, where, retry=retry, cooldown=cooldown)
+        return CatalogEntry(
+            name, provider, model, owned_by, options, where, retry=retry, cooldown=cooldown, timeouts=timeouts
+        )
     if {"provider", "model", "options"} & set(raw):
         raise CatalogError(f"{where}: give either 'deployments' or provider/model/options, not both")
     if not isinstance(listed, list) or not listed:
@@ -168,14 +180,23 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0):
             raise CatalogError(f"{at}: 'weight' must be a number >= 0")
         deployments.append(
-            CatalogEntry(name, provider, model, "", options, at, weight=None if weight is None else float(weight))
+            CatalogEntry(
+                name,
+                provider,
+                model,
+                "",
+                options,
+                at,
+                weight=None if weight is None else float(weight),
+                timeouts=_timeouts(item.get("timeouts"), at, timeouts),
+            )  # fmt: skip
         )
     if any(d.weight is not None for d in deployments) and not any(d.weight for d in deployments):
         raise CatalogError(f"{where}: at least one deployment needs a weight above 0")
     first = deployments[0]
     owned_by = _owned_by(raw, first.provider, where)
     return CatalogEntry(name, first.provider, first.model, owned_by, first.options, where, tuple(deployments),
-                        retry=retry, cooldown=cooldown)  # fmt: skip
+                        retry=retry, cooldown=cooldown, timeouts=timeouts)  # fmt: skip
 
 
 def _deployment_fields(raw: dict[str, Any], where: str) -> tuple[str, str, dict[str, Any]]:
@@ -229,6 +250,16 @@ def _retry(raw: object, where: str) -> RetryPolicy:
     if policy.attempts < 1:
         raise CatalogError(f"{where}: 'retry.attempts' must be at least 1 (1 = no retry)")
     return policy
+
+
+def _timeouts(raw: object, where: str, inherited: TimeoutPolicy) -> TimeoutPolicy:
+    fields = _policy_fields(raw, where, "timeouts", {"first_token_seconds": float, "total_seconds": float})
+    if any(value <= 0 for value in fields.values()):
+        raise CatalogError(f"{where}: 'timeouts' values must be above 0")
+    return TimeoutPolicy(
+        fields.get("first_token_seconds", inherited.first_token_seconds),
+        fields.get("total_seconds", inherited.total_seconds),
+    )
 
 
 def _cooldown(raw: object, where: str) -> CooldownPolicy | None:

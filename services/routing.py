@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from modelmax.v1 import completion_pb2 as pb
-from services.catalog import CooldownPolicy, RetryPolicy
+from services.catalog import CooldownPolicy, RetryPolicy, TimeoutPolicy
 from services.errors import GatewayError
 from services.providers import Provider
 
@@ -29,6 +29,7 @@ class Deployment:
     kind: str
     provider: Provider
     weight: float | None
+    timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)
     failures: int = 0
     cooled_until: float = 0.0
 

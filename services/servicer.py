@@ -47,6 +47,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                         deployment.provider,
                         provider,
                         deployment.weight,
+                        deployment.timeouts,
                     )  # fmt: skip
                     for index, (deployment, provider) in enumerate(registry.deployments[entry.name])
                 ],
@@ -134,8 +135,15 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     self._metrics.retries.labels(measurement.model, deployment.kind).inc()
                 attempts += 1
                 stream = deployment.provider.stream(params, incremental=incremental)
+                limits = deployment.timeouts
+                loop_now = asyncio.get_running_loop().time()
+                end = None if limits.total_seconds is None else loop_now + limits.total_seconds
+                first_by = end if limits.first_token_seconds is None else loop_now + limits.first_token_seconds
+                if end is not None and first_by is not None:
+                    first_by = min(first_by, end)
                 try:
-                    first = await _waited(anext(stream, None), measurement)  # pre-stream failures surface here
+                    # Pre-stream failures surface here, and so does a provider that never starts answering.
+                    first = await _step(stream, measurement, first_by, deployment.label)
                 except GatewayError as exc:
                     await stream.aclose()
                     if exc.reason not in RETRYABLE and exc.reason not in NEXT_DEPLOYMENT:
@@ -153,7 +161,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     await stream.aclose()
                     raise
                 route.succeeded(deployment)
-                relay = self._relay(params, measurement, stream, first, deployment, attempts)
+                relay = self._relay(params, measurement, stream, first, deployment, attempts, end)
                 async with aclosing(relay) as events:  # closed at once if our caller goes away
                     async for event in events:
                         yield event
@@ -171,8 +179,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         first: svc.StreamCompletionResponse | None,
         deployment: Deployment,
         attempts: int,
+        end: float | None,
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        """One started completion: `start`, then the provider's events up to its finish."""
+        """One started completion: `start`, then the provider's events up to its finish (by `end`, if set)."""
         try:
             if first is None:
                 raise _protocol("the provider's stream ended before any output", params.model)
@@ -197,7 +206,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     return
                 measurement.token()
                 yield event
-                event = await _waited(anext(stream, None), measurement)
+                event = await _step(stream, measurement, end, deployment.label)
             raise _protocol("the provider's stream ended before it finished", params.model)
         finally:
             await stream.aclose()  # closes the upstream call when the caller went away or failed
@@ -258,6 +267,21 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return uuid.uuid4().hex  # a direct gRPC caller that sent none still gets a traceable log line
+
+
+async def _step(
+    stream: AsyncIterator[svc.StreamCompletionResponse], measurement: Measurement, by: float | None, label: str
+) -> svc.StreamCompletionResponse | None:
+    """The provider's next event, or UPSTREAM_TIMEOUT if it does not come by loop time `by`."""
+    if by is None:
+        return await _waited(anext(stream, None), measurement)
+    try:
+        async with asyncio.timeout_at(by):
+            return await _waited(anext(stream, None), measurement)
+    except TimeoutError:
+        raise GatewayError(
+            pb.ErrorReason.ERROR_REASON_UPSTREAM_TIMEOUT, f"The deployment {label} did not answer in time."
+        ) from None
 
 
 async def _waited(step: Awaitable[T], measurement: Measurement) -> T:

@@ -48,6 +48,7 @@ class OpenAIUpstream:
     error_body: dict[str, Any] | None = None  # None: an OpenAI-shaped body for error_status
     error_times: int | None = None  # answer error_status to only this many requests, then serve normally
     retry_after: str | None = None  # the Retry-After header sent with error_status
+    hang: bool = False  # accept the request, send the response headers, then never send a byte of the body
     stream_error_after: int | None = None  # send `stream_error` (then [DONE]) after this many content chunks
     stream_error: dict[str, Any] = field(default_factory=lambda: dict(SERVER_ERROR))
     cut_after: int | None = None  # end the body cleanly after this many content chunks: no finish, no [DONE]
@@ -92,6 +93,8 @@ class OpenAIUpstream:
     async def _stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
         ended = False
         try:
+            if self.hang:
+                await asyncio.Event().wait()  # until the client goes away
             yield _chunk(model, include_usage, {"role": "assistant", "content": ""})
             for sent in range(len(self.chunks) + 1):
                 if self.stream_error_after == sent:
