@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -72,6 +73,16 @@ class CatalogEntry:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cooldown: CooldownPolicy | None = None  # None: no circuit breaker (a lone deployment is never skipped)
     timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)  # a deployment's own, else its entry's
+
+    def url_option(self, name: str) -> str | None:
+        """Option `name` as an http(s) URL, or None when it is absent or empty."""
+        value = self.option(name, str, "")
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise self.problem(f"option {name!r} must be an http(s) URL, got {value!r}")
+        return value
 
     def routes(self) -> tuple[CatalogEntry, ...]:
         """The deployments that serve this name, in catalog order."""

@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
-from urllib.parse import urlsplit
 
 import aioboto3
 import aiohttp
@@ -212,11 +211,7 @@ class BedrockBackend:
         region = entry.option("region", str, "")
         if not region:
             raise entry.problem("option 'region' is required: the AWS region, such as 'us-east-1'")
-        endpoint_url = entry.option("endpoint_url", str, "") or None
-        if endpoint_url is not None and (
-            urlsplit(endpoint_url).scheme not in ("http", "https") or not urlsplit(endpoint_url).netloc
-        ):
-            raise entry.problem(f"option 'endpoint_url' must be an http(s) URL, got {endpoint_url!r}")
+        endpoint_url = entry.url_option("endpoint_url")
         connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
         read_timeout = entry.option("read_timeout_seconds", float, 60.0)
         if connect_timeout <= 0 or read_timeout <= 0:

@@ -16,7 +16,6 @@ from contextlib import aclosing
 from contextvars import ContextVar
 from enum import Enum
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
 import pydantic
@@ -190,9 +189,7 @@ class GeminiBackend:
             raise entry.problem("Vertex AI ('vertexai: true') needs options 'project' and 'location'")
         if not vertexai and (project or location):
             raise entry.problem("options 'project' and 'location' are for Vertex AI ('vertexai: true')")
-        base_url = entry.option("base_url", str, "")
-        if base_url and (urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc):
-            raise entry.problem(f"option 'base_url' must be an http(s) URL, got {base_url!r}")
+        base_url = entry.url_option("base_url") or ""
         api_version = entry.option("api_version", str, _API_VERSION[vertexai])
         if not api_version:
             raise entry.problem("option 'api_version' must not be empty (for example 'v1beta')")

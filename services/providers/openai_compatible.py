@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -298,11 +297,9 @@ class OpenAICompatibleBackend:
         entry.check_options(_OPTIONS)
         if not entry.model:
             raise entry.problem("'model' is required: the upstream's model name, such as 'Qwen/Qwen2.5-7B-Instruct'")
-        base_url = entry.option("base_url", str, "")
-        if not base_url:
+        base_url = entry.url_option("base_url")
+        if base_url is None:
             raise entry.problem("option 'base_url' is required: the upstream's API root, such as http://vllm:8000/v1")
-        if urlsplit(base_url).scheme not in ("http", "https") or not urlsplit(base_url).netloc:
-            raise entry.problem(f"option 'base_url' must be an http(s) URL, got {base_url!r}")
         timeout = entry.option("timeout_seconds", float, 60.0)
         connect_timeout = entry.option("connect_timeout_seconds", float, 5.0)
         if timeout <= 0 or connect_timeout <= 0:
