@@ -84,6 +84,8 @@ class Measurement:
     first_token: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    deployment: str = ""  # the deployment that served, once one started
+    attempts: int = 0
 
     def token(self) -> None:
         if self.first_token is None:

@@ -26,7 +26,9 @@ requests_log = logging.getLogger("services.requests")
 
 T = TypeVar("T")
 REQUEST_ID = "x-request-id"  # gRPC metadata key; the bridge sends the id it returns to its client
-OVERHEAD = "x-modelmax-overhead-ms"  # trailing metadata of CreateCompletion: the core's own time
+OVERHEAD = "x-modelmax-overhead-ms"  # trailing metadata: the core's own time
+DEPLOYMENT = "x-modelmax-deployment"  # trailing metadata: the deployment that served
+ATTEMPTS = "x-modelmax-attempts"  # trailing metadata: tries it took, retries and fallbacks included
 
 
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
@@ -64,8 +66,10 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         async with self._observe(params, context, stream=True) as measurement:
             async with aclosing(self._events(params, measurement, incremental=True)) as events:
                 async for event in events:
-                    if event.HasField("finish") and not params.include_usage:
-                        event.finish.ClearField("usage")
+                    if event.HasField("finish"):
+                        if not params.include_usage:
+                            event.finish.ClearField("usage")
+                        context.set_trailing_metadata(_trailers(measurement))
                     yield event  # awaits HTTP/2 flow control: this is the backpressure
 
     async def CreateCompletion(  # noqa: N802
@@ -91,7 +95,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     else:
                         response.finish_reason = event.finish.finish_reason
                         response.usage.CopyFrom(event.finish.usage)
-            context.set_trailing_metadata(((OVERHEAD, f"{measurement.overhead() * 1000:.3f}"),))
+            context.set_trailing_metadata(_trailers(measurement))
         response.content = "".join(pieces)
         response.reasoning_content = "".join(reasoning)
         return response
@@ -161,6 +165,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     await stream.aclose()
                     raise
                 route.succeeded(deployment)
+                measurement.deployment, measurement.attempts = deployment.label, attempts
                 relay = self._relay(params, measurement, stream, first, deployment, attempts, end)
                 async with aclosing(relay) as events:  # closed at once if our caller goes away
                     async for event in events:
@@ -260,6 +265,15 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     "overhead_ms": round(measurement.overhead() * 1000, 3),
                 },
             )
+
+
+def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a served completion: which deployment, after how many tries, the core's own time."""
+    return (
+        (DEPLOYMENT, measurement.deployment),
+        (ATTEMPTS, str(measurement.attempts)),
+        (OVERHEAD, f"{measurement.overhead() * 1000:.3f}"),
+    )
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

@@ -118,3 +118,21 @@ async def test_bridge_drains_its_streams_on_sigterm(tmp_path: Path, slow_upstrea
     assert refused in (0, 503), "a draining bridge takes no new work"
     # uvicorn re-raises the signal once its graceful shutdown is done, so a process manager sees it.
     assert code in (0, -signal.SIGTERM)
+
+
+async def test_streams_past_the_grace_period_end_with_an_error_event(
+    tmp_path: Path, slow_upstream: OpenAIUpstream
+) -> None:
+    entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
+    port, metrics = free_port(), free_port()
+    env = {"MODELMAX_CATALOG": write_catalog(tmp_path, [entry]), "MODELMAX_CORE_PORT": str(port),
+           "MODELMAX_CORE_METRICS_PORT": str(metrics), "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS": "0.3"}  # fmt: skip
+    async with process("services", env, f"http://127.0.0.1:{metrics}/metrics") as core:
+        async with running_bridge(f"127.0.0.1:{port}") as base_url:
+            events, _ = await read_stream_then_terminate(base_url, core)
+            code = await asyncio.wait_for(core.wait(), timeout=10)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert error["code"] == "core_unavailable" and error["type"] == "api_error"
+    assert not any('"finish_reason":"stop"' in e for e in events), "a cut stream never claims to have finished"
+    assert code == 0

