@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -56,6 +58,33 @@ class GatewayError(Exception):
         )
         code = GRPC_CODE[self.reason]
         return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=self.message, details=[detail]))
+
+
+UPSTREAM_MESSAGE_LIMIT = 500  # characters of an upstream's own error message that reach the caller
+
+
+def upstream_error(
+    reason: ErrorReason.ValueType,
+    *,
+    model: str,
+    provider: str,
+    templates: Mapping[int, str],
+    upstream_message: str = "",
+    refused: str = "The upstream serving '{model}' refused the request.",
+) -> GatewayError:
+    """A provider's failure as the caller sees it, the same way for every provider.
+
+    A reason with a template (rate limits, outages, our own credentials...) gets that fixed message, so no upstream
+    detail or account information leaks; the others are the caller's own mistakes and carry the upstream's words,
+    cut to UPSTREAM_MESSAGE_LIMIT. `model` is the public name.
+    """
+    template = templates.get(reason)
+    if template is not None:
+        message = template.format(model=model)
+    else:
+        message = upstream_message[:UPSTREAM_MESSAGE_LIMIT] or refused.format(model=model)
+    param = "messages" if reason == ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
+    return GatewayError(reason, message, param=param, provider=provider)
 
 
 def invalid_request(message: str, *, param: str = "") -> GatewayError:

@@ -38,7 +38,7 @@ from botocore.parsers import ResponseParserError
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, MissingSecret
-from services.errors import GatewayError
+from services.errors import GatewayError, upstream_error
 from services.providers.bedrock_translate import (
     PROVIDER,
     StreamFold,
@@ -53,7 +53,6 @@ _OPTIONS = {"region", "endpoint_url", "connect_timeout_seconds", "read_timeout_s
 # Connections per client, so concurrent streams per client. botocore's default of 10 would queue the eleventh
 # concurrent stream behind a pool slot, silently, for as long as the first ten take.
 _MAX_POOL_CONNECTIONS = 100
-_MESSAGE_LIMIT = 500  # characters of an upstream error message forwarded to the caller
 
 R = pb.ErrorReason
 # The one table of AWS error codes. HTTP errors carry PascalCase codes; exception frames inside a stream carry the
@@ -179,13 +178,10 @@ class BedrockProvider:
         return self._error(reason, message)
 
     def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
-        template = _MESSAGES.get(reason)
-        if template is not None:
-            message = template.format(model=self._name)
-        else:
-            message = upstream_message[:_MESSAGE_LIMIT] or f"AWS Bedrock refused the request for '{self._name}'."
-        param = "messages" if reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
-        return GatewayError(reason, message, param=param, provider=PROVIDER)
+        return upstream_error(
+            reason, model=self._name, provider=PROVIDER, templates=_MESSAGES, upstream_message=upstream_message,
+            refused="AWS Bedrock refused the request for '{model}'.",
+        )  # fmt: skip
 
 
 def _request_id(response: Mapping[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.errors import GatewayError
+from services.errors import GatewayError, upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,6 @@ PROVIDER = "gemini"
 R = pb.ErrorReason
 F = pb.FinishReason
 _ROLES = {pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "model"}
-_MESSAGE_LIMIT = 500  # characters of an upstream error message forwarded to the caller
 
 # Gemini finishReason -> OpenAI finish_reason. STOP becomes TOOL_CALLS when the answer holds function calls.
 # Reasons missing here are never reported as a finish: see UNUSABLE and finish_reason().
@@ -99,12 +98,9 @@ _MESSAGES = {
 
 def error(reason: pb.ErrorReason.ValueType, model: str, upstream_message: str = "") -> GatewayError:
     """The GatewayError for `reason`; `model` is the public name."""
-    template = _MESSAGES.get(reason)
-    if template is None:
-        message = upstream_message[:_MESSAGE_LIMIT] or f"The upstream serving '{model}' refused the request."
-    else:
-        message = template.format(model=model)
-    return GatewayError(reason, message, provider=PROVIDER)
+    return upstream_error(
+        reason, model=model, provider=PROVIDER, templates=_MESSAGES, upstream_message=upstream_message
+    )
 
 
 def error_reason(code: object, status: object, details: object) -> pb.ErrorReason.ValueType | None:

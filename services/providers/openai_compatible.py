@@ -21,7 +21,7 @@ import aiohttp
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
-from services.errors import GatewayError
+from services.errors import GatewayError, upstream_error
 
 _PROVIDER = "openai"
 _OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds", "max_connections"}
@@ -33,7 +33,6 @@ _FINISH_REASONS = {
     "tool_calls": pb.FinishReason.FINISH_REASON_TOOL_CALLS,
     "function_call": pb.FinishReason.FINISH_REASON_TOOL_CALLS,  # the deprecated name of tool_calls
 }
-_MESSAGE_LIMIT = 500  # characters of an upstream error message forwarded to the caller
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read; enough for any JSON error, bounded against junk
 _DRAIN_SECONDS = 1.0  # after [DONE], how long to wait for the body's end so the connection can be reused
 
@@ -128,13 +127,9 @@ class OpenAICompatibleProvider:
             raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
 
     def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
-        template = _MESSAGES.get(reason)
-        if template is not None:
-            message = template.format(model=self._name)
-        else:
-            message = upstream_message[:_MESSAGE_LIMIT] or f"The upstream serving '{self._name}' refused the request."
-        param = "messages" if reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
-        return GatewayError(reason, message, param=param, provider=_PROVIDER)
+        return upstream_error(
+            reason, model=self._name, provider=_PROVIDER, templates=_MESSAGES, upstream_message=upstream_message
+        )
 
     def _chunk(self, data: str) -> dict[str, Any]:
         try:
