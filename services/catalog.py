@@ -14,6 +14,7 @@ import yaml
 T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_TOP_LEVEL_KEYS = {"models", "remote_images"}
 _ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown", "timeouts"}
 _DEPLOYMENT_KEYS = {"provider", "model", "options", "weight", "timeouts"}
 # Option names that would hold a secret in the file itself. Secrets are named by environment variable instead.
@@ -109,11 +110,25 @@ class CatalogEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteImages:
+    """The top-level `remote_images:` section: whether and how the core fetches http(s) image URLs.
+
+    Off by default: fetching a URL a caller chose lets callers make the gateway reach any address it can (SSRF).
+    """
+
+    enabled: bool = False
+    max_bytes: int = 5 * 1024 * 1024  # an image larger than this is refused, and stops downloading past it
+    timeout_seconds: float = 10.0  # the whole fetch: connect, headers and body
+    allowed_hosts: frozenset[str] | None = None  # lower-case host names; None: any host
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
-    """All entries, in file order."""
+    """All entries, in file order, and the gateway-wide sections."""
 
     path: str
     entries: tuple[CatalogEntry, ...]
+    remote_images: RemoteImages = field(default_factory=RemoteImages)
 
     def names(self) -> list[str]:
         return [entry.name for entry in self.entries]
@@ -137,9 +152,9 @@ def parse_catalog(document: object, path: str) -> Catalog:
     """Check an already-parsed catalog document."""
     if not isinstance(document, dict) or not isinstance(document.get("models"), list):
         raise CatalogError(f"{path}: the catalog must be a mapping with a 'models' list")
-    extra = set(document) - {"models"}
+    extra = set(document) - _TOP_LEVEL_KEYS
     if extra:
-        raise CatalogError(f"{path}: unknown top-level keys {sorted(extra)}; expected only 'models'")
+        raise CatalogError(f"{path}: unknown top-level keys {sorted(extra)}; allowed: {sorted(_TOP_LEVEL_KEYS)}")
     if not document["models"]:
         raise CatalogError(f"{path}: 'models' is empty; list at least one model")
     entries: list[CatalogEntry] = []
@@ -150,7 +165,7 @@ def parse_catalog(document: object, path: str) -> Catalog:
             raise entry.problem(f"duplicate model name {entry.name!r}")
         seen.add(entry.name)
         entries.append(entry)
-    return Catalog(path=path, entries=tuple(entries))
+    return Catalog(path=path, entries=tuple(entries), remote_images=_remote_images(document.get("remote_images"), path))
 
 
 def _parse_entry(raw: object, where: str) -> CatalogEntry:
@@ -280,6 +295,39 @@ def _cooldown(raw: object, where: str) -> CooldownPolicy | None:
     if policy.failures < 1:
         raise CatalogError(f"{where}: 'cooldown.failures' must be at least 1")
     return policy
+
+
+def _remote_images(raw: object, path: str) -> RemoteImages:
+    if raw is None:
+        return RemoteImages()
+    where = f"{path}: remote_images"
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: must be a mapping")
+    allowed = {"enabled", "max_bytes", "timeout_seconds", "allowed_hosts"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    defaults = RemoteImages()
+    enabled = raw.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        raise CatalogError(f"{where}: 'enabled' must be true or false, got {enabled!r}")
+    max_bytes = raw.get("max_bytes", defaults.max_bytes)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise CatalogError(f"{where}: 'max_bytes' must be an int >= 1, got {max_bytes!r}")
+    timeout = raw.get("timeout_seconds", defaults.timeout_seconds)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise CatalogError(f"{where}: 'timeout_seconds' must be a number above 0, got {timeout!r}")
+    hosts = raw.get("allowed_hosts")
+    if hosts is not None and (
+        not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h.strip() for h in hosts)
+    ):
+        raise CatalogError(f"{where}: 'allowed_hosts' must be a non-empty list of host names, got {hosts!r}")
+    return RemoteImages(
+        enabled=enabled,
+        max_bytes=max_bytes,
+        timeout_seconds=float(timeout),
+        allowed_hosts=None if hosts is None else frozenset(h.strip().lower() for h in hosts),
+    )
 
 
 def read_secret(entry: CatalogEntry, option: str, env: Mapping[str, str]) -> str | None:

@@ -63,9 +63,9 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         registry = await build_registry(catalog, env, stack)
         metrics = CoreMetrics()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        svc_grpc.add_CompletionServiceServicer_to_server(
-            CompletionServicer(registry, metrics, settings.max_concurrent_requests), server
-        )
+        servicer = CompletionServicer(registry, metrics, settings.max_concurrent_requests)
+        stack.push_async_callback(servicer.aclose)
+        svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -16,6 +16,7 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.errors import GatewayError
+from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics, Measurement, status_of
 from services.providers import ProviderRegistry
 from services.routing import NEXT_DEPLOYMENT, RETRYABLE, Deployment, Route
@@ -39,6 +40,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         self._metrics = metrics
         self._max_concurrent = max_concurrent
         self._active = 0
+        self._images = ImageFetcher(registry.catalog.remote_images)
         self._providers = {entry.name: entry.provider for entry in registry.catalog.entries}
         self._routes = {
             entry.name: Route(
@@ -76,16 +78,30 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         self, request: svc.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> svc.CreateCompletionResponse:
         response = svc.CreateCompletionResponse()
-        pieces: list[str] = []
+        pieces: list[str] = []  # choice 0's text: the common case stays two lists and no other allocation
         reasoning: list[str] = []
+        more: _Fold | None = None  # the rest (tool calls, choices 1..n-1), created only when the answer has any
         async with self._observe(request.params, context, stream=False) as measurement:
             async with aclosing(self._events(request.params, measurement, incremental=False)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
                     if kind == "delta":
-                        pieces.append(event.delta.text)
+                        delta = event.delta
+                        if delta.choice_index:
+                            more = more or _Fold()
+                            more.text(more.contents, delta.choice_index, delta.text)
+                        else:
+                            pieces.append(delta.text)
+                    elif kind == "tool_call":
+                        more = more or _Fold()
+                        more.tool_call(event.tool_call)
                     elif kind == "reasoning":
-                        reasoning.append(event.reasoning.text)
+                        thought = event.reasoning
+                        if thought.choice_index:
+                            more = more or _Fold()
+                            more.text(more.reasonings, thought.choice_index, thought.text)
+                        else:
+                            reasoning.append(thought.text)
                     elif kind == "start":
                         response.id = event.start.id
                         response.model = event.start.model
@@ -93,12 +109,21 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                         response.deployment = event.start.deployment
                         response.attempts = event.start.attempts
                     else:
-                        response.finish_reason = event.finish.finish_reason
-                        response.usage.CopyFrom(event.finish.usage)
+                        finish = event.finish
+                        response.finish_reason = finish.finish_reason
+                        response.usage.CopyFrom(finish.usage)
+                        for index, reason in enumerate(finish.additional_finish_reasons, 1):
+                            response.additional_choices.add(index=index, finish_reason=reason)
+            response.content = "".join(pieces)
+            response.reasoning_content = "".join(reasoning)
+            if more is not None:
+                more.fill(response, request.params.model)
             context.set_trailing_metadata(_trailers(measurement))
-        response.content = "".join(pieces)
-        response.reasoning_content = "".join(reasoning)
         return response
+
+    async def aclose(self) -> None:
+        """Release what the servicer owns (the remote-image session); called once, when the core stops."""
+        await self._images.aclose()
 
     async def ListModels(  # noqa: N802
         self, request: svc.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -128,6 +153,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 f"The model '{params.model}' does not exist or you do not have access to it.",
                 param="model",
             )
+        wanted = remote_images(params)
+        if wanted:  # once per request, before any deployment is tried: a retry or fallback reuses the bytes
+            await _waited(self._images.resolve(wanted), measurement)  # network time, not the core's overhead
         deadline = time.monotonic() + route.retry.budget_seconds
         attempts = 0
         failure: GatewayError | None = None
@@ -204,6 +232,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 if event.HasField("finish"):
                     if event.finish.finish_reason == pb.FinishReason.FINISH_REASON_UNSPECIFIED:
                         raise _protocol("the provider finished without a finish reason", params.model)
+                    if params.choice_count > 1 or event.finish.additional_finish_reasons:
+                        _check_choices(event.finish, params)
                     if event.finish.HasField("usage"):
                         measurement.prompt_tokens = event.finish.usage.prompt_tokens
                         measurement.completion_tokens = event.finish.usage.completion_tokens
@@ -254,6 +284,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     "request_id": request_id,
                     "model": measurement.model,
                     "provider": measurement.provider,
+                    "user": params.user,  # the caller's id for its end user, as given (never prompts or keys)
                     "stream": stream,
                     "status": status,
                     "duration_ms": round(duration * 1000, 3),
@@ -265,6 +296,68 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     "overhead_ms": round(measurement.overhead() * 1000, 3),
                 },
             )
+
+
+class _Call:
+    """One tool call being folded: id and name from its first delta, the arguments' pieces in order."""
+
+    __slots__ = ("id", "name", "arguments")
+
+    def __init__(self, id: str, name: str, arguments: str) -> None:  # noqa: A002 (the proto's field name)
+        self.id = id
+        self.name = name
+        self.arguments = [arguments]
+
+
+class _Fold:
+    """What CreateCompletion folds beyond choice 0's text and reasoning: tool calls, and choices 1..n-1."""
+
+    __slots__ = ("contents", "reasonings", "calls")
+
+    def __init__(self) -> None:
+        self.contents: dict[int, list[str]] = {}  # choice index -> text pieces
+        self.reasonings: dict[int, list[str]] = {}
+        self.calls: dict[tuple[int, int], _Call] = {}  # (choice index, call index) -> call
+
+    @staticmethod
+    def text(into: dict[int, list[str]], choice: int, text: str) -> None:
+        pieces = into.get(choice)
+        if pieces is None:
+            into[choice] = [text]
+        else:
+            pieces.append(text)
+
+    def tool_call(self, delta: svc.ToolCallDelta) -> None:
+        key = (delta.choice_index, delta.index)
+        call = self.calls.get(key)
+        if call is None:
+            self.calls[key] = _Call(delta.id, delta.name, delta.arguments)
+        else:
+            call.arguments.append(delta.arguments)
+
+    def fill(self, response: svc.CreateCompletionResponse, model: str) -> None:
+        """Write the folded parts into `response` (choice 0) and its additional_choices (already one per reason)."""
+        count = 1 + len(response.additional_choices)
+
+        def choice(index: int) -> svc.CreateCompletionResponse | svc.Choice:
+            if not 0 <= index < count:
+                raise _protocol(f"the provider sent choice {index} of {count}", model)
+            return response if index == 0 else response.additional_choices[index - 1]
+
+        for index, pieces in self.contents.items():
+            choice(index).content = "".join(pieces)
+        for index, pieces in self.reasonings.items():
+            choice(index).reasoning_content = "".join(pieces)
+        for (index, _), call in sorted(self.calls.items(), key=lambda item: item[0]):
+            choice(index).tool_calls.add(id=call.id, name=call.name, arguments="".join(call.arguments))
+
+
+def _check_choices(finish: svc.CompletionFinish, params: pb.CompletionParams) -> None:
+    """A finish gives one reason per choice the request asked for; a provider that lost one broke the contract."""
+    wanted = max(params.choice_count, 1) - 1
+    reasons = finish.additional_finish_reasons
+    if len(reasons) != wanted or pb.FinishReason.FINISH_REASON_UNSPECIFIED in reasons:
+        raise _protocol(f"the provider finished {1 + len(reasons)} choices of {wanted + 1}", params.model)
 
 
 def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:

@@ -1,13 +1,30 @@
-"""Checks every CompletionParams before a provider sees it; internal gRPC callers get the same rules as HTTP."""
+"""Checks every CompletionParams before a provider sees it; internal gRPC callers get the same rules as HTTP.
+
+Each refusal is a GatewayError(INVALID_REQUEST) whose `param` names the OpenAI parameter (`messages[2].tool_call_id`,
+`tools[0].function.name`), worded as OpenAI words it where we know the wording, so a client sees the same 400 from
+the gateway as from OpenAI. The common request (a few text messages, no tools) takes one cheap pass.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 from modelmax.v1 import completion_pb2 as pb
 from services.errors import GatewayError, invalid_request
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # OpenAI's limit
+MAX_CHOICES = 8  # the gateway's own bound on `n` (OpenAI allows 128; eight answers is already eight times the cost)
+MAX_TOP_LOGPROBS = 20
+IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # tool and json_schema names
+
+_ROLES = frozenset({pb.Role.ROLE_SYSTEM, pb.Role.ROLE_USER, pb.Role.ROLE_ASSISTANT, pb.Role.ROLE_TOOL})
+_TOOL_CHOICE_MODES = frozenset(pb.ToolChoiceMode.values())
+_RESPONSE_FORMAT_TYPES = frozenset(pb.ResponseFormatType.values())
+_REASONING_EFFORTS = frozenset(pb.ReasoningEffort.values())
 
 
 def check_params(params: pb.CompletionParams) -> None:
@@ -16,9 +33,7 @@ def check_params(params: pb.CompletionParams) -> None:
         raise invalid_request("you must provide a model parameter", param="model")
     if not params.messages:
         raise invalid_request("'messages' must contain at least one message", param="messages")
-    for index, message in enumerate(params.messages):
-        if message.role == pb.Role.ROLE_UNSPECIFIED or message.role not in pb.Role.values():
-            raise invalid_request("role must be one of 'system', 'user', 'assistant'", param=f"messages[{index}].role")
+    _check_messages(params.messages)
     if params.HasField("temperature") and not (0.0 <= params.temperature <= 2.0):
         raise invalid_request(f"{params.temperature} is not in [0, 2]", param="temperature")
     if params.HasField("top_p") and not (0.0 <= params.top_p <= 1.0):
@@ -35,6 +50,231 @@ def check_params(params: pb.CompletionParams) -> None:
         )
     if any(not stop for stop in params.stop_sequences):
         raise invalid_request("stop sequences must not be empty", param="stop")
+    if params.tools or params.HasField("tool_choice"):
+        _check_tools(params)
+    if params.HasField("response_format"):
+        _check_response_format(params.response_format)
+    if params.HasField("choice_count"):
+        _check_range("n", params.choice_count, 1, MAX_CHOICES)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if params.HasField(name):
+            value = getattr(params, name)
+            if math.isnan(value) or not (-2.0 <= value <= 2.0):
+                raise invalid_request(f"Invalid '{name}': {value} is not a number in [-2, 2].", param=name)
+    if params.HasField("top_logprobs"):
+        _check_range("top_logprobs", params.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if not params.logprobs:
+            raise invalid_request(
+                "Invalid value for 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is used.",
+                param="top_logprobs",
+            )
+    if params.reasoning_effort not in _REASONING_EFFORTS:
+        raise invalid_request(
+            "Invalid value for 'reasoning_effort': supported values are 'none', 'minimal', 'low', 'medium', "
+            "'high' and 'xhigh'.",
+            param="reasoning_effort",
+        )
+
+
+def _check_messages(messages: object) -> None:
+    """Roles, content shapes, images, and the tool-call conversation rules, in one pass over the messages."""
+    answerable: set[str] | None = None  # ids of the tool calls the following tool messages may answer
+    for index, message in enumerate(messages):  # type: ignore[call-overload]
+        role = message.role
+        if role not in _ROLES:
+            raise invalid_request(
+                "Invalid value for 'role': supported values are 'system', 'user', 'assistant' and 'tool'.",
+                param=f"messages[{index}].role",
+            )
+        if message.parts:
+            _check_parts(message, index)
+        if message.tool_calls:
+            if role != pb.Role.ROLE_ASSISTANT:
+                raise invalid_request(
+                    "Invalid parameter: only messages with role 'assistant' can have 'tool_calls'.",
+                    param=f"messages[{index}].tool_calls",
+                )
+            answerable = _tool_call_ids(message.tool_calls, index)
+        elif role == pb.Role.ROLE_TOOL:
+            _check_tool_message(message, index, answerable)
+        else:
+            answerable = None  # tool messages answer only the assistant message right before them
+
+
+def _check_parts(message: pb.Message, index: int) -> None:
+    if message.content:
+        raise invalid_request(
+            "Invalid message: set either 'content' as text or 'content' as a list of parts, not both.",
+            param=f"messages[{index}].content",
+        )
+    for part_index, part in enumerate(message.parts):
+        param = f"messages[{index}].content[{part_index}]"
+        kind = part.WhichOneof("kind")
+        if kind is None:
+            raise invalid_request("Invalid content part: it holds neither text nor an image.", param=param)
+        if kind == "text":
+            continue
+        if message.role != pb.Role.ROLE_USER:
+            raise invalid_request(
+                "Image URLs are only allowed for messages with role 'user', but this message with role "
+                f"'{pb.Role.Name(message.role).removeprefix('ROLE_').lower()}' contains an image URL.",
+                param=param,
+            )
+        image = part.image
+        if bool(image.data) == bool(image.url):
+            raise invalid_request("Invalid image: give exactly one of its bytes (data) or a URL.", param=param)
+        if image.data and image.media_type not in IMAGE_MEDIA_TYPES:
+            raise invalid_request(
+                f"Invalid image: the media type {image.media_type!r} is not supported; use one of "
+                "'image/png', 'image/jpeg', 'image/gif' or 'image/webp'.",
+                param=param,
+            )
+
+
+def _tool_call_ids(calls: object, index: int) -> set[str]:
+    ids: set[str] = set()
+    for call_index, call in enumerate(calls):  # type: ignore[call-overload]
+        param = f"messages[{index}].tool_calls[{call_index}]"
+        if not call.id:
+            raise invalid_request(f"Missing required parameter: '{param}.id'.", param=f"{param}.id")
+        if not call.name:
+            raise invalid_request(
+                f"Missing required parameter: '{param}.function.name'.", param=f"{param}.function.name"
+            )
+        ids.add(call.id)
+    return ids
+
+
+def _check_tool_message(message: pb.Message, index: int, answerable: set[str] | None) -> None:
+    if not message.tool_call_id:
+        raise invalid_request(
+            f"Missing required parameter: 'messages[{index}].tool_call_id'.", param=f"messages[{index}].tool_call_id"
+        )
+    if answerable is None:
+        raise invalid_request(
+            "Invalid parameter: messages with role 'tool' must be a response to a preceding message with 'tool_calls'.",
+            param=f"messages[{index}].role",
+        )
+    if message.tool_call_id not in answerable:
+        raise invalid_request(
+            f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found in 'tool_calls' of previous "
+            "message.",
+            param=f"messages[{index}].tool_call_id",
+        )
+
+
+def _check_tools(params: pb.CompletionParams) -> None:
+    if len(params.tools) > MAX_TOOLS:
+        raise invalid_request(
+            f"Invalid 'tools': array too long. Expected an array with maximum length {MAX_TOOLS}, but got an array "
+            f"with length {len(params.tools)} instead.",
+            param="tools",
+        )
+    names: set[str] = set()
+    for index, tool in enumerate(params.tools):
+        param = f"tools[{index}].function.name"
+        _check_name(tool.name, param)
+        if tool.name in names:
+            raise invalid_request(
+                f"Invalid 'tools': the function name '{tool.name}' is declared more than once; names must be unique.",
+                param=param,
+            )
+        names.add(tool.name)
+        if tool.parameters and not _is_json_object(tool.parameters):
+            raise invalid_request(
+                f"Invalid 'tools[{index}].function.parameters': expected a JSON Schema object.",
+                param=f"tools[{index}].function.parameters",
+            )
+    choice = params.tool_choice
+    if choice.mode not in _TOOL_CHOICE_MODES:
+        raise invalid_request(
+            "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' or a named function.",
+            param="tool_choice",
+        )
+    needs_tools = choice.mode in (
+        pb.ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED,
+        pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION,
+    )
+    if needs_tools and not params.tools:
+        raise invalid_request(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+        )
+    if choice.mode == pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION:
+        if choice.name not in names:
+            raise invalid_request(
+                f"Invalid value for 'tool_choice': the function '{choice.name}' is not one of the request's 'tools'.",
+                param="tool_choice",
+            )
+    elif choice.name:
+        raise invalid_request(
+            "Invalid value for 'tool_choice': a function name goes only with a named function choice.",
+            param="tool_choice",
+        )
+
+
+def _check_response_format(response_format: pb.ResponseFormat) -> None:
+    kind = response_format.type
+    if kind not in _RESPONSE_FORMAT_TYPES:
+        raise invalid_request(
+            "Invalid value for 'response_format.type': supported values are 'text', 'json_object' and 'json_schema'.",
+            param="response_format.type",
+        )
+    if kind != pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        return
+    _check_name(response_format.name, "response_format.json_schema.name")
+    if not response_format.schema:
+        raise invalid_request(
+            "Missing required parameter: 'response_format.json_schema.schema'.",
+            param="response_format.json_schema.schema",
+        )
+    if not _is_json_object(response_format.schema):
+        raise invalid_request(
+            "Invalid 'response_format.json_schema.schema': expected a JSON Schema object.",
+            param="response_format.json_schema.schema",
+        )
+
+
+def _check_name(name: str, param: str) -> None:
+    """A function or schema name as OpenAI checks it: 1-64 of a-z, A-Z, 0-9, '_' and '-'."""
+    if not name:
+        raise invalid_request(
+            f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string "
+            "instead.",
+            param=param,
+        )
+    if len(name) > 64:
+        raise invalid_request(
+            f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a string with "
+            f"length {len(name)} instead.",
+            param=param,
+        )
+    if not FUNCTION_NAME.match(name):
+        raise invalid_request(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+            "'^[a-zA-Z0-9_-]+$'.",
+            param=param,
+        )
+
+
+def _check_range(param: str, value: int, low: int, high: int) -> None:
+    if value < low:
+        raise invalid_request(
+            f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
+            param=param,
+        )
+    if value > high:
+        raise invalid_request(
+            f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got {value} instead.",
+            param=param,
+        )
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 # The optional features of a request, by the OpenAI parameter that asks for each. A provider declares the ones it

@@ -20,15 +20,22 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry
 from services.errors import GatewayError
+from services.validation import check_supported
 
 _OPTIONS = {"threads", "context_length", "default_max_tokens", "seed"}
 _PACKAGE_PREFIX = "pkg:"
 _ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
+# What llama.cpp's sampler honours: Llama.generate takes the penalties, its dist sampler the seed, and a grammar holds
+# the output to JSON (response_format json_object only; see _refuse_json_schema). Tools, images, several choices, log
+# probabilities and reasoning effort have no honest mapping onto a small chat model here.
+SUPPORTED = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format"})
+_SEEDS = 0xFFFFFFFF  # llama.cpp seeds are uint32, and 0xFFFFFFFF (LLAMA_DEFAULT_SEED) itself means "random"
 
 
 def resolve_model_path(model: str) -> Path:
@@ -51,6 +58,10 @@ class _Job:
     top_p: float
     max_tokens: int | None
     stops: tuple[str, ...]
+    seed: int | None  # None: the engine's own (the catalog's `seed` option, random by default)
+    presence_penalty: float
+    frequency_penalty: float
+    json: bool  # response_format json_object: sample only what llama.cpp's JSON grammar allows
     cancelled: threading.Event
     emit: Callable[[tuple[Any, ...]], None]
 
@@ -77,6 +88,8 @@ class _Engine:
         )
         # llama.cpp may round its context up (to a multiple of 256); the catalog's value is the limit we honour.
         self._context_length = min(context_length, self._llm.n_ctx())
+        self._seed = seed or llama_cpp.LLAMA_DEFAULT_SEED  # as Llama() reads it: 0 also means random
+        self._json = LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # a JSON object, llama.cpp's own grammar
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}")
 
     def _token_text(self, token: int) -> str:
@@ -120,7 +133,18 @@ class _Engine:
         generated = 0
         finish = pb.FinishReason.FINISH_REASON_LENGTH
         vocab = llm._model.vocab  # no public accessor for end-of-generation tokens in llama-cpp-python 0.3
-        for token in llm.generate(prompt, temp=job.temperature, top_p=job.top_p, reset=True):
+        # The sampler is built per generate() from the current seed: a request's seed, else the engine's own again.
+        llm.set_seed(self._seed if job.seed is None else job.seed % _SEEDS)
+        tokens = llm.generate(
+            prompt,
+            temp=job.temperature,
+            top_p=job.top_p,
+            presence_penalty=job.presence_penalty,
+            frequency_penalty=job.frequency_penalty,
+            grammar=self._json if job.json else None,
+            reset=True,
+        )
+        for token in tokens:
             if job.cancelled.is_set():
                 return
             if llama_cpp.llama_vocab_is_eog(vocab, token):
@@ -170,6 +194,9 @@ class LocalProvider:
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        check_supported(params, SUPPORTED, provider="local")
+        if params.response_format.type == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+            _refuse_json_schema(params.model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()  # bounded by the context length
         job = _Job(
@@ -178,6 +205,10 @@ class LocalProvider:
             top_p=params.top_p if params.HasField("top_p") else 0.95,
             max_tokens=params.max_tokens if params.HasField("max_tokens") else self._default_max_tokens,
             stops=tuple(params.stop_sequences),
+            seed=params.seed if params.HasField("seed") else None,
+            presence_penalty=params.presence_penalty,  # unset reads 0.0: llama.cpp's "no penalty"
+            frequency_penalty=params.frequency_penalty,
+            json=params.response_format.type == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
             cancelled=threading.Event(),
             emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
         )
@@ -205,6 +236,18 @@ class LocalProvider:
                     raise RuntimeError("local generation ended without a finish")
         finally:
             job.cancelled.set()  # stops the worker before its next token if we were cancelled or failed
+
+
+def _refuse_json_schema(model: str) -> None:
+    """llama-cpp-python can turn a JSON Schema into a grammar, but not safely for a caller's schema: its converter
+    expands `minItems`/`maxItems` into copies of the rule (a 10**9 would exhaust memory) and a schema it cannot
+    express makes llama.cpp reject the grammar. JSON mode uses llama.cpp's own fixed grammar instead."""
+    raise GatewayError(
+        pb.ErrorReason.ERROR_REASON_INVALID_REQUEST,
+        f"'response_format' of type 'json_schema' is not supported by the model '{model}'; use 'json_object'.",
+        param="response_format",
+        provider="local",
+    )
 
 
 class LocalBackend:

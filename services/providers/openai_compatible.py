@@ -9,10 +9,12 @@ upstream call costs about a third of the CPU (bench/: ~215 us against ~700 us pe
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -22,10 +24,35 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError, upstream_error
+from services.validation import check_supported
 
 _PROVIDER = "openai"
 _OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds", "max_connections"}
-_ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
+_ROLE_NAMES = {
+    pb.Role.ROLE_SYSTEM: "system",
+    pb.Role.ROLE_USER: "user",
+    pb.Role.ROLE_ASSISTANT: "assistant",
+    pb.Role.ROLE_TOOL: "tool",
+}
+# Everything is passed through in OpenAI's own shape, except log probabilities: no proto field carries them back.
+SUPPORTED = frozenset(
+    {
+        "tools",
+        "parallel_tool_calls",
+        "response_format",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "reasoning_effort",
+        "images",
+    }
+)
+_TOOL_CHOICES = {
+    pb.ToolChoiceMode.TOOL_CHOICE_MODE_NONE: "none",
+    pb.ToolChoiceMode.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
 _FINISH_REASONS = {
     "stop": pb.FinishReason.FINISH_REASON_STOP,
     "length": pb.FinishReason.FINISH_REASON_LENGTH,
@@ -89,6 +116,7 @@ class OpenAICompatibleProvider:
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        check_supported(params, SUPPORTED, provider=_PROVIDER)
         try:
             # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
             # CancelledError) closes it, which drops the upstream connection and so stops the generation.
@@ -101,22 +129,18 @@ class OpenAICompatibleProvider:
                     raise error
                 if "event-stream" not in response.headers.get("content-type", ""):
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-                finish_reason: pb.FinishReason.ValueType | None = None
+                relay = _Relay(self, max(params.choice_count, 1))
                 usage: pb.Usage | None = None
                 async with aclosing(_sse_data(response)) as events:
                     async for data in events:
                         chunk = self._chunk(data)
                         if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk, per server
                             usage = self._usage(chunk["usage"])
-                        for text, reason in self._choices(chunk):
-                            if text:
-                                yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
-                            if reason is not None:
-                                finish_reason = reason
-                if finish_reason is None:  # cut short: never fabricate a "stop"
-                    raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-                finish = svc.CompletionFinish(finish_reason=finish_reason, usage=usage)  # usage=None leaves it unset
-                yield svc.StreamCompletionResponse(finish=finish)
+                        choices = chunk.get("choices")
+                        if choices:
+                            for event in relay.events(choices):
+                                yield event
+                yield svc.StreamCompletionResponse(finish=relay.finish(usage))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # could not connect
             raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
         except TimeoutError as exc:  # no byte within timeout_seconds (aiohttp's read timeouts are TimeoutErrors)
@@ -143,45 +167,222 @@ class OpenAICompatibleProvider:
             raise self._error(_reason(None, code, kind), message)
         return chunk
 
-    def _choices(self, chunk: dict[str, Any]) -> list[tuple[str, pb.FinishReason.ValueType | None]]:
-        """(content, finish reason) of the first choice in a chunk; the usage chunk has none."""
-        choices = chunk.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-        out: list[tuple[str, pb.FinishReason.ValueType | None]] = []
-        for choice in choices:
-            if choice.get("index", 0) != 0:  # we never ask for n > 1
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content") if isinstance(delta, dict) else None
-            name = choice.get("finish_reason")
-            if (text is not None and not isinstance(text, str)) or (name is not None and name not in _FINISH_REASONS):
-                raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-            out.append((text or "", None if name is None else _FINISH_REASONS[name]))
-        return out
+    def protocol_error(self) -> GatewayError:
+        """The upstream sent a stream the gateway cannot use."""
+        return self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
 
     def _usage(self, usage: dict[str, Any]) -> pb.Usage:
         counts = [usage.get(name) or 0 for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
         prompt, completion, total = counts
-        return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total or prompt + completion)
+        out = pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total or prompt + completion)
+        # OpenAI's breakdowns, when the server gives them: cached prompt tokens, reasoning tokens of the completion.
+        for key, name in (
+            ("prompt_tokens_details", "cached_tokens"),
+            ("completion_tokens_details", "reasoning_tokens"),
+        ):
+            value = details.get(name) if isinstance(details := usage.get(key), dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(out, name, value)
+        return out
+
+
+class _Relay:
+    """The upstream's streamed choices as our events, and the finish they add up to.
+
+    Tool calls are renumbered per choice in the order they start, so a server that numbers them oddly (or sends each
+    parallel call whole with index 0, as some do) still streams OpenAI's shape: a call's first delta carries its id
+    (synthesised when the server sent none) and name, later deltas only arguments.
+    """
+
+    __slots__ = ("_provider", "_count", "_reasons", "_calls")
+
+    def __init__(self, provider: OpenAICompatibleProvider, count: int) -> None:
+        self._provider = provider
+        self._count = count  # choices the request asked for
+        self._reasons: list[pb.FinishReason.ValueType | None] = [None] * count
+        self._calls: dict[int, _Started] | None = None  # by choice; None until a tool call arrives
+
+    def events(self, choices: object) -> Iterator[svc.StreamCompletionResponse]:
+        if not isinstance(choices, list):
+            raise self._provider.protocol_error()
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise self._provider.protocol_error()
+            index = choice.get("index", 0)
+            if not isinstance(index, int) or not 0 <= index < self._count:
+                raise self._provider.protocol_error()
+            delta = choice.get("delta")
+            if delta:
+                if not isinstance(delta, dict):
+                    raise self._provider.protocol_error()
+                thought = delta.get("reasoning_content") or delta.get("reasoning")  # vLLM, DeepSeek; newer vLLM
+                if thought:
+                    if not isinstance(thought, str):
+                        raise self._provider.protocol_error()
+                    yield svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text=thought, choice_index=index))
+                text = delta.get("content")
+                if text:
+                    if not isinstance(text, str):
+                        raise self._provider.protocol_error()
+                    yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text, choice_index=index))
+                calls = delta.get("tool_calls")
+                if calls:
+                    yield from self._tool_calls(index, calls)
+            name = choice.get("finish_reason")
+            if name is not None:
+                reason = _FINISH_REASONS.get(name) if isinstance(name, str) else None
+                if reason is None:
+                    raise self._provider.protocol_error()
+                self._reasons[index] = reason
+
+    def _tool_calls(self, choice: int, calls: object) -> Iterator[svc.StreamCompletionResponse]:
+        if not isinstance(calls, list):
+            raise self._provider.protocol_error()
+        if self._calls is None:
+            self._calls = {}
+        started = self._calls.get(choice)
+        if started is None:
+            started = self._calls[choice] = _Started()
+        for call in calls:
+            function = (call.get("function") or {}) if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                raise self._provider.protocol_error()
+            key, call_id, name = call.get("index"), call.get("id") or "", function.get("name") or ""
+            if key is not None and not isinstance(key, int):
+                raise self._provider.protocol_error()
+            arguments = function.get("arguments") or ""
+            if not isinstance(arguments, str):  # a server that sends the object itself
+                arguments = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise self._provider.protocol_error()
+            current = started.by_key.get(key)
+            if current is None or (call_id and call_id != current[1]):  # a call starts
+                if not name:
+                    raise self._provider.protocol_error()
+                call_id = call_id or f"call_{uuid.uuid4().hex[:24]}"
+                started.by_key[key] = (started.count, call_id)
+                delta = svc.ToolCallDelta(
+                    choice_index=choice, index=started.count, id=call_id, name=name, arguments=arguments
+                )
+                started.count += 1
+            elif arguments:
+                delta = svc.ToolCallDelta(choice_index=choice, index=current[0], arguments=arguments)
+            else:
+                continue  # a repeat of the id or name, with nothing new
+            yield svc.StreamCompletionResponse(tool_call=delta)
+
+    def finish(self, usage: pb.Usage | None) -> svc.CompletionFinish:
+        """The finish of a complete stream: every choice finished (else the stream was cut: never a made-up stop)."""
+        reasons: list[pb.FinishReason.ValueType] = []
+        for index, reason in enumerate(self._reasons):
+            if reason is None:
+                raise self._provider.protocol_error()
+            if reason == pb.FinishReason.FINISH_REASON_STOP and self._calls and index in self._calls:
+                reason = pb.FinishReason.FINISH_REASON_TOOL_CALLS  # an answer with tool calls finishes as such
+            reasons.append(reason)
+        return svc.CompletionFinish(finish_reason=reasons[0], additional_finish_reasons=reasons[1:], usage=usage)
+
+
+class _Started:
+    """The tool calls one choice has started: our index and id by the upstream's key (its `index`, or None)."""
+
+    __slots__ = ("count", "by_key")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.by_key: dict[object, tuple[int, str]] = {}
 
 
 def _request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
-    """The upstream request: its own model name, and only the parameters the caller set."""
+    """The upstream request in OpenAI's shape: its own model name, and only the parameters the caller set."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": _ROLE_NAMES[m.role], "content": m.content} for m in params.messages],
+        "messages": [_message(m) for m in params.messages],
         "stream": True,  # always: the core folds the stream for callers that did not ask for one
         "stream_options": {"include_usage": True},
     }
-    for name in ("temperature", "top_p", "max_tokens"):
+    for name in ("temperature", "top_p", "max_tokens", "seed", "presence_penalty", "frequency_penalty"):
         if params.HasField(name):
             body[name] = getattr(params, name)
     if params.stop_sequences:
         body["stop"] = list(params.stop_sequences)
+    if params.HasField("choice_count"):
+        body["n"] = params.choice_count
+    if params.tools:
+        body["tools"] = [_tool(tool) for tool in params.tools]
+    choice = _TOOL_CHOICES.get(params.tool_choice.mode)
+    if choice is not None:
+        body["tool_choice"] = choice
+    elif params.tool_choice.mode == pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION:
+        body["tool_choice"] = {"type": "function", "function": {"name": params.tool_choice.name}}
+    if params.HasField("parallel_tool_calls"):
+        body["parallel_tool_calls"] = params.parallel_tool_calls
+    if params.response_format.type != pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
+        body["response_format"] = _response_format(params.response_format)
+    if params.user:
+        body["user"] = params.user
+    if params.reasoning_effort != pb.ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+        body["reasoning_effort"] = (
+            pb.ReasoningEffort.Name(params.reasoning_effort).removeprefix("REASONING_EFFORT_").lower()
+        )
     return body
+
+
+def _message(message: pb.Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": _ROLE_NAMES[message.role]}
+    if message.parts:
+        out["content"] = [_part(part) for part in message.parts]
+    elif message.content or not message.tool_calls:
+        out["content"] = message.content
+    else:
+        out["content"] = None  # an assistant turn that only called tools, as OpenAI itself returns it
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _part(part: pb.ContentPart) -> dict[str, Any]:
+    if part.WhichOneof("kind") == "text":
+        return {"type": "text", "text": part.text}
+    image = part.image
+    if image.data:
+        url = f"data:{image.media_type};base64,{base64.b64encode(image.data).decode('ascii')}"
+    else:
+        url = image.url  # only reached by a caller other than the core, which fetches URLs first
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool(tool: pb.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters:
+        function["parameters"] = json.loads(tool.parameters)  # a JSON object: the core checked it
+    if tool.HasField("strict"):
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def _response_format(response_format: pb.ResponseFormat) -> dict[str, Any]:
+    kind = response_format.type
+    if kind == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_TEXT:
+        return {"type": "text"}
+    if kind == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+        return {"type": "json_object"}
+    schema: dict[str, Any] = {"name": response_format.name}
+    if response_format.description:
+        schema["description"] = response_format.description
+    schema["schema"] = json.loads(response_format.schema)  # a JSON object: the core checked it
+    if response_format.HasField("strict"):
+        schema["strict"] = response_format.strict
+    return {"type": "json_schema", "json_schema": schema}
 
 
 async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, write_catalog
-from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
+from tests.fakes.openai_upstream import FakeToolCall, OpenAIUpstream, serve_openai_upstream
 
 PUBLIC = "remote-chat"
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
@@ -117,3 +119,138 @@ async def test_client_disconnect_closes_the_upstream_stream(
     await stream.close()
     # The upstream sees its connection closed long before the ten-second stream would have ended.
     await asyncio.wait_for(upstream.disconnected.wait(), timeout=3)
+
+
+# --- Issue 8: tools, several choices, structured output and images, end to end -------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+QUESTION = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+PARIS, ROME = '{"city":"Paris"}', '{"city":"Rome"}'
+
+
+def script_parallel_calls(upstream: OpenAIUpstream) -> None:
+    upstream.chunks, upstream.finish_reason = [], "tool_calls"
+    upstream.tool_calls = [
+        FakeToolCall("call_a", "get_weather", ("", '{"city":', '"Paris"}')),
+        FakeToolCall("call_b", "get_weather", ('{"city":"Rome"}',)),
+    ]
+
+
+async def test_agent_loop_call_result_answer(client: openai.AsyncOpenAI, upstream: OpenAIUpstream) -> None:
+    script_parallel_calls(upstream)
+    first = await client.chat.completions.create(model=PUBLIC, messages=QUESTION, tools=TOOLS, user="end-user-7")
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in calls] == [
+        ("call_a", "function", "get_weather", PARIS),
+        ("call_b", "function", "get_weather", ROME),
+    ]
+    results = {"call_a": '{"temp":21}', "call_b": '{"temp":25}'}
+    history = [
+        *QUESTION,
+        choice.message.model_dump(exclude_none=True),
+        *({"role": "tool", "tool_call_id": c.id, "content": results[c.id]} for c in calls),
+    ]
+    upstream.tool_calls, upstream.chunks, upstream.finish_reason = [], ["Paris 21, Rome 25."], "stop"
+    final = await client.chat.completions.create(model=PUBLIC, messages=history, tools=TOOLS)
+    assert final.choices[0].message.content == "Paris 21, Rome 25." and final.choices[0].finish_reason == "stop"
+    first_body, second_body = (request.body for request in upstream.requests)
+    assert first_body["tools"] == TOOLS and first_body["user"] == "end-user-7"
+    assert second_body["messages"] == [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}},
+                {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": ROME}},
+            ],
+        },
+        {"role": "tool", "content": '{"temp":21}', "tool_call_id": "call_a"},
+        {"role": "tool", "content": '{"temp":25}', "tool_call_id": "call_b"},
+    ]  # fmt: skip
+
+
+async def test_two_parallel_tool_calls_stream_as_openai_streams_them(
+    client: openai.AsyncOpenAI, upstream: OpenAIUpstream
+) -> None:
+    script_parallel_calls(upstream)
+    stream = await client.chat.completions.create(
+        model=PUBLIC, messages=QUESTION, tools=TOOLS, tool_choice="required", stream=True
+    )
+    pieces = []
+    finish = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                pieces.append(
+                    (
+                        call.index,
+                        call.id,
+                        call.function and call.function.name,
+                        call.function and call.function.arguments,
+                    )
+                )
+            finish = choice.finish_reason or finish
+    assert pieces == [
+        (0, "call_a", "get_weather", ""),
+        (0, None, None, '{"city":'),
+        (0, None, None, '"Paris"}'),
+        (1, "call_b", "get_weather", '{"city":"Rome"}'),
+    ]
+    assert finish == "tool_calls"
+    assert upstream.requests[0].body["tool_choice"] == "required"
+
+
+async def test_several_choices(client: openai.AsyncOpenAI, upstream: OpenAIUpstream) -> None:
+    upstream.chunks, upstream.choice_chunks = ["Hi", "!"], [["Hello"]]
+    upstream.choice_finish_reasons = ["stop", "length"]
+    reply = await client.chat.completions.create(model=PUBLIC, messages=MESSAGES, n=2, seed=5)
+    assert [(c.index, c.message.content, c.finish_reason) for c in reply.choices] == [
+        (0, "Hi!", "stop"),
+        (1, "Hello", "length"),
+    ]
+    assert upstream.requests[0].body["n"] == 2 and upstream.requests[0].body["seed"] == 5
+
+
+async def test_structured_output_and_images_pass_through(client: openai.AsyncOpenAI, upstream: OpenAIUpstream) -> None:
+    upstream.chunks = ['{"city":', '"Paris"}']
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+    reply = await client.chat.completions.create(
+        model=PUBLIC,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Where?"}, {"type": "image_url", "image_url": {"url": image}}],
+            }
+        ],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}},
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+    )
+    assert json.loads(reply.choices[0].message.content or "") == {"city": "Paris"}
+    body = upstream.requests[0].body
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "place", "schema": schema, "strict": True},
+    }
+    assert body["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": image}}
+    assert (body["presence_penalty"], body["frequency_penalty"]) == (0.5, 0.25)
+
+
+async def test_logprobs_are_a_400_naming_the_param(client: openai.AsyncOpenAI, upstream: OpenAIUpstream) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.chat.completions.create(model=PUBLIC, messages=MESSAGES, logprobs=True)
+    assert raised.value.param == "logprobs"
+    assert upstream.requests == []

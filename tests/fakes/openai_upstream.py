@@ -30,13 +30,25 @@ class ReceivedRequest:
     client_port: int  # the client's TCP port: equal ports mean a reused connection
 
 
+@dataclass(frozen=True, slots=True)
+class FakeToolCall:
+    """A tool call the fake streams: a first delta with id, name and `arguments[0]`, then one delta per later piece."""
+
+    id: str
+    name: str
+    arguments: tuple[str, ...] = ("",)  # the arguments' JSON text in the pieces it is streamed in
+
+
 @dataclass
 class OpenAIUpstream:
     """The script (set its fields in a test, before the request) and what the fake observed.
 
-    A stream is: a role chunk, one chunk per item of `chunks`, a chunk carrying `finish_reason`, a usage chunk with
-    `choices: []` when the request asked for `stream_options.include_usage` (or usage inside the finish chunk when
-    `usage_in_finish_chunk`), then `data: [DONE]`.
+    A stream is: a role chunk, one chunk per item of `reasoning_chunks` (`delta.reasoning_content`), one chunk per
+    item of `chunks`, the `tool_calls` (each call's pieces in order, calls one after another, as OpenAI streams
+    parallel calls), a chunk carrying `finish_reason`, a usage chunk with `choices: []` when the request asked for
+    `stream_options.include_usage` (or usage inside the finish chunk when `usage_in_finish_chunk`), then
+    `data: [DONE]`. With `choice_chunks`, the content of choices 1, 2, ... follows choice 0's, chunk by chunk
+    interleaved, and each choice gets its own finish chunk (`choice_finish_reasons`, else `finish_reason`).
     """
 
     url: str = ""  # "http://127.0.0.1:PORT/v1", set once serving
@@ -54,6 +66,11 @@ class OpenAIUpstream:
     cut_after: int | None = None  # end the body cleanly after this many content chunks: no finish, no [DONE]
     abort_after: int | None = None  # drop the connection mid-body after this many content chunks
     chunk_delay: float = 0.0  # seconds before each content chunk (and before the first one)
+    reasoning_chunks: list[str] = field(default_factory=list)  # sent as delta.reasoning_content before the content
+    tool_calls: list[FakeToolCall] = field(default_factory=list)  # streamed after the content of choice 0
+    tool_call_indexes: list[int] | None = None  # the `index` sent for each call; None: 0, 1, 2...
+    choice_chunks: list[list[str]] | None = None  # content of choices 1, 2, ...: at most len(chunks) each
+    choice_finish_reasons: list[str] | None = None  # finish reasons of choices 0, 1, ...; None: `finish_reason`
     api_key: str | None = None  # when set, requests without "Authorization: Bearer <api_key>" get a 401
     models: list[str] = field(default_factory=lambda: ["fake-model"])
     requests: list[ReceivedRequest] = field(default_factory=list)
@@ -96,6 +113,8 @@ class OpenAIUpstream:
             if self.hang:
                 await asyncio.Event().wait()  # until the client goes away
             yield _chunk(model, include_usage, {"role": "assistant", "content": ""})
+            for thought in self.reasoning_chunks:
+                yield _chunk(model, include_usage, {"reasoning_content": thought})
             for sent in range(len(self.chunks) + 1):
                 if self.stream_error_after == sent:
                     yield _data(self.stream_error)
@@ -114,10 +133,25 @@ class OpenAIUpstream:
                     break
                 await asyncio.sleep(self.chunk_delay)
                 yield _chunk(model, include_usage, {"content": self.chunks[sent]})
+                for index, pieces in enumerate(self.choice_chunks or (), 1):
+                    if sent < len(pieces):
+                        yield _chunk(model, include_usage, {"content": pieces[sent]}, index=index)
+            for position, call in enumerate(self.tool_calls):
+                index = position if self.tool_call_indexes is None else self.tool_call_indexes[position]
+                first = {"index": index, "id": call.id, "type": "function",
+                         "function": {"name": call.name, "arguments": call.arguments[0]}}  # fmt: skip
+                yield _chunk(model, include_usage, {"tool_calls": [first]})
+                for piece in call.arguments[1:]:
+                    yield _chunk(
+                        model, include_usage, {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                    )
             send_usage = include_usage and self.usage is not None
             if self.finish_reason is not None:
                 usage = self.usage if send_usage and self.usage_in_finish_chunk else None
-                yield _chunk(model, include_usage, {}, finish_reason=self.finish_reason, usage=usage)
+                reasons = self.choice_finish_reasons or [self.finish_reason] * (1 + len(self.choice_chunks or ()))
+                for index, reason in enumerate(reasons[1:], 1):
+                    yield _chunk(model, include_usage, {}, finish_reason=reason, index=index)
+                yield _chunk(model, include_usage, {}, finish_reason=reasons[0], usage=usage)
             if send_usage and not self.usage_in_finish_chunk:
                 yield _data({**_envelope(model), "choices": [], "usage": self.usage})
             yield _data("[DONE]")
@@ -134,8 +168,9 @@ def _chunk(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     usage: dict[str, int] | None = None,
+    index: int = 0,
 ) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
     chunk: dict[str, Any] = {**_envelope(model), "choices": [choice]}
     if usage is not None or include_usage:
         chunk["usage"] = usage  # OpenAI sends an explicit null on every chunk but the one carrying usage

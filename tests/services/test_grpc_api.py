@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -20,6 +21,8 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.server import CoreServer
+from tests.conftest import running_core, write_catalog
+from tests.fakes.openai_upstream import FakeToolCall, OpenAIUpstream, serve_openai_upstream
 
 MODEL = "smollm2-135m"
 GRPCURL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl"
@@ -105,9 +108,19 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
         (params(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "max_tokens"),
         (params(stop_sequences=["a", "b", "c", "d", "e"]), grpc.StatusCode.INVALID_ARGUMENT,
          "ERROR_REASON_INVALID_REQUEST", "stop"),
+        (params(messages=[pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_1", content="42")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "messages[0].role"),
+        (params(tools=[pb.Tool(name="no spaces allowed")]), grpc.StatusCode.INVALID_ARGUMENT,
+         "ERROR_REASON_INVALID_REQUEST", "tools[0].function.name"),
+        (params(choice_count=9), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "n"),
+        (params(top_logprobs=3), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "top_logprobs"),
+        (params(messages=[pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(text="What is it?"),
+                pb.ContentPart(image=pb.Image(url="https://example.com/cat.png"))])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "messages[0].content[1]"),
     ],
     ids=["unknown model", "empty model", "no messages", "no role", "temperature", "nan", "top_p", "max_tokens",
-         "five stops"],
+         "five stops", "tool without call", "tool name", "n", "top_logprobs without logprobs",
+         "remote image disabled"],
 )  # fmt: skip
 async def test_errors_carry_error_info(
     channel: grpc.aio.Channel, bad: pb.CompletionParams, code: grpc.StatusCode, reason: str, param: str
@@ -182,3 +195,88 @@ async def test_trailing_metadata_names_the_deployment_and_attempts(channel: grpc
         assert trailers["x-modelmax-attempts"] == "1"
         assert float(trailers["x-modelmax-overhead-ms"]) >= 0
     assert reply.deployment == events[0].start.deployment == trailers["x-modelmax-deployment"]
+
+
+# --- CreateCompletion folds tool calls and several choices (the `openai` provider against its fake) -----------------
+
+REMOTE = "remote-chat"
+
+
+@pytest.fixture
+async def remote(tmp_path: Path) -> AsyncIterator[tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream]]:
+    async with serve_openai_upstream() as upstream:
+        entry = {"name": REMOTE, "provider": "openai", "model": "fake-model", "options": {"base_url": upstream.url}}
+        async with running_core(write_catalog(tmp_path, [entry])) as core:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+                yield svc_grpc.CompletionServiceStub(channel), upstream
+
+
+def remote_params(**fields: object) -> pb.CompletionParams:
+    return params(model=REMOTE, tools=[pb.Tool(name="get_weather", parameters='{"type":"object"}')], **fields)
+
+
+async def test_unary_folds_parallel_tool_calls(
+    remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream],
+) -> None:
+    stub, upstream = remote
+    upstream.chunks, upstream.finish_reason = ["Checking both."], "tool_calls"
+    upstream.tool_calls = [
+        FakeToolCall("call_a", "get_weather", ("", '{"city"', ':"Paris"}')),
+        FakeToolCall("call_b", "get_weather", ('{"city":"Ro', 'me"}')),
+    ]
+    reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params()))
+    assert reply.content == "Checking both."
+    assert list(reply.tool_calls) == [
+        pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}'),
+        pb.ToolCall(id="call_b", name="get_weather", arguments='{"city":"Rome"}'),
+    ]
+    assert reply.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
+    assert not reply.additional_choices
+
+
+async def test_stream_relays_tool_call_deltas_between_start_and_finish(
+    remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream],
+) -> None:
+    stub, upstream = remote
+    upstream.chunks, upstream.finish_reason = [], "tool_calls"
+    upstream.tool_calls = [FakeToolCall("call_a", "get_weather", ('{"city":', '"Paris"}'))]
+    events = [e async for e in stub.StreamCompletion(svc.StreamCompletionRequest(params=remote_params()))]
+    assert [e.WhichOneof("event") for e in events] == ["start", "tool_call", "tool_call", "finish"]
+    assert events[1].tool_call == svc.ToolCallDelta(index=0, id="call_a", name="get_weather", arguments='{"city":')
+    assert events[2].tool_call == svc.ToolCallDelta(index=0, arguments='"Paris"}')
+    assert events[3].finish.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
+
+
+async def test_unary_folds_several_choices(remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream]) -> None:
+    stub, upstream = remote
+    upstream.reasoning_chunks = ["Hmm."]
+    upstream.chunks = ["Paris", " it is"]
+    upstream.choice_chunks = [["Lyon"], ["Nice", "!"]]
+    upstream.choice_finish_reasons = ["stop", "length", "content_filter"]
+    upstream.tool_calls = [FakeToolCall("call_a", "get_weather", ('{"city":"Paris"}',))]
+    reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params(choice_count=3)))
+    assert upstream.requests[0].body["n"] == 3
+    assert (reply.content, reply.reasoning_content) == ("Paris it is", "Hmm.")
+    assert list(reply.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]
+    assert reply.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS  # stop, but it called a tool
+    assert list(reply.additional_choices) == [
+        svc.Choice(index=1, content="Lyon", finish_reason=pb.FinishReason.FINISH_REASON_LENGTH),
+        svc.Choice(index=2, content="Nice!", finish_reason=pb.FinishReason.FINISH_REASON_CONTENT_FILTER),
+    ]
+    assert reply.usage.total_tokens == 11
+
+
+async def test_the_request_log_line_names_the_end_user_and_nothing_of_the_prompt(
+    remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    stub, upstream = remote
+    caplog.set_level(logging.INFO, logger="services.requests")
+    secret = "my secret prompt text"
+    request = svc.CreateCompletionRequest(
+        params=params(model=REMOTE, user="end-user-42", messages=[pb.Message(role=pb.Role.ROLE_USER, content=secret)])
+    )
+    await stub.CreateCompletion(request)
+    [line] = [r for r in caplog.records if r.name == "services.requests"]
+    assert (line.user, line.status, line.model) == ("end-user-42", "ok", REMOTE)  # type: ignore[attr-defined]
+    assert secret not in line.getMessage() + repr(vars(line))
+    assert upstream.requests[0].body["user"] == "end-user-42"

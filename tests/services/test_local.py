@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
@@ -95,3 +98,105 @@ async def test_concurrent_requests_to_one_model_all_complete(local_core: CoreSer
         replies = await asyncio.gather(*(one(i) for i in range(4)))
     assert len({reply.id for reply in replies}) == 4
     assert all(reply.usage.completion_tokens >= 1 for reply in replies)
+
+
+def error_param(exc: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(exc)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "ERROR_REASON_INVALID_REQUEST" and info.metadata["provider"] == "local"
+    return info.metadata["param"]
+
+
+PNG = pb.Image(data=b"\x89PNG\r\n\x1a\n", media_type="image/png")
+CALL = pb.ToolCall(id="call_1", name="now", arguments="{}")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [pb.Tool(name="now")]}, "tools"),
+        ({"messages": [pb.Message(role=pb.Role.ROLE_USER, content="Time?"),
+                       pb.Message(role=pb.Role.ROLE_ASSISTANT, tool_calls=[CALL]),
+                       pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_1", content="noon")]}, "messages[1]"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"response_format": pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                                               name="city", schema='{"type":"object"}')}, "response_format"),
+        ({"choice_count": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"reasoning_effort": pb.ReasoningEffort.REASONING_EFFORT_LOW}, "reasoning_effort"),
+        ({"messages": [pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(image=PNG)])]},
+         "messages[0].content[0]"),
+    ],
+    ids=["tools", "tool history", "parallel_tool_calls", "json_schema", "n", "logprobs", "reasoning_effort",
+         "images"],
+)  # fmt: skip
+async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_param(
+    local_core: CoreServer, fields: dict[str, object], param: str
+) -> None:
+    request = ask("Hi", max_tokens=3)
+    request.params.MergeFrom(pb.CompletionParams(**fields))  # type: ignore[arg-type]
+    if "messages" in fields:
+        del request.params.messages[0]  # the case's own conversation replaces the default one
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+        for call in (
+            stub.StreamCompletion(request).read(),
+            stub.CreateCompletion(svc.CreateCompletionRequest(params=request.params)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_param(raised.value) == param
+
+
+async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+
+        async def story(**fields: object) -> str:
+            request = svc.CreateCompletionRequest(
+                params=ask("Tell me a story.", temperature=1.0, max_tokens=20, **fields).params
+            )
+            return (await stub.CreateCompletion(request, timeout=60)).content
+
+        seeded = [await story(seed=7), await story(seed=7)]
+        others = {await story(seed=8), await story(seed=9), await story()}
+    assert seeded[0] == seeded[1]  # at temperature 1: only the seed can make two answers equal
+    assert len(others | {seeded[0]}) >= 3, "other seeds (and none) sample other answers"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "penalty"),
+    [("Count from 1 to 100, separated by commas.", "frequency_penalty"),
+     ("Write one sentence about the ocean.", "presence_penalty")],
+)  # fmt: skip
+async def test_penalties_change_greedy_output(local_core: CoreServer, prompt: str, penalty: str) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+        plain = ask(prompt, temperature=0.0, max_tokens=30).params
+        penalised = ask(prompt, temperature=0.0, max_tokens=30, **{penalty: 2.0}).params
+        zero = ask(prompt, temperature=0.0, max_tokens=30, **{penalty: 0.0}).params
+        texts = [(await stub.CreateCompletion(svc.CreateCompletionRequest(params=p), timeout=60)).content
+                 for p in (plain, penalised, zero)]  # fmt: skip
+    assert texts[0] != texts[1]
+    assert texts[0] == texts[2]  # zero is no penalty
+
+
+async def test_json_mode_holds_the_model_to_a_json_object(local_core: CoreServer) -> None:
+    json_object = pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+
+        async def reply(prompt: str, **fields: object) -> svc.CreateCompletionResponse:
+            request = svc.CreateCompletionRequest(params=ask(prompt, temperature=0.0, **fields).params)
+            return await stub.CreateCompletion(request, timeout=60)
+
+        cat = await reply("Describe a cat as JSON with keys name and age.", max_tokens=100, response_format=json_object)
+        story = await reply("Tell me a story.", max_tokens=10, response_format=json_object)
+        plain_story = await reply("Tell me a story.", max_tokens=10)
+    assert cat.finish_reason == pb.FinishReason.FINISH_REASON_STOP
+    assert isinstance(json.loads(cat.content), dict), cat.content
+    # A prompt that does not ask for JSON still gets the start of a JSON object, where it would not without.
+    assert story.content.startswith("{") and not plain_story.content.lstrip().startswith("{")

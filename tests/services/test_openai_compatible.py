@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +18,7 @@ from services.catalog import CatalogEntry, CatalogError
 from services.errors import GatewayError
 from services.providers import Provider
 from services.providers.openai_compatible import OpenAICompatibleBackend, create_backend
-from tests.fakes.openai_upstream import SERVER_ERROR, OpenAIUpstream, serve_openai_upstream
+from tests.fakes.openai_upstream import SERVER_ERROR, FakeToolCall, OpenAIUpstream, serve_openai_upstream
 
 R = pb.ErrorReason
 F = pb.FinishReason
@@ -335,3 +336,289 @@ async def test_bad_catalog_entries_are_refused_with_the_entry_named(
     assert "(gpt-test)" in str(info.value)
     assert backend.client_count == 0
     await backend.aclose()
+
+
+# --- Issue 8: every feature passed through in OpenAI's shape, tool calls and choices relayed -------------------------
+
+WEATHER = pb.Tool(
+    name="get_weather",
+    description="The weather in a city",
+    parameters='{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}',
+    strict=True,
+)
+PNG = b"\x89PNG\r\n\x1a\n-fake-png-bytes"
+PNG_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+PARIS, ROME = '{"city":"Paris"}', '{"city":"Rome"}'
+
+
+async def collect(provider: Provider, params: pb.CompletionParams) -> list[svc.StreamCompletionResponse]:
+    async with aclosing(provider.stream(params)) as events:  # type: ignore[type-var]
+        return [event async for event in events]
+
+
+def call_delta(
+    index: int, arguments: str, *, id: str = "", name: str = "", choice: int = 0
+) -> svc.StreamCompletionResponse:  # noqa: A002
+    return svc.StreamCompletionResponse(
+        tool_call=svc.ToolCallDelta(choice_index=choice, index=index, id=id, name=name, arguments=arguments)
+    )
+
+
+def finish(reason: pb.FinishReason.ValueType, *more: pb.FinishReason.ValueType) -> svc.StreamCompletionResponse:
+    usage = pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+    return svc.StreamCompletionResponse(
+        finish=svc.CompletionFinish(finish_reason=reason, additional_finish_reasons=more, usage=usage)
+    )
+
+
+async def test_every_feature_reaches_the_upstream_in_openai_shape(upstream: OpenAIUpstream, provider: Provider) -> None:
+    params = pb.CompletionParams(
+        model="gpt-test",
+        messages=[
+            pb.Message(role=pb.Role.ROLE_SYSTEM, content="Use the tools."),
+            pb.Message(
+                role=pb.Role.ROLE_USER,
+                parts=[
+                    pb.ContentPart(text="Where is this?"),
+                    pb.ContentPart(image=pb.Image(data=PNG, media_type="image/png")),
+                ],
+            ),
+            pb.Message(
+                role=pb.Role.ROLE_ASSISTANT,
+                tool_calls=[
+                    pb.ToolCall(id="call_a", name="get_weather", arguments=PARIS),
+                    pb.ToolCall(id="call_b", name="get_weather", arguments=ROME),
+                ],
+            ),
+            pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_a", content='{"temp":21}'),
+            pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_b", content='{"temp":25}'),
+        ],
+        tools=[WEATHER, pb.Tool(name="now")],
+        tool_choice=pb.ToolChoice(mode=pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION, name="get_weather"),
+        parallel_tool_calls=False,
+        response_format=pb.ResponseFormat(
+            type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+            name="answer",
+            description="The answer",
+            schema='{"type":"object","properties":{"city":{"type":"string"}}}',
+            strict=True,
+        ),
+        choice_count=1,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        user="end-user-42",
+        reasoning_effort=pb.ReasoningEffort.REASONING_EFFORT_LOW,
+        max_tokens=99,
+    )
+    await collect(provider, params)
+    [request] = upstream.requests
+    assert request.body == {
+        "model": "org/upstream-7b",
+        "messages": [
+            {"role": "system", "content": "Use the tools."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Where is this?"},
+                    {"type": "image_url", "image_url": {"url": PNG_URL}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}},
+                    {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": ROME}},
+                ],
+            },
+            {"role": "tool", "content": '{"temp":21}', "tool_call_id": "call_a"},
+            {"role": "tool", "content": '{"temp":25}', "tool_call_id": "call_b"},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": 99,
+        "seed": 1234,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "n": 1,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                    "strict": True,
+                },
+            },
+            {"type": "function", "function": {"name": "now"}},
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "description": "The answer",
+                "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+                "strict": True,
+            },
+        },
+        "user": "end-user-42",
+        "reasoning_effort": "low",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "sent"),
+    [
+        (pb.ToolChoiceMode.TOOL_CHOICE_MODE_NONE, "none"),
+        (pb.ToolChoiceMode.TOOL_CHOICE_MODE_AUTO, "auto"),
+        (pb.ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED, "required"),
+        (pb.ToolChoiceMode.TOOL_CHOICE_MODE_UNSPECIFIED, None),
+    ],
+)
+async def test_tool_choice_modes(
+    upstream: OpenAIUpstream, provider: Provider, mode: pb.ToolChoiceMode.ValueType, sent: str | None
+) -> None:
+    await collect(provider, make_params(tools=[WEATHER], tool_choice=pb.ToolChoice(mode=mode)))
+    assert upstream.requests[0].body.get("tool_choice") == sent
+
+
+@pytest.mark.parametrize(
+    ("kind", "sent"),
+    [
+        (pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_TEXT, {"type": "text"}),
+        (pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT, {"type": "json_object"}),
+    ],
+)
+async def test_plain_response_formats(
+    upstream: OpenAIUpstream, provider: Provider, kind: pb.ResponseFormatType.ValueType, sent: dict[str, str]
+) -> None:
+    await collect(provider, make_params(response_format=pb.ResponseFormat(type=kind)))
+    assert upstream.requests[0].body["response_format"] == sent
+
+
+async def test_streamed_parallel_tool_calls_are_relayed_piece_by_piece(
+    upstream: OpenAIUpstream, provider: Provider
+) -> None:
+    upstream.chunks = ["Let me check."]
+    upstream.tool_calls = [
+        FakeToolCall("call_a", "get_weather", ("", '{"ci', 'ty":"Paris"}')),
+        FakeToolCall("call_b", "get_weather", ('{"city":', '"Rome"}')),
+    ]
+    upstream.finish_reason = "tool_calls"
+    events = await collect(provider, make_params(tools=[WEATHER]))
+    assert events == [
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="Let me check.")),
+        call_delta(0, "", id="call_a", name="get_weather"),
+        call_delta(0, '{"ci'),
+        call_delta(0, 'ty":"Paris"}'),
+        call_delta(1, '{"city":', id="call_b", name="get_weather"),
+        call_delta(1, '"Rome"}'),
+        finish(F.FINISH_REASON_TOOL_CALLS),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("upstream_reason", "expected"),
+    [("stop", F.FINISH_REASON_TOOL_CALLS), ("length", F.FINISH_REASON_LENGTH)],
+)
+async def test_an_answer_with_tool_calls_finishes_tool_calls_unless_cut(
+    upstream: OpenAIUpstream, provider: Provider, upstream_reason: str, expected: pb.FinishReason.ValueType
+) -> None:
+    upstream.chunks, upstream.finish_reason = [], upstream_reason
+    upstream.tool_calls = [FakeToolCall("call_a", "now", ("{}",))]
+    events = await collect(provider, make_params(tools=[WEATHER]))
+    assert events[-1].finish.finish_reason == expected
+
+
+async def test_calls_sent_whole_under_one_index_are_renumbered(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.chunks, upstream.finish_reason = [], "tool_calls"
+    upstream.tool_calls = [FakeToolCall("call_a", "now", ("{}",)), FakeToolCall("call_b", "now", ('{"tz":"UTC"}',))]
+    upstream.tool_call_indexes = [0, 0]  # as some servers send parallel calls: each whole, each with index 0
+    events = await collect(provider, make_params(tools=[WEATHER]))
+    assert events[:-1] == [
+        call_delta(0, "{}", id="call_a", name="now"),
+        call_delta(1, '{"tz":"UTC"}', id="call_b", name="now"),
+    ]
+
+
+async def test_a_call_without_id_gets_one_and_without_name_is_a_protocol_error(
+    upstream: OpenAIUpstream, provider: Provider
+) -> None:
+    upstream.chunks, upstream.finish_reason = [], "tool_calls"
+    upstream.tool_calls = [FakeToolCall("", "now", ("{}",))]
+    [event, _] = await collect(provider, make_params(tools=[WEATHER]))
+    assert event.tool_call.id.startswith("call_") and len(event.tool_call.id) == 29
+    upstream.tool_calls = [FakeToolCall("call_a", "", ("{}",))]
+    with pytest.raises(GatewayError) as raised:
+        await collect(provider, make_params(tools=[WEATHER]))
+    assert raised.value.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+
+
+async def test_several_choices_are_relayed_with_their_indexes_and_finish_reasons(
+    upstream: OpenAIUpstream, provider: Provider
+) -> None:
+    upstream.chunks = ["A", "a"]
+    upstream.choice_chunks = [["B"], ["C", "c"]]
+    upstream.choice_finish_reasons = ["stop", "length", "stop"]
+    events = await collect(provider, make_params(choice_count=3))
+    assert upstream.requests[0].body["n"] == 3
+    assert events == [
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="A")),
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="B", choice_index=1)),
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="C", choice_index=2)),
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="a")),
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="c", choice_index=2)),
+        finish(F.FINISH_REASON_STOP, F.FINISH_REASON_LENGTH, F.FINISH_REASON_STOP),
+    ]
+
+
+@pytest.mark.parametrize(("n", "extra"), [(3, 1), (1, 1)], ids=["upstream-ignored-n", "choice-out-of-range"])
+async def test_choices_that_do_not_match_n_are_a_protocol_error(
+    upstream: OpenAIUpstream, provider: Provider, n: int, extra: int
+) -> None:
+    upstream.choice_chunks = [["B"]] * extra
+    with pytest.raises(GatewayError) as raised:
+        await collect(provider, make_params(choice_count=n))
+    assert raised.value.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL  # never silently fewer (or more) choices
+
+
+async def test_reasoning_and_usage_details_are_relayed(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.reasoning_chunks = ["Thinking", " hard"]
+    upstream.chunks = ["42"]
+    upstream.usage = {
+        "prompt_tokens": 9,
+        "completion_tokens": 5,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 4},
+        "completion_tokens_details": {"reasoning_tokens": 3},
+    }
+    events = await collect(provider, make_params(reasoning_effort=pb.ReasoningEffort.REASONING_EFFORT_HIGH))
+    assert upstream.requests[0].body["reasoning_effort"] == "high"
+    assert events == [
+        svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text="Thinking")),
+        svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text=" hard")),
+        svc.StreamCompletionResponse(delta=svc.ContentDelta(text="42")),
+        svc.StreamCompletionResponse(
+            finish=svc.CompletionFinish(
+                finish_reason=F.FINISH_REASON_STOP,
+                usage=pb.Usage(
+                    prompt_tokens=9, completion_tokens=5, total_tokens=14, cached_tokens=4, reasoning_tokens=3
+                ),
+            )
+        ),
+    ]
+
+
+@pytest.mark.parametrize("fields", [{"logprobs": True}, {"logprobs": True, "top_logprobs": 3}])
+async def test_logprobs_are_refused_before_any_upstream_call(
+    upstream: OpenAIUpstream, provider: Provider, fields: dict[str, Any]
+) -> None:
+    with pytest.raises(GatewayError) as raised:
+        await collect(provider, make_params(**fields))
+    assert raised.value.reason == R.ERROR_REASON_INVALID_REQUEST
+    assert (raised.value.param, raised.value.provider) == ("logprobs", "openai")
+    assert upstream.requests == []
