@@ -45,7 +45,7 @@ async def open_stream(
     if first is grpc.aio.EOF or not first.HasField("start"):
         call.cancel()
         raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
-    encoder = ChunkEncoder(first.start, request.params.include_usage)
+    encoder = ChunkEncoder(first.start, request.params.include_usage, request.params.choice_count)  # 0 (unset): 1
     headers = {
         **_HEADERS,
         "x-request-id": seen.request_id,
@@ -80,8 +80,9 @@ async def _observed(
 
 
 async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: Observation) -> AsyncIterator[bytes]:
-    """Role chunk, content chunks, the finish chunk, the usage chunk when asked, then [DONE].
+    """Role chunk(s), content, reasoning and tool-call chunks, the finish chunk(s), the usage chunk when asked, [DONE].
 
+    With several choices, every delta carries its choice's index; each choice has its own role and finish chunk.
     If the client disconnects, Starlette cancels this generator; the `finally` cancels the gRPC call, which cancels
     the provider in the core. A failure mid-stream ends with an error event, never with an invented finish_reason.
     """
@@ -96,12 +97,14 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
                 break
             kind = event.WhichOneof("event")
             if kind == "delta":
-                yield encoder.content(event.delta.text)
+                yield encoder.content(event.delta.text, event.delta.choice_index)
+            elif kind == "tool_call":
+                yield encoder.tool_call(event.tool_call)
             elif kind == "reasoning":
-                yield encoder.reasoning(event.reasoning.text)
+                yield encoder.reasoning(event.reasoning.text, event.reasoning.choice_index)
             elif kind == "finish":
                 finished = True
-                yield encoder.finish(event.finish.finish_reason)
+                yield encoder.finish(event.finish)
                 if event.finish.HasField("usage"):
                     yield encoder.usage(event.finish.usage)
         if not finished:
