@@ -4,7 +4,17 @@ One `genai.Client` per credential set, shared by every entry that names it and c
 retries are off (the gateway owns retries, and it also drops the SDK's hidden 1-10 s sleep before retrying a
 refused connection). All clients send through one aiohttp session that the backend owns, so that a caller who goes
 away closes the upstream connection at once (see `_OPENED`). No SDK type or error leaves this module; the
-SDK-free translation and both mapping tables live in `gemini_translate`.
+SDK-free parts live beside it: `gemini_translate` (requests and the answer fold), `gemini_tools` (function calling,
+call ids and thought signatures, with the placeholder signature for calls Gemini did not make), `gemini_thinking`
+(the reasoning_effort table) and `gemini_errors` (the upstream error table).
+
+Honoured: tools and tool_choice, parallel_tool_calls=false (only each candidate's first call is relayed),
+response_format, n (candidateCount), seed, presence and frequency penalties, reasoning_effort (where the model's
+family has a setting for it), images. Refused with a 400: logprobs, which no proto field carries back.
+
+google-genai sends what it copies as SDK objects (function declarations, inline data, thinking config) with their
+Python field names (`parameters_json_schema`, `mime_type`, `thinking_level`); Google's JSON parsing accepts both
+spellings, so the exact upstream requests in the tests show them that way.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError
+from services.providers import gemini_errors, gemini_thinking, gemini_tools
 from services.providers import gemini_translate as tr
+from services.validation import check_supported
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,7 +55,22 @@ _OPTIONS = {
     "api_version",
     "timeout_seconds",
     "include_thoughts",
+    "reasoning_effort",
 }
+SUPPORTED = frozenset(
+    {
+        "tools",
+        "parallel_tool_calls",
+        "response_format",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "reasoning_effort",
+        "images",
+    }
+)
+_LEVELS = {level.value for level in types.ThinkingLevel} - {"THINKING_LEVEL_UNSPECIFIED"}
 _API_VERSION = {False: "v1beta", True: "v1beta1"}  # the defaults, Gemini API and Vertex AI; always sent explicitly
 _READ_BUFFER = 2**22  # what google-genai's own session uses: an SSE event is one line, of any length
 
@@ -74,22 +101,36 @@ async def _tracked(call: Awaitable[T], opened: list[aiohttp.ClientResponse]) -> 
 class GeminiProvider:
     """Serves one catalog entry through its backend's shared client."""
 
-    def __init__(self, client: genai.Client, entry: CatalogEntry, include_thoughts: bool) -> None:
+    def __init__(
+        self,
+        client: genai.Client,
+        entry: CatalogEntry,
+        include_thoughts: bool,
+        thinking: Mapping[int, gemini_thinking.Thinking],
+    ) -> None:
         self._models = client.aio.models
         self._name = entry.name
         self._model = entry.model
-        self._thinking = types.ThinkingConfig(include_thoughts=True) if include_thoughts else None
+        self._include_thoughts = include_thoughts
+        self._thinking = dict(thinking)
+        self._placeholder_signatures = gemini_tools.needs_thought_signatures(entry.model)
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        contents, fields = tr.to_request(params, self._name)
-        # Typed, because the SDK sends nested dicts as they are. The gateway offers no tools, so the SDK's automatic
-        # function calling (its own request loop, logged on every call) stays off.
+        check_supported(params, SUPPORTED, provider=gemini_errors.PROVIDER)
+        contents, fields = tr.to_request(
+            params, self._name, self._thinking, placeholder_signatures=self._placeholder_signatures
+        )
+        if self._include_thoughts:
+            fields.setdefault("thinking_config", {})["include_thoughts"] = True
+        # Typed, because the SDK sends nested dicts as they are. The caller runs its own tools, so the SDK's
+        # automatic function calling (its own request loop, logged on every call) stays off.
         config = types.GenerateContentConfig.model_validate(fields)
-        config.thinking_config = self._thinking
         config.automatic_function_calling = types.AutomaticFunctionCallingConfig(disable=True)
-        answer = tr.Answer(self._name)
+        parallel = not params.HasField("parallel_tool_calls") or params.parallel_tool_calls
+        choices = params.choice_count if params.HasField("choice_count") and params.choice_count > 1 else 1
+        answer = tr.Answer(self._name, choices, parallel)
         opened: list[aiohttp.ClientResponse] = []
         try:
             if incremental:
@@ -110,32 +151,30 @@ class GeminiProvider:
         except genai_errors.APIError as exc:  # an HTTP error status, or an error event in the stream
             raise self._api_error(exc) from exc
         except TimeoutError as exc:  # timeout_seconds (aiohttp's total timeout) ran out, connecting or reading
-            raise tr.error(R.ERROR_REASON_UPSTREAM_TIMEOUT, self._name) from exc
+            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_TIMEOUT, self._name) from exc
         except (aiohttp.ClientError, auth_errors.TransportError) as exc:  # refused, reset, dropped mid-body
-            raise tr.error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE, self._name) from exc
+            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE, self._name) from exc
         except auth_errors.GoogleAuthError as exc:  # Vertex AI: no usable Google credentials
             log.warning("no usable Google credentials for %s: %s", self._name, exc)
-            raise tr.error(R.ERROR_REASON_UPSTREAM_AUTH, self._name) from exc
+            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_AUTH, self._name) from exc
         except (genai_errors.UnknownApiResponseError, json.JSONDecodeError, pydantic.ValidationError) as exc:
-            raise tr.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name) from exc
+            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name) from exc
         finally:
             for response in opened:
                 response.close()  # a no-op once the SDK has read it to the end
 
     def _api_error(self, exc: genai_errors.APIError) -> GatewayError:
-        reason = tr.error_reason(exc.code, exc.status, exc.details)
+        reason = gemini_errors.error_reason(exc.code, exc.status, exc.details)
         if reason is None:
             log.error("unexpected Gemini error for %s: HTTP %s %s", self._name, exc.code, exc.status)
             reason = R.ERROR_REASON_INTERNAL
         elif reason == R.ERROR_REASON_UPSTREAM_AUTH:
             log.warning("Gemini refused the credentials for %s: %s %s", self._name, exc.code, exc.message)
-        return tr.error(reason, self._name, exc.message if isinstance(exc.message, str) else "")
+        return gemini_errors.error(reason, self._name, exc.message if isinstance(exc.message, str) else "")
 
 
 def _chunk(response: types.GenerateContentResponse) -> tr.Chunk:
-    """The facts the gateway reads from one response: text parts, finish, block, usage."""
-    candidate = response.candidates[0] if response.candidates else None
-    parts = (candidate.content.parts if candidate is not None and candidate.content is not None else None) or []
+    """The facts the gateway reads from one response: each candidate's parts and finish, block, usage."""
     feedback = response.prompt_feedback
     meta = response.usage_metadata
     counts = None
@@ -147,11 +186,27 @@ def _chunk(response: types.GenerateContentResponse) -> tr.Chunk:
             cached=meta.cached_content_token_count,
         )
     return tr.Chunk(
-        parts=tuple((bool(part.thought), part.text) for part in parts if part.text),
-        function_call=any(part.function_call is not None for part in parts),
-        finish_reason=_name(candidate.finish_reason) if candidate is not None else None,
+        candidates=tuple(_candidate(c, position) for position, c in enumerate(response.candidates or ())),
         block_reason=_name(feedback.block_reason) if feedback is not None else None,
         usage=counts,
+    )
+
+
+def _candidate(candidate: types.Candidate, position: int) -> tr.Candidate:
+    """Text (thought or not) and function-call parts, in order; parts without either are left out."""
+    parts: list[tuple[bool, str] | tr.FunctionCall] = []
+    for part in (candidate.content.parts if candidate.content is not None else None) or ():
+        call = part.function_call
+        if call is not None:
+            arguments = gemini_tools.arguments_text(call.args)
+            parts.append(tr.FunctionCall(call.name or "", arguments, call.id or None, part.thought_signature or None))
+        elif part.text:
+            parts.append((bool(part.thought), part.text))
+    return tr.Candidate(
+        # Gemini numbers its candidates; a lone candidate may come without its index.
+        index=candidate.index if candidate.index is not None else position,
+        parts=tuple(parts),
+        finish_reason=_name(candidate.finish_reason),
     )
 
 
@@ -197,6 +252,7 @@ class GeminiBackend:
         if timeout <= 0:
             raise entry.problem("option 'timeout_seconds' must be > 0")
         include_thoughts = entry.option("include_thoughts", bool, False)
+        thinking = gemini_thinking.thinking_table(entry.model, _effort_overrides(entry))
         api_key = None if vertexai else read_secret(entry, "api_key", self._env)
         timeout_ms = max(1, round(timeout * 1000))  # google-genai counts in milliseconds
         key = (api_key, project, location, base_url, api_version, timeout_ms)
@@ -214,7 +270,7 @@ class GeminiBackend:
             else:  # vertexai=False explicitly: GOOGLE_GENAI_USE_VERTEXAI in the environment must not switch it
                 client = genai.Client(vertexai=False, api_key=api_key, http_options=http_options)
             self._clients[key] = client
-        return GeminiProvider(client, entry, include_thoughts)
+        return GeminiProvider(client, entry, include_thoughts, thinking)
 
     def _shared_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -237,6 +293,26 @@ class GeminiBackend:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+def _effort_overrides(entry: CatalogEntry) -> dict[str, gemini_thinking.Thinking]:
+    """Option `reasoning_effort`: effort name -> thinkingLevel name, thinkingBudget, or null (refused)."""
+    overrides: dict[str, gemini_thinking.Thinking] = {}
+    for effort, value in entry.option("reasoning_effort", dict, {}).items():
+        if effort not in gemini_thinking.EFFORTS:
+            raise entry.problem(
+                f"option 'reasoning_effort': unknown effort {effort!r}; known: {list(gemini_thinking.EFFORTS)}"
+            )
+        if isinstance(value, str) and value.upper() in _LEVELS:
+            overrides[effort] = value.upper()
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            overrides[effort] = value
+        else:
+            raise entry.problem(
+                f"option 'reasoning_effort': {effort!r} must be a thinking level ({', '.join(sorted(_LEVELS))}), "
+                f"a thinking budget in tokens, or null, got {value!r}"
+            )
+    return overrides
 
 
 def create_backend(env: Mapping[str, str]) -> GeminiBackend:

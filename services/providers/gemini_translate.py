@@ -1,23 +1,30 @@
 """Gemini generateContent shapes to and from the core's proto, without the SDK: requests as the plain dicts
-google-genai accepts, answers as the few facts the provider reads from each response, and both mapping tables
-(finish reasons, upstream errors)."""
+google-genai accepts (contents, systemInstruction and the generation config), and answers as the few facts the
+provider reads from each response, folded into the core's events (finish reasons, usage, several candidates).
+
+The parts with rules of their own live beside it, SDK-free too: function calling, call ids and thought signatures in
+`gemini_tools`, the reasoning_effort table in `gemini_thinking`, upstream errors in `gemini_errors`.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.errors import GatewayError, upstream_error
+from services.errors import GatewayError
+from services.providers import gemini_tools
+from services.providers.gemini_errors import PROVIDER, invalid
+from services.providers.gemini_thinking import Thinking, thinking_config
 
 log = logging.getLogger(__name__)
 
-PROVIDER = "gemini"
 R = pb.ErrorReason
 F = pb.FinishReason
+E = pb.ReasoningEffort
 _ROLES = {pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "model"}
 
 # Gemini finishReason -> OpenAI finish_reason. STOP becomes TOOL_CALLS when the answer holds function calls.
@@ -43,8 +50,9 @@ FINISH_REASONS = {
     "IMAGE_OTHER": F.FINISH_REASON_STOP,
     "NO_IMAGE": F.FINISH_REASON_STOP,
 }
-# The model failed to produce an answer the gateway can relay (it never offers tools, so any tool call is broken),
-# or the upstream named no reason at all: an UPSTREAM_PROTOCOL error, never a finish the answer did not reach.
+# The model failed to produce an answer the gateway can relay: a function call it could not form, one to a function
+# the request did not declare (or after tool_choice "none"), more calls than Gemini allows, a history Gemini refused
+# mid-answer, or no reason at all. An UPSTREAM_PROTOCOL error, never a finish the answer did not reach.
 UNUSABLE = {
     "FINISH_REASON_UNSPECIFIED",
     "MALFORMED_FUNCTION_CALL",
@@ -57,95 +65,41 @@ UNUSABLE = {
 # Words in a finish reason newer than this table that mark a policy stop.
 _FILTER_WORDS = ("SAFETY", "PROHIBITED", "BLOCK", "RECITATION")
 
-# The one table of upstream failures: google.rpc status names first (they are the most specific), then the HTTP
-# status. Anything neither knows is logged by the provider and reported as INTERNAL.
-REASON_BY_STATUS = {
-    "INVALID_ARGUMENT": R.ERROR_REASON_INVALID_REQUEST,
-    "FAILED_PRECONDITION": R.ERROR_REASON_INVALID_REQUEST,  # e.g. no free tier in the caller's region
-    "OUT_OF_RANGE": R.ERROR_REASON_INVALID_REQUEST,
-    "UNAUTHENTICATED": R.ERROR_REASON_UPSTREAM_AUTH,
-    "PERMISSION_DENIED": R.ERROR_REASON_UPSTREAM_AUTH,
-    "NOT_FOUND": R.ERROR_REASON_MODEL_NOT_FOUND,
-    "RESOURCE_EXHAUSTED": R.ERROR_REASON_RATE_LIMITED,
-    "DEADLINE_EXCEEDED": R.ERROR_REASON_UPSTREAM_TIMEOUT,
-    "INTERNAL": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "UNAVAILABLE": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-}
-REASON_BY_CODE = {
-    400: R.ERROR_REASON_INVALID_REQUEST,
-    401: R.ERROR_REASON_UPSTREAM_AUTH,
-    403: R.ERROR_REASON_UPSTREAM_AUTH,
-    404: R.ERROR_REASON_MODEL_NOT_FOUND,
-    408: R.ERROR_REASON_UPSTREAM_TIMEOUT,
-    429: R.ERROR_REASON_RATE_LIMITED,
-    500: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    502: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    503: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
-}
-# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST) forward Google's words; the rest would
-# leak upstream details, and a credentials failure is the gateway's, never the caller's.
-_MESSAGES = {
-    R.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
-    R.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
-    R.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
-    R.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
-    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
-    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' sent an answer the gateway cannot use.",
-    R.ERROR_REASON_INTERNAL: "The gateway failed to serve '{model}'.",
-}
+
+# --- The request ---------------------------------------------------------------------------------------------------
 
 
-def error(reason: pb.ErrorReason.ValueType, model: str, upstream_message: str = "") -> GatewayError:
-    """The GatewayError for `reason`; `model` is the public name."""
-    return upstream_error(
-        reason, model=model, provider=PROVIDER, templates=_MESSAGES, upstream_message=upstream_message
-    )
+def to_request(
+    params: pb.CompletionParams, model: str, thinking: Mapping[int, Thinking], *, placeholder_signatures: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(contents, config) for generate_content; `model` is the public name, `thinking` the reasoning_effort table.
 
-
-def error_reason(code: object, status: object, details: object) -> pb.ErrorReason.ValueType | None:
-    """The reason for an upstream error (HTTP status, google.rpc status name, error body); None if unknown."""
-    if _api_key_rejected(details):  # Google answers a bad key with 400 INVALID_ARGUMENT
-        return R.ERROR_REASON_UPSTREAM_AUTH
-    if isinstance(status, str) and status in REASON_BY_STATUS:
-        return REASON_BY_STATUS[status]
-    if not isinstance(code, int) or isinstance(code, bool):
-        return None
-    if code in REASON_BY_CODE:
-        return REASON_BY_CODE[code]
-    return R.ERROR_REASON_UPSTREAM_UNAVAILABLE if 500 <= code < 600 else None
-
-
-def _api_key_rejected(details: object) -> bool:
-    """Whether an error body carries ErrorInfo.reason API_KEY_INVALID (or another API_KEY_* reason)."""
-    error = details.get("error", details) if isinstance(details, Mapping) else None
-    entries = error.get("details") if isinstance(error, Mapping) else None
-    if not isinstance(entries, list):
-        return False
-    return any(isinstance(entry, Mapping) and str(entry.get("reason", "")).startswith("API_KEY_") for entry in entries)
-
-
-def to_request(params: pb.CompletionParams, model: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(contents, config) for generate_content: system messages become systemInstruction's parts, in order; user
-    and assistant turns become user and model turns, consecutive ones of the same role merged into one."""
+    System messages become systemInstruction's parts, in order; user and assistant turns become user and model
+    turns, tool results user turns, consecutive ones of the same role merged into one. `placeholder_signatures`
+    (for models that require thought signatures) signs the function calls Gemini did not sign: see `gemini_tools`.
+    """
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
-    for message in params.messages:
+    names: dict[str, str] = {}  # tool call id -> function name, for the tool messages that answer the calls
+    for index, message in enumerate(params.messages):
         if message.role == pb.Role.ROLE_SYSTEM:
-            system.append({"text": message.content})
+            system.extend(_content(message, index, images=False))
             continue
-        role = _ROLES[message.role]
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].append({"text": message.content})
+        if message.role == pb.Role.ROLE_TOOL:
+            role, parts = "user", [gemini_tools.function_response_part(message, index, names)]
         else:
-            contents.append({"role": role, "parts": [{"text": message.content}]})
+            role, parts = _ROLES[message.role], _content(message, index, images=True)
+            for call_index, call in enumerate(message.tool_calls):
+                names[call.id] = call.name
+                parts.append(gemini_tools.function_call_part(call, f"messages[{index}].tool_calls[{call_index}]"))
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    if placeholder_signatures:
+        gemini_tools.sign_unsigned_calls(contents)
     if not contents:
-        raise GatewayError(
-            R.ERROR_REASON_INVALID_REQUEST,
-            f"'{model}' needs at least one user or assistant message besides system messages.",
-            param="messages",
-            provider=PROVIDER,
-        )
+        raise invalid(f"'{model}' needs at least one user or assistant message besides system messages.", "messages")
     config: dict[str, Any] = {}
     if system:
         config["system_instruction"] = {"parts": system}
@@ -154,7 +108,57 @@ def to_request(params: pb.CompletionParams, model: str) -> tuple[list[dict[str, 
             config[theirs] = getattr(params, ours)
     if params.stop_sequences:
         config["stop_sequences"] = list(params.stop_sequences)
+    if params.HasField("choice_count") and params.choice_count > 1:
+        config["candidate_count"] = params.choice_count
+    if params.HasField("seed"):
+        if not -(2**31) <= params.seed < 2**31:  # Gemini's seed is an int32
+            raise invalid(f"'seed' must fit in 32 bits for '{model}', got {params.seed}", "seed")
+        config["seed"] = params.seed
+    for ours, theirs in (("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
+        if params.HasField(ours) and getattr(params, ours) != 0:  # 0 is the default: not sent
+            config[theirs] = getattr(params, ours)
+    config.update(gemini_tools.tool_config(params))
+    config.update(_response_format(params.response_format))
+    if params.reasoning_effort != E.REASONING_EFFORT_UNSPECIFIED:
+        config["thinking_config"] = thinking_config(params.reasoning_effort, thinking, model)
     return contents, config
+
+
+def _content(message: pb.Message, index: int, *, images: bool) -> list[dict[str, Any]]:
+    """A message's text and image parts, in order. An assistant message that only called tools has none."""
+    if not message.parts:
+        if not message.content and message.tool_calls:
+            return []
+        return [{"text": message.content}]
+    parts: list[dict[str, Any]] = []
+    for part_index, part in enumerate(message.parts):
+        if part.HasField("image"):
+            where = f"messages[{index}].content[{part_index}]"
+            if not images:
+                raise invalid("Gemini takes images only in user messages.", where)
+            if not part.image.data:  # the core fetches remote images before a provider sees them
+                raise invalid("The image was not fetched.", where)
+            parts.append({"inlineData": {"mimeType": part.image.media_type, "data": part.image.data}})
+        else:
+            parts.append({"text": part.text})
+    return parts
+
+
+def _response_format(response_format: pb.ResponseFormat) -> dict[str, Any]:
+    """responseMimeType (and responseJsonSchema, the schema as given) for structured output. Gemini always decodes
+    to the schema, so `strict` is honoured either way; `name` and `description` have no place upstream."""
+    kind = response_format.type
+    if kind == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
+        return {"response_mime_type": "application/json"}
+    if kind == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        config: dict[str, Any] = {"response_mime_type": "application/json"}
+        if response_format.schema:
+            config["response_json_schema"] = gemini_tools.schema(response_format.schema, "response_format")
+        return config
+    return {}
+
+
+# --- The answer ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +172,29 @@ class UsageCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A functionCall part, as Gemini sent it."""
+
+    name: str
+    arguments: str  # args as compact JSON text
+    id: str | None = None
+    signature: bytes | None = None  # the part's thoughtSignature
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """What the gateway reads from one candidate of one response."""
+
+    index: int  # the choice it is
+    parts: tuple[tuple[bool, str] | FunctionCall, ...] = ()  # in order: (is a thought, text), or a function call
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """What the gateway reads from one GenerateContentResponse (a stream chunk, or a whole answer)."""
 
-    parts: tuple[tuple[bool, str], ...] = ()  # (is a thought, text), in order; parts without text left out
-    function_call: bool = False  # the candidate holds a functionCall part
-    finish_reason: str | None = None  # candidates[0].finishReason
+    candidates: tuple[Candidate, ...] = ()
     block_reason: str | None = None  # promptFeedback.blockReason: the prompt was refused, no candidates
     usage: UsageCounts | None = None
 
@@ -204,49 +225,91 @@ def finish_reason(name: str, function_call: bool) -> pb.FinishReason.ValueType |
     return reason
 
 
-class Answer:
-    """Turns one answer's chunks into events: reasoning and content deltas as they come, then one finish."""
+@dataclass(slots=True)
+class _Choice:
+    """One candidate's progress."""
 
-    def __init__(self, model: str) -> None:
-        self._model = model  # the public name, for error messages
-        self._finish: str | None = None
-        self._blocked = False
-        self._function_call = False
-        self._usage: UsageCounts | None = None
+    finish: str | None = None
+    calls: int = 0  # function calls seen, relayed or not
+
+
+@dataclass(slots=True)
+class Answer:
+    """Turns one answer's chunks into events: reasoning, content and tool-call deltas as they come, then one finish.
+
+    `choices` is how many candidates the request asked for; `parallel_tool_calls=False` relays only each candidate's
+    first function call (Gemini has no switch for it).
+    """
+
+    model: str  # the public name, for error messages
+    choices: int = 1
+    parallel_tool_calls: bool = True
+    _state: list[_Choice] = field(init=False)
+    _blocked: bool = field(init=False, default=False)
+    _usage: UsageCounts | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self._state = [_Choice() for _ in range(self.choices)]
 
     def events(self, chunk: Chunk) -> Iterator[svc.StreamCompletionResponse]:
-        """The deltas of one chunk; remembers its finish reason and usage (the last chunk's usage wins)."""
-        for thought, text in chunk.parts:
-            if thought:
-                yield svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text=text))
-            else:
-                yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
-        self._function_call = self._function_call or chunk.function_call
-        if chunk.finish_reason is not None:
-            self._finish = chunk.finish_reason
+        """The deltas of one chunk; remembers finish reasons and usage (the last chunk's usage wins)."""
+        for candidate in chunk.candidates:
+            if not 0 <= candidate.index < self.choices:
+                raise self._unusable(f"sent candidate {candidate.index}, which the request did not ask for")
+            state = self._state[candidate.index]
+            for part in candidate.parts:
+                if isinstance(part, FunctionCall):
+                    if self.parallel_tool_calls or state.calls == 0:
+                        yield svc.StreamCompletionResponse(
+                            tool_call=self._tool_call(candidate.index, state.calls, part)
+                        )
+                    state.calls += 1
+                elif part[0]:
+                    yield svc.StreamCompletionResponse(
+                        reasoning=svc.ReasoningDelta(text=part[1], choice_index=candidate.index)
+                    )
+                else:
+                    yield svc.StreamCompletionResponse(
+                        delta=svc.ContentDelta(text=part[1], choice_index=candidate.index)
+                    )
+            if candidate.finish_reason is not None:
+                state.finish = candidate.finish_reason
         if chunk.block_reason is not None:
             self._blocked = True
         if chunk.usage is not None:
             self._usage = chunk.usage
 
+    def _tool_call(self, choice: int, index: int, call: FunctionCall) -> svc.ToolCallDelta:
+        """A whole call in one delta: Gemini sends each functionCall complete."""
+        if not call.name:
+            raise self._unusable("sent a function call without a name")
+        call_id = gemini_tools.mint_call_id(call.id, call.signature)
+        return svc.ToolCallDelta(choice_index=choice, index=index, id=call_id, name=call.name, arguments=call.arguments)
+
     def finish(self) -> svc.StreamCompletionResponse:
-        """The last event; raises UPSTREAM_PROTOCOL when the answer ended without a usable finish reason."""
-        if self._blocked and self._finish is None:
-            # A refused prompt is answered like a filtered answer: empty content, finish_reason content_filter.
-            reason: pb.FinishReason.ValueType | None = F.FINISH_REASON_CONTENT_FILTER
-        elif self._finish is None:  # cut short: never a fabricated stop
-            raise self._unusable("ended its answer without a finish reason")
-        else:
-            reason = finish_reason(self._finish, self._function_call)
+        """The last event; raises UPSTREAM_PROTOCOL when a candidate ended without a usable finish reason."""
+        reasons: list[pb.FinishReason.ValueType] = []
+        for choice, state in enumerate(self._state):
+            which = f" (candidate {choice})" if choice else ""
+            if self._blocked and state.finish is None:
+                # A refused prompt is answered like a filtered answer: empty content, finish_reason content_filter.
+                reasons.append(F.FINISH_REASON_CONTENT_FILTER)
+                continue
+            if state.finish is None:  # cut short: never a fabricated stop
+                raise self._unusable(f"ended its answer without a finish reason{which}")
+            reason = finish_reason(state.finish, state.calls > 0)
             if reason is None:
-                raise self._unusable(f"ended its answer with finish reason {self._finish}, which cannot be relayed")
-        finish = svc.CompletionFinish(finish_reason=reason)
+                raise self._unusable(
+                    f"ended its answer with finish reason {state.finish}{which}, which cannot be relayed"
+                )
+            reasons.append(reason)
+        finish = svc.CompletionFinish(finish_reason=reasons[0], additional_finish_reasons=reasons[1:])
         if self._usage is not None:
             finish.usage.CopyFrom(usage(self._usage))
         return svc.StreamCompletionResponse(finish=finish)
 
     def _unusable(self, what: str) -> GatewayError:
-        log.warning("gemini upstream for %s %s", self._model, what)
+        log.warning("gemini upstream for %s %s", self.model, what)
         return GatewayError(
-            R.ERROR_REASON_UPSTREAM_PROTOCOL, f"The upstream serving '{self._model}' {what}.", provider=PROVIDER
+            R.ERROR_REASON_UPSTREAM_PROTOCOL, f"The upstream serving '{self.model}' {what}.", provider=PROVIDER
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,8 +17,8 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, write_catalog
-from tests.fakes.gemini import GeminiUpstream, google_error, serve_gemini
-from tests.fakes.openai_upstream import serve_openai_upstream
+from tests.fakes.gemini import Candidate, GeminiUpstream, google_error, serve_gemini
+from tests.fakes.openai_upstream import FakeToolCall, serve_openai_upstream
 
 MODEL = "gemini-3-flash-preview"
 GEMINI_KEY = "AIza-gateway-secret-0123456789abcdef"
@@ -24,9 +27,9 @@ MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "use
 Gateway = Callable[..., Awaitable[str]]
 
 
-def gemini_entry(base_url: str, name: str = MODEL) -> dict[str, Any]:
+def gemini_entry(base_url: str, name: str = MODEL, model: str = MODEL) -> dict[str, Any]:
     options = {"api_key_env": "GEMINI_API_KEY", "base_url": base_url, "timeout_seconds": 5}
-    return {"name": name, "provider": "gemini", "model": MODEL, "owned_by": "google", "options": options}
+    return {"name": name, "provider": "gemini", "model": model, "owned_by": "google", "options": options}
 
 
 @pytest.fixture
@@ -44,7 +47,7 @@ async def client(tmp_path: Path, upstream: GeminiUpstream, gateway_for: Gateway)
 
 async def stream_all(client: openai.AsyncOpenAI, **request: Any) -> list[Any]:
     stream = await client.chat.completions.create(
-        model=MODEL, messages=request.pop("messages", MESSAGES), stream=True, **request
+        model=request.pop("model", MODEL), messages=request.pop("messages", MESSAGES), stream=True, **request
     )
     return [chunk async for chunk in stream]
 
@@ -137,7 +140,7 @@ async def test_every_finish_reason(client: openai.AsyncOpenAI, upstream: GeminiU
 
 
 async def test_a_function_call_finishes_with_tool_calls(client: openai.AsyncOpenAI, upstream: GeminiUpstream) -> None:
-    upstream.function_call = {"name": "get_weather", "args": {"city": "Paris"}}
+    upstream.function_calls = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]
     plain = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert plain.choices[0].finish_reason == "tool_calls"
     assert finish_of(await stream_all(client)) == ["tool_calls"]
@@ -360,3 +363,278 @@ async def test_same_request_to_deepseek_and_gemini_looks_the_same(tmp_path: Path
                 seen[f"{model} 429"] = (raised.value.status_code, raised.value.type, raised.value.code)
     assert seen["deepseek-v3.2"] == seen[MODEL]
     assert seen["deepseek-v3.2 429"] == seen[f"{MODEL} 429"]
+
+
+# --- Issue 8: tools, structured output and several choices, end to end --------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city", "parameters": SCHEMA},
+    }
+]
+DECLARATIONS = [
+    {
+        "functionDeclarations": [
+            {"name": "get_weather", "description": "The weather in a city", "parameters_json_schema": SCHEMA}
+        ]
+    }
+]
+QUESTION: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+SIGNATURE = b"\xfb\xff\xbfsig"
+SIGNED_CALL = {
+    "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},  # no id: Gemini often sends none
+    "thoughtSignature": base64.b64encode(SIGNATURE).decode(),
+}
+MINTED_ID = re.compile(r"call_[0-9a-f]{24}~ts~-_-_c2ln")  # the synthesised id, carrying the signature
+
+
+def tool_call_pieces(chunks: list[Any]) -> list[tuple[int, int, str | None, str | None, str | None]]:
+    """(choice, index, id, name, arguments) of every tool-call delta, in order."""
+    return [
+        (
+            choice.index,
+            call.index,
+            call.id,
+            call.function and call.function.name,
+            call.function and call.function.arguments,
+        )
+        for chunk in chunks
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or []
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_tool_loop_call_result_answer(
+    client: openai.AsyncOpenAI, upstream: GeminiUpstream, stream: bool
+) -> None:
+    upstream.texts, upstream.function_calls = [], [SIGNED_CALL]
+    if stream:
+        chunks = await stream_all(client, messages=QUESTION, tools=TOOLS)
+        [(_, _, call_id, name, arguments)] = tool_call_pieces(chunks)  # the whole call in its first delta
+        assert finish_of(chunks) == ["tool_calls"]
+        assert content_of(chunks) == ""
+        assistant: dict[str, Any] = {
+            "role": "assistant",
+            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}],
+        }
+    else:
+        first = await client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS)
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        [call] = choice.message.tool_calls or []
+        call_id, name, arguments = call.id, call.function.name, call.function.arguments
+        assert call.type == "function"
+        assistant = choice.message.model_dump(exclude_none=True)
+    assert MINTED_ID.fullmatch(call_id or "")
+    assert (name, arguments) == ("get_weather", '{"city":"Paris"}')
+
+    upstream.texts, upstream.function_calls = ["Sunny, ", "21 °C."], []
+    history = [*QUESTION, assistant, {"role": "tool", "tool_call_id": call_id, "content": '{"temp_c": 21}'}]
+    if stream:
+        final = await stream_all(client, messages=history, tools=TOOLS)
+        assert content_of(final) == "Sunny, 21 °C." and finish_of(final) == ["stop"]
+    else:
+        answer = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
+        assert answer.choices[0].message.content == "Sunny, 21 °C." and answer.choices[0].finish_reason == "stop"
+        assert answer.choices[0].message.tool_calls is None
+    first_body, second_body = (request.body for request in upstream.requests)
+    assert first_body == {
+        "contents": [{"role": "user", "parts": [{"text": "Weather in Paris?"}]}],
+        "tools": DECLARATIONS,
+        "generationConfig": {},
+    }
+    assert second_body["contents"] == [
+        {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+        {
+            "role": "model",
+            # the thought signature is back on its part (base64url, as google-genai sends bytes); no id was minted
+            "parts": [
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "-_-_c2ln"}
+            ],
+        },
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}]},
+    ]
+
+
+async def test_two_parallel_tool_calls_in_one_stream(client: openai.AsyncOpenAI, upstream: GeminiUpstream) -> None:
+    upstream.texts, upstream.calls_in_one_chunk = ["Checking."], True  # both calls in one Gemini chunk
+    upstream.function_calls = [
+        SIGNED_CALL,
+        {"functionCall": {"id": "fc-2", "name": "get_weather", "args": {"city": "Rome"}}},
+    ]
+    chunks = await stream_all(client, messages=QUESTION, tools=TOOLS, tool_choice="required")
+    pieces = tool_call_pieces(chunks)
+    assert MINTED_ID.fullmatch(pieces[0][2] or "")
+    assert pieces == [
+        (0, 0, pieces[0][2], "get_weather", '{"city":"Paris"}'),
+        (0, 1, "fc-2", "get_weather", '{"city":"Rome"}'),  # Gemini's own id, unsigned
+    ]
+    assert content_of(chunks) == "Checking." and finish_of(chunks) == ["tool_calls"]
+    assert upstream.requests[0].body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
+
+    named: Any = {"type": "function", "function": {"name": "get_weather"}}
+    plain = await client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=named, parallel_tool_calls=False
+    )
+    [call] = plain.choices[0].message.tool_calls or []  # the first call only
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city":"Paris"}')
+    assert plain.choices[0].message.content == "Checking." and plain.choices[0].finish_reason == "tool_calls"
+    assert upstream.requests[1].body["toolConfig"] == {
+        "functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_structured_output(client: openai.AsyncOpenAI, upstream: GeminiUpstream, stream: bool) -> None:
+    upstream.texts = ['{"city":', '"Paris"}']
+    response_format: Any = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA, "strict": True}}
+    if stream:
+        chunks = await stream_all(client, messages=QUESTION, response_format=response_format)
+        content, finish = content_of(chunks), finish_of(chunks)
+    else:
+        reply = await client.chat.completions.create(model=MODEL, messages=QUESTION, response_format=response_format)
+        content, finish = reply.choices[0].message.content or "", [reply.choices[0].finish_reason]
+    assert json.loads(content) == {"city": "Paris"} and finish == ["stop"]
+    assert upstream.requests[0].body["generationConfig"] == {
+        "responseMimeType": "application/json",
+        "responseJsonSchema": SCHEMA,
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_several_choices(client: openai.AsyncOpenAI, upstream: GeminiUpstream, stream: bool) -> None:
+    upstream.texts = ["Hi", "!"]
+    upstream.extra_candidates = [Candidate(texts=["Hello", " there"], finish_reason="MAX_TOKENS")]
+    if stream:
+        chunks = await stream_all(client, n=2, seed=7, stream_options={"include_usage": True})
+        contents: dict[int, str] = {}
+        finishes: dict[int, str] = {}
+        for chunk in chunks:
+            for choice in chunk.choices:
+                contents[choice.index] = contents.get(choice.index, "") + (choice.delta.content or "")
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        assert contents == {0: "Hi!", 1: "Hello there"} and finishes == {0: "stop", 1: "length"}
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 11
+    else:
+        reply = await client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, seed=7)
+        assert [(c.index, c.message.content, c.finish_reason) for c in reply.choices] == [
+            (0, "Hi!", "stop"),
+            (1, "Hello there", "length"),
+        ]
+    assert upstream.requests[0].body["generationConfig"] == {"candidateCount": 2, "seed": 7}
+
+
+async def test_log_probabilities_are_refused(client: openai.AsyncOpenAI, upstream: GeminiUpstream) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True, stream=stream)
+        assert raised.value.param == "logprobs"
+    assert upstream.requests == []
+
+
+async def test_the_same_tool_loop_on_deepseek_and_gemini(tmp_path: Path, gateway_for: Gateway) -> None:
+    """The agent loop written against the OpenAI SDK works unchanged on both; only the call ids differ."""
+    async with serve_gemini(api_key=GEMINI_KEY) as gemini, serve_openai_upstream() as deepseek:
+        deepseek_entry = {"name": "deepseek-v3.2", "provider": "openai", "model": "deepseek-chat",
+                          "options": {"base_url": deepseek.url}}  # fmt: skip
+        base_url = await gateway_for(write_catalog(tmp_path, [deepseek_entry, gemini_entry(gemini.url)]), ENV)
+        seen: dict[str, Any] = {}
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+            for model in ("deepseek-v3.2", MODEL):
+                for stream in (False, True):
+                    gemini.texts, gemini.function_calls = [], [SIGNED_CALL]
+                    deepseek.chunks, deepseek.finish_reason = [], "tool_calls"
+                    deepseek.tool_calls = [FakeToolCall("call_ds1", "get_weather", ('{"city":', '"Paris"}'))]
+                    steps: list[Any] = []
+                    history = list(QUESTION)
+                    for _ in range(2):  # call the tool, then answer
+                        message, finish = await _ask(sdk, model, history, stream)
+                        steps.append((message.get("content") or "", finish, [
+                            (c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                            for c in message.get("tool_calls", [])
+                        ]))  # fmt: skip
+                        history.append(message)
+                        history.extend(
+                            {"role": "tool", "tool_call_id": c["id"], "content": '{"temp_c": 21}'}
+                            for c in message.get("tool_calls", [])
+                        )
+                        gemini.texts, gemini.function_calls = ["Sunny."], []
+                        deepseek.chunks, deepseek.finish_reason, deepseek.tool_calls = ["Sunny."], "stop", []
+                    seen[f"{model} stream={stream}"] = steps
+    expected = [("", "tool_calls", [("function", "get_weather", {"city": "Paris"})]), ("Sunny.", "stop", [])]
+    assert seen == {key: expected for key in seen} and len(seen) == 4
+
+
+async def test_a_conversation_begun_on_another_model_continues_on_gemini(tmp_path: Path, gateway_for: Gateway) -> None:
+    """DeepSeek made the tool call, so it carries no thought signature: Gemini 3 gets Google's documented placeholder
+    (the fake refuses an unsigned call in the current turn, as Gemini 3 does), Gemini 2.5 gets the call as it is."""
+    async with serve_gemini(api_key=GEMINI_KEY) as gemini, serve_openai_upstream() as deepseek:
+        deepseek_entry = {"name": "deepseek-v3.2", "provider": "openai", "model": "deepseek-chat",
+                          "options": {"base_url": deepseek.url}}  # fmt: skip
+        catalog = [
+            deepseek_entry,
+            gemini_entry(gemini.url),
+            gemini_entry(gemini.url, name="gemini-2.5-flash", model="gemini-2.5-flash"),
+        ]
+        base_url = await gateway_for(write_catalog(tmp_path, catalog), ENV)
+        deepseek.chunks, deepseek.finish_reason = [], "tool_calls"
+        deepseek.tool_calls = [FakeToolCall("call_ds1", "get_weather", ('{"city":', '"Paris"}'))]
+        gemini.texts = ["Sunny."]
+        async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+            message, _ = await _ask(sdk, "deepseek-v3.2", list(QUESTION), stream=False)
+            history = [*QUESTION, message, {"role": "tool", "tool_call_id": "call_ds1", "content": '{"temp_c": 21}'}]
+            for model in (MODEL, "gemini-2.5-flash"):
+                for stream in (False, True):
+                    answer, finish = await _ask(sdk, model, history, stream)
+                    assert (answer["content"], finish) == ("Sunny.", "stop")
+    placeholder = {
+        "thoughtSignature": "c2tpcF90aG91Z2h0X3NpZ25hdHVyZV92YWxpZGF0b3I="
+    }  # b"skip_thought_signature_validator"
+    for request, signed in zip(gemini.requests, [placeholder, placeholder, {}, {}], strict=True):
+        assert request.body["contents"] == [
+            {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"id": "call_ds1", "name": "get_weather", "args": {"city": "Paris"}}, **signed}
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"id": "call_ds1", "name": "get_weather", "response": {"temp_c": 21}}}],
+            },
+        ]
+    assert [request.model for request in gemini.requests] == [MODEL, MODEL, "gemini-2.5-flash", "gemini-2.5-flash"]
+
+
+async def _ask(sdk: openai.AsyncOpenAI, model: str, history: list[Any], stream: bool) -> tuple[dict[str, Any], str]:
+    """The assistant message as an agent loop rebuilds it (whole, or from the stream), and the finish reason."""
+    if not stream:
+        reply = await sdk.chat.completions.create(model=model, messages=history, tools=TOOLS)
+        return reply.choices[0].message.model_dump(exclude_none=True), reply.choices[0].finish_reason
+    chunks = await stream_all(sdk, model=model, messages=history, tools=TOOLS)
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"type": "function", "function": {"name": "", "arguments": ""}})
+                if delta.id:
+                    call["id"] = delta.id
+                if delta.function and delta.function.name:
+                    call["function"]["name"] = delta.function.name
+                if delta.function and delta.function.arguments:
+                    call["function"]["arguments"] += delta.function.arguments
+    message: dict[str, Any] = {"role": "assistant", "content": content_of(chunks)}
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    [finish] = finish_of(chunks)
+    return message, finish

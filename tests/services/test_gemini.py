@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -16,10 +19,10 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, CatalogError, MissingSecret
 from services.errors import GatewayError
-from services.providers import Provider
+from services.providers import Provider, gemini_errors, gemini_tools
 from services.providers import gemini_translate as tr
 from services.providers.gemini import GeminiBackend, create_backend
-from tests.fakes.gemini import GeminiUpstream, google_error, serve_gemini
+from tests.fakes.gemini import Candidate, GeminiUpstream, google_error, serve_gemini
 
 R = pb.ErrorReason
 F = pb.FinishReason
@@ -38,23 +41,37 @@ def make_params(*messages: tuple[int, str], **fields: Any) -> pb.CompletionParam
     return pb.CompletionParams(model="gemini-test", messages=turns, **fields)
 
 
-async def run(
+async def collect(
     provider: Provider, params: pb.CompletionParams | None = None, *, incremental: bool = True
-) -> tuple[list[tuple[str, str]], svc.CompletionFinish]:
-    """(kind, text) of each delta, and the finish; checks that the finish comes last and exactly once."""
-    deltas: list[tuple[str, str]] = []
+) -> tuple[list[svc.StreamCompletionResponse], svc.CompletionFinish]:
+    """Every event before the finish, and the finish; checks that the finish comes last and exactly once."""
+    events: list[svc.StreamCompletionResponse] = []
     finish: svc.CompletionFinish | None = None
-    async with aclosing(provider.stream(params or make_params(), incremental=incremental)) as events:  # type: ignore[type-var]
-        async for event in events:
+    async with aclosing(provider.stream(params or make_params(), incremental=incremental)) as stream:  # type: ignore[type-var]
+        async for event in stream:
             assert finish is None, "an event after the finish"
-            kind = event.WhichOneof("event")
-            if kind == "finish":
+            if event.WhichOneof("event") == "finish":
                 finish = event.finish
             else:
-                text = getattr(event, kind).text
-                assert text, "deltas are never empty"
-                deltas.append((kind, text))
+                events.append(event)
     assert finish is not None
+    return events, finish
+
+
+async def run(
+    provider: Provider, params: pb.CompletionParams | None = None, *, incremental: bool = True
+) -> tuple[list[tuple[str, Any]], svc.CompletionFinish]:
+    """(kind, text) of each delta ((kind, ToolCallDelta) for tool calls) of choice 0, and the finish."""
+    deltas: list[tuple[str, Any]] = []
+    events, finish = await collect(provider, params, incremental=incremental)
+    for event in events:
+        kind = event.WhichOneof("event")
+        assert getattr(event, kind).choice_index == 0
+        if kind == "tool_call":
+            deltas.append((kind, event.tool_call))
+        else:
+            assert getattr(event, kind).text, "deltas are never empty"
+            deltas.append((kind, getattr(event, kind).text))
     return deltas, finish
 
 
@@ -167,9 +184,8 @@ async def test_a_conversation_of_only_system_messages_is_refused_before_sending(
 
 
 def test_assistant_turns_become_model_turns_wherever_they_are() -> None:
-    contents, config = tr.to_request(
-        make_params((pb.Role.ROLE_ASSISTANT, "a"), (pb.Role.ROLE_ASSISTANT, "b"), (pb.Role.ROLE_USER, "c")), "m"
-    )
+    params = make_params((pb.Role.ROLE_ASSISTANT, "a"), (pb.Role.ROLE_ASSISTANT, "b"), (pb.Role.ROLE_USER, "c"))
+    contents, config = tr.to_request(params, "m", {}, placeholder_signatures=True)
     assert contents == [
         {"role": "model", "parts": [{"text": "a"}, {"text": "b"}]},
         {"role": "user", "parts": [{"text": "c"}]},
@@ -266,7 +282,7 @@ async def test_function_calls_turn_stop_into_tool_calls(
     incremental: bool,
 ) -> None:
     upstream.finish_reason = gemini
-    upstream.function_call = {"name": "get_weather", "args": {"city": "Paris"}}
+    upstream.function_calls = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]
     _, finish = await run(provider, incremental=incremental)
     assert finish.finish_reason == expected
 
@@ -321,6 +337,620 @@ async def test_a_stream_without_a_finish_reason_is_a_protocol_error(
     exc = await fail(provider)
     assert exc.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL  # never a fabricated "stop"
     assert "without a finish reason" in exc.message
+
+
+# --- Tools, structured output, images and the other parameters: the request ----------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER = pb.Tool(name="get_weather", description="Current weather in a city.", parameters=json.dumps(SCHEMA))
+CLOCK = pb.Tool(name="get_time")  # no description, no arguments
+M = pb.ToolChoiceMode
+SIGNATURE = b"\xfb\xff\xbfsig"  # base64 "+/+/c2ln", base64url "-_-_c2ln": the two alphabets differ
+SIGNATURE_B64 = base64.b64encode(SIGNATURE).decode()  # as Gemini sends it
+# As google-genai sends bytes (thoughtSignature, inlineData.data): base64url, which Google's JSON parsing accepts too.
+SIGNATURE_WIRE = base64.urlsafe_b64encode(SIGNATURE).decode()
+MINTED_ID = re.compile(r"call_[0-9a-f]{24}")
+# Google's documented placeholder for calls Gemini did not sign, as google-genai sends the bytes of its text.
+PLACEHOLDER_WIRE = "c2tpcF90aG91Z2h0X3NpZ25hdHVyZV92YWxpZGF0b3I="
+assert base64.urlsafe_b64decode(PLACEHOLDER_WIRE) == b"skip_thought_signature_validator"
+
+
+def user(text: str) -> pb.Message:
+    return pb.Message(role=pb.Role.ROLE_USER, content=text)
+
+
+def assistant(text: str = "", *calls: tuple[str, str, str]) -> pb.Message:
+    tool_calls = [pb.ToolCall(id=i, name=n, arguments=a) for i, n, a in calls]
+    return pb.Message(role=pb.Role.ROLE_ASSISTANT, content=text, tool_calls=tool_calls)
+
+
+def tool(call_id: str, content: str) -> pb.Message:
+    return pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id=call_id, content=content)
+
+
+def conversation(*messages: pb.Message, **fields: Any) -> pb.CompletionParams:
+    return pb.CompletionParams(model="gemini-test", messages=messages, **fields)
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("choice", "strict", "config"),
+    [
+        (None, False, None),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_AUTO), False, {"mode": "AUTO"}),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_NONE), False, {"mode": "NONE"}),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_REQUIRED), False, {"mode": "ANY"}),
+        (
+            pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_FUNCTION, name="get_time"),
+            False,
+            {"mode": "ANY", "allowedFunctionNames": ["get_time"]},
+        ),
+        # strict: calls made with constrained decoding; ANY constrains them already, NONE makes none
+        (None, True, {"mode": "VALIDATED"}),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_AUTO), True, {"mode": "VALIDATED"}),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_REQUIRED), True, {"mode": "ANY"}),
+        (pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_NONE), True, {"mode": "NONE"}),
+    ],
+    ids=["unset", "auto", "none", "required", "function", "strict", "strict-auto", "strict-required", "strict-none"],
+)
+async def test_tools_become_function_declarations_and_tool_choice_a_calling_mode(
+    upstream: GeminiUpstream,
+    provider: Provider,
+    choice: pb.ToolChoice | None,
+    strict: bool,
+    config: dict[str, Any] | None,
+    incremental: bool,
+) -> None:
+    weather = pb.Tool()
+    weather.CopyFrom(WEATHER)
+    if strict:
+        weather.strict = True
+    params = conversation(user("Weather in Paris?"), tools=[weather, CLOCK])
+    if choice is not None:
+        params.tool_choice.CopyFrom(choice)
+    await run(provider, params, incremental=incremental)
+    [request] = upstream.requests
+    expected: dict[str, Any] = {
+        "contents": [{"role": "user", "parts": [{"text": "Weather in Paris?"}]}],
+        # google-genai copies each declaration with its Python field names: parameters_json_schema is Gemini's
+        # parametersJsonSchema (JSON Schema as given), not the OpenAPI-subset `parameters`.
+        "tools": [
+            {
+                "functionDeclarations": [
+                    {
+                        "name": "get_weather",
+                        "description": "Current weather in a city.",
+                        "parameters_json_schema": SCHEMA,
+                    },
+                    {"name": "get_time"},
+                ]
+            }
+        ],
+        "generationConfig": {},
+    }
+    if config is not None:
+        expected["toolConfig"] = {"functionCallingConfig": config}
+    assert request.body == expected
+
+
+@MODES
+async def test_tool_calls_and_results_in_the_history(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    signed = "fc-1~ts~" + base64.urlsafe_b64encode(SIGNATURE).rstrip(b"=").decode()
+    params = conversation(
+        user("Weather in Paris, and the time?"),
+        assistant("Let me check.", (signed, "get_weather", '{"city": "Paris"}'), ("call_" + "0a" * 12, "get_time", "")),
+        tool(signed, '{"temp_c": 21, "sky": "clear"}'),  # a JSON object: the response itself
+        tool("call_" + "0a" * 12, "12:00"),  # anything else: {"result": <the text>}
+        assistant("", ("toolu_01A", "get_weather", '{"city":"Oslo"}')),  # another provider's id, no text
+        tool("toolu_01A", "[1, 2]"),
+        user("Thanks."),
+        tools=[WEATHER, CLOCK],
+    )
+    await run(provider, params, incremental=incremental)
+    [request] = upstream.requests
+    assert request.body["contents"] == [
+        {"role": "user", "parts": [{"text": "Weather in Paris, and the time?"}]},
+        {
+            "role": "model",
+            "parts": [
+                {"text": "Let me check."},
+                # Gemini's id and thought signature, restored from the id the caller saw
+                {
+                    "functionCall": {"id": "fc-1", "name": "get_weather", "args": {"city": "Paris"}},
+                    "thoughtSignature": SIGNATURE_WIRE,
+                },
+                {"functionCall": {"name": "get_time", "args": {}}},  # the gateway's synthesised id stays with us
+            ],
+        },
+        {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"id": "fc-1", "name": "get_weather", "response": {"temp_c": 21, "sky": "clear"}}},
+                {"functionResponse": {"name": "get_time", "response": {"result": "12:00"}}},
+            ],
+        },
+        {
+            "role": "model",
+            "parts": [
+                {
+                    "functionCall": {"id": "toolu_01A", "name": "get_weather", "args": {"city": "Oslo"}},
+                    "thoughtSignature": PLACEHOLDER_WIRE,  # a call Gemini did not sign, on a Gemini 3 model
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"id": "toolu_01A", "name": "get_weather", "response": {"result": "[1, 2]"}}},
+                {"text": "Thanks."},
+            ],
+        },
+    ]
+
+
+@MODES
+async def test_the_id_of_a_call_carries_its_thought_signature_back_to_gemini(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.texts = []
+    upstream.function_calls = [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": SIGNATURE_B64},
+        {"functionCall": {"id": "fc-2", "name": "get_weather", "args": {"city": "Oslo"}}},  # Gemini signs the first
+    ]
+    deltas, finish = await run(
+        provider, conversation(user("Paris and Oslo?"), tools=[WEATHER]), incremental=incremental
+    )
+    [(_, first), (_, second)] = deltas
+    base, _, signature = first.id.partition("~ts~")
+    assert MINTED_ID.fullmatch(base) and signature == "-_-_c2ln"
+    assert second.id == "fc-2"  # Gemini's own id, and no signature to carry
+    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+
+    upstream.texts, upstream.function_calls = ["Sunny in both."], []
+    history = conversation(
+        user("Paris and Oslo?"),
+        assistant("", (first.id, first.name, first.arguments), (second.id, second.name, second.arguments)),
+        tool(first.id, "sunny"),
+        tool(second.id, "sunny"),
+        tools=[WEATHER],
+    )
+    await run(provider, history, incremental=incremental)
+    assert upstream.requests[1].body["contents"][1:] == [
+        {
+            "role": "model",
+            "parts": [
+                {
+                    "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                    "thoughtSignature": SIGNATURE_WIRE,
+                },
+                {"functionCall": {"id": "fc-2", "name": "get_weather", "args": {"city": "Oslo"}}},
+            ],
+        },
+        {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"result": "sunny"}}},
+                {"functionResponse": {"id": "fc-2", "name": "get_weather", "response": {"result": "sunny"}}},
+            ],
+        },
+    ]
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("model", "placeholder"),
+    [("gemini-3-flash-preview", True), ("models/gemini-3.1-pro-preview", True), ("gemini-2.5-flash", False)],
+)
+async def test_a_history_gemini_did_not_sign_gets_the_placeholder_on_gemini_3(
+    upstream: GeminiUpstream, backend: GeminiBackend, model: str, placeholder: bool, incremental: bool
+) -> None:
+    options = {"api_key_env": "GEMINI_API_KEY", "base_url": upstream.url}
+    provider = await backend.provider_for(make_entry(options, model=model))
+    params = conversation(  # begun on another model: its ids, no thought signatures
+        user("Weather in Paris, and the time?"),
+        assistant("Let me check.", ("toolu_01A", "get_weather", '{"city":"Paris"}'), ("toolu_01B", "get_time", "")),
+        tool("toolu_01A", '{"temp_c": 21}'),
+        tool("toolu_01B", "12:00"),
+        assistant("Sunny, 21 °C, at noon."),
+        user("And Oslo?"),
+        assistant("", ("call_ds1", "get_weather", '{"city":"Oslo"}')),
+        tool("call_ds1", '{"temp_c": 9}'),
+        tools=[WEATHER, CLOCK],
+    )
+    deltas, finish = await run(provider, params, incremental=incremental)  # Gemini 3 (the fake) checks the turn
+    assert "".join(text for _, text in deltas) == "Hello, world!" and finish.finish_reason == F.FINISH_REASON_STOP
+    signed = {"thoughtSignature": PLACEHOLDER_WIRE} if placeholder else {}
+    [request] = upstream.requests
+    assert request.body == {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Weather in Paris, and the time?"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Let me check."},
+                    # the first call of each step: Gemini 3 checks it (in the current turn), so it gets the placeholder
+                    {"functionCall": {"id": "toolu_01A", "name": "get_weather", "args": {"city": "Paris"}}, **signed},
+                    {"functionCall": {"id": "toolu_01B", "name": "get_time", "args": {}}},  # later calls: never
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"id": "toolu_01A", "name": "get_weather", "response": {"temp_c": 21}}},
+                    {"functionResponse": {"id": "toolu_01B", "name": "get_time", "response": {"result": "12:00"}}},
+                ],
+            },
+            {"role": "model", "parts": [{"text": "Sunny, 21 °C, at noon."}]},
+            {"role": "user", "parts": [{"text": "And Oslo?"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"id": "call_ds1", "name": "get_weather", "args": {"city": "Oslo"}}, **signed}
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"id": "call_ds1", "name": "get_weather", "response": {"temp_c": 9}}}],
+            },
+        ],
+        "tools": [
+            {
+                "functionDeclarations": [
+                    {
+                        "name": "get_weather",
+                        "description": "Current weather in a city.",
+                        "parameters_json_schema": SCHEMA,
+                    },
+                    {"name": "get_time"},
+                ]
+            }
+        ],
+        "generationConfig": {},
+    }
+
+
+@pytest.mark.parametrize(
+    "call_id",
+    ["call_abc", "toolu_01A~ts~", "a~ts~not base64!", "a~ts~x", "~ts~", "call_" + "0a" * 12 + "0"],
+)
+def test_ids_the_gateway_did_not_mint_pass_through_unchanged(call_id: str) -> None:
+    assert gemini_tools.restore_call_id(call_id) == (call_id, None)
+
+
+def test_minted_ids_restore_what_gemini_sent() -> None:
+    assert gemini_tools.restore_call_id(gemini_tools.mint_call_id("fc-1", SIGNATURE)) == ("fc-1", SIGNATURE)
+    assert gemini_tools.restore_call_id(gemini_tools.mint_call_id("fc-1", None)) == ("fc-1", None)
+    assert gemini_tools.restore_call_id(gemini_tools.mint_call_id(None, SIGNATURE)) == (None, SIGNATURE)
+    synthesised = gemini_tools.mint_call_id(None, None)
+    assert MINTED_ID.fullmatch(synthesised) and gemini_tools.restore_call_id(synthesised) == (None, None)
+    assert gemini_tools.mint_call_id(None, None) != synthesised
+
+
+async def test_images_become_inline_data(upstream: GeminiUpstream, provider: Provider) -> None:
+    png = b"\x89PNG\r\n\x1a\nfake"
+    parts = [
+        pb.ContentPart(text="What is in"),
+        pb.ContentPart(image=pb.Image(data=png, media_type="image/png")),
+        pb.ContentPart(text="and"),
+        pb.ContentPart(image=pb.Image(data=b"\xff\xd8\xff", media_type="image/jpeg")),
+    ]
+    await run(provider, conversation(pb.Message(role=pb.Role.ROLE_USER, parts=parts)))
+    [request] = upstream.requests
+    assert request.body["contents"] == [
+        {
+            "role": "user",
+            "parts": [
+                {"text": "What is in"},
+                {"inlineData": {"mime_type": "image/png", "data": base64.urlsafe_b64encode(png).decode()}},
+                {"text": "and"},
+                {"inlineData": {"mime_type": "image/jpeg", "data": "_9j_"}},  # base64url, as google-genai sends bytes
+            ],
+        }
+    ]
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("response_format", "generation_config"),
+    [
+        (pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_TEXT), {}),
+        (
+            pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT),
+            {"responseMimeType": "application/json"},
+        ),
+        (
+            pb.ResponseFormat(
+                type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                name="weather",
+                schema=json.dumps(SCHEMA),
+                strict=True,
+            ),
+            {"responseMimeType": "application/json", "responseJsonSchema": SCHEMA},
+        ),
+    ],
+    ids=["text", "json_object", "json_schema"],
+)
+async def test_structured_output(
+    upstream: GeminiUpstream,
+    provider: Provider,
+    response_format: pb.ResponseFormat,
+    generation_config: dict[str, Any],
+    incremental: bool,
+) -> None:
+    upstream.texts = ['{"city": ', '"Paris"}']
+    deltas, finish = await run(provider, make_params(response_format=response_format), incremental=incremental)
+    assert "".join(text for _, text in deltas) == '{"city": "Paris"}'  # content, finished as a stop
+    assert finish.finish_reason == F.FINISH_REASON_STOP
+    assert upstream.requests[0].body["generationConfig"] == generation_config
+
+
+async def test_n_seed_and_penalties(upstream: GeminiUpstream, provider: Provider) -> None:
+    upstream.extra_candidates = [Candidate(texts=["Hi"])]
+    await collect(provider, make_params(choice_count=2, seed=-7, presence_penalty=0.5, frequency_penalty=-1.25))
+    upstream.extra_candidates = []
+    await run(provider, make_params(choice_count=1, seed=0, presence_penalty=0.0, frequency_penalty=0.0))
+    assert [r.body["generationConfig"] for r in upstream.requests] == [
+        {"candidateCount": 2, "seed": -7, "presencePenalty": 0.5, "frequencyPenalty": -1.25},
+        {"seed": 0},  # n=1 and zero penalties are the defaults
+    ]
+
+
+E = pb.ReasoningEffort
+
+
+@pytest.mark.parametrize(
+    ("model", "effort", "thinking"),
+    [
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_MINIMAL, {"thinking_level": "MINIMAL"}),
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_LOW, {"thinking_level": "LOW"}),
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_MEDIUM, {"thinking_level": "MEDIUM"}),
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_HIGH, {"thinking_level": "HIGH"}),
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_XHIGH, {"thinking_level": "HIGH"}),
+        ("gemini-3-pro-preview", E.REASONING_EFFORT_MINIMAL, {"thinking_level": "LOW"}),
+        ("gemini-3-pro-preview", E.REASONING_EFFORT_MEDIUM, {"thinking_level": "HIGH"}),
+        ("gemini-3.1-pro-preview", E.REASONING_EFFORT_MEDIUM, {"thinking_level": "MEDIUM"}),
+        ("models/gemini-2.5-pro", E.REASONING_EFFORT_MINIMAL, {"thinking_budget": 128}),
+        ("gemini-2.5-pro", E.REASONING_EFFORT_HIGH, {"thinking_budget": 32768}),
+        ("gemini-2.5-flash", E.REASONING_EFFORT_NONE, {"thinking_budget": 0}),
+        ("gemini-2.5-flash", E.REASONING_EFFORT_LOW, {"thinking_budget": 1024}),
+        ("gemini-2.5-flash-lite", E.REASONING_EFFORT_MINIMAL, {"thinking_budget": 512}),
+        ("gemini-2.5-flash-lite", E.REASONING_EFFORT_MEDIUM, {"thinking_budget": 8192}),
+        ("gemini-2.5-flash", E.REASONING_EFFORT_XHIGH, {"thinking_budget": 24576}),
+    ],
+)
+async def test_reasoning_effort_becomes_a_thinking_level_or_budget(
+    upstream: GeminiUpstream,
+    backend: GeminiBackend,
+    model: str,
+    effort: pb.ReasoningEffort.ValueType,
+    thinking: dict[str, Any],
+) -> None:
+    options = {"api_key_env": "GEMINI_API_KEY", "base_url": upstream.url}
+    provider = await backend.provider_for(make_entry(options, model=model))
+    await run(provider, make_params(reasoning_effort=effort))
+    assert upstream.requests[0].body["generationConfig"] == {"thinkingConfig": thinking}
+
+
+@pytest.mark.parametrize(
+    ("model", "effort"),
+    [
+        ("gemini-3-flash-preview", E.REASONING_EFFORT_NONE),  # Gemini 3 always thinks
+        ("gemini-3-pro-preview", E.REASONING_EFFORT_NONE),
+        ("gemini-2.5-pro", E.REASONING_EFFORT_NONE),
+        ("gemini-2.0-flash", E.REASONING_EFFORT_LOW),  # no thinking setting at all
+        ("gemini-flash-latest", E.REASONING_EFFORT_HIGH),  # an alias: its family is unknown
+    ],
+)
+async def test_a_reasoning_effort_the_model_cannot_honour_is_refused(
+    upstream: GeminiUpstream, backend: GeminiBackend, model: str, effort: pb.ReasoningEffort.ValueType
+) -> None:
+    options = {"api_key_env": "GEMINI_API_KEY", "base_url": upstream.url}
+    provider = await backend.provider_for(make_entry(options, model=model))
+    exc = await fail(provider, make_params(reasoning_effort=effort))
+    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, "reasoning_effort")
+    assert E.Name(effort).removeprefix("REASONING_EFFORT_").lower() in exc.message
+    assert upstream.requests == []
+
+
+async def test_the_catalog_overrides_the_reasoning_effort_table(
+    upstream: GeminiUpstream, backend: GeminiBackend
+) -> None:
+    overrides = {"xhigh": "xhigh", "low": -1, "high": None}  # a newer level, dynamic thinking, refused
+    options = {
+        "api_key_env": "GEMINI_API_KEY",
+        "base_url": upstream.url,
+        "reasoning_effort": overrides,
+        "include_thoughts": True,
+    }
+    provider = await backend.provider_for(make_entry(options, model="gemini-3-pro-preview"))
+    await run(provider, make_params(reasoning_effort=E.REASONING_EFFORT_XHIGH))
+    await run(provider, make_params(reasoning_effort=E.REASONING_EFFORT_LOW))
+    await run(provider, make_params(reasoning_effort=E.REASONING_EFFORT_MINIMAL))  # the family's table still applies
+    assert [r.body["generationConfig"] for r in upstream.requests] == [
+        {"thinkingConfig": {"include_thoughts": True, "thinking_level": "XHIGH"}},
+        {"thinkingConfig": {"include_thoughts": True, "thinking_budget": -1}},
+        {"thinkingConfig": {"include_thoughts": True, "thinking_level": "LOW"}},
+    ]
+    exc = await fail(provider, make_params(reasoning_effort=E.REASONING_EFFORT_HIGH))
+    assert exc.param == "reasoning_effort" and len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+    ],
+)
+async def test_log_probabilities_are_refused_before_sending(
+    upstream: GeminiUpstream, provider: Provider, fields: dict[str, Any], param: str
+) -> None:
+    exc = await fail(provider, make_params(**fields))
+    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        (
+            conversation(user("q"), assistant("", ("c1", "get_weather", "{not json"))),
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            conversation(user("q"), assistant("", ("c1", "f", "{}"), ("c2", "f", "[1]"))),
+            "messages[1].tool_calls[1].function.arguments",
+        ),
+        (conversation(user("q"), tool("c9", "result")), "messages[1].tool_call_id"),
+        (
+            conversation(
+                user("q"), tools=[WEATHER], tool_choice=pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_FUNCTION, name="nope")
+            ),
+            "tool_choice",
+        ),
+        (conversation(user("q"), tool_choice=pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_REQUIRED)), "tool_choice"),
+        (conversation(user("q"), tools=[pb.Tool(name="f", parameters="[]")]), "tools[0].function.parameters"),
+        (
+            conversation(
+                user("q"),
+                response_format=pb.ResponseFormat(
+                    type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, schema="{"
+                ),
+            ),
+            "response_format",
+        ),
+        (conversation(user("q"), seed=2**31), "seed"),
+        (
+            conversation(
+                pb.Message(
+                    role=pb.Role.ROLE_SYSTEM, parts=[pb.ContentPart(image=pb.Image(data=b"x", media_type="image/png"))]
+                ),
+                user("q"),
+            ),
+            "messages[0].content[0]",
+        ),
+    ],
+    ids=[
+        "bad-json",
+        "not-an-object",
+        "unknown-call",
+        "unknown-function",
+        "required-without-tools",
+        "bad-schema",
+        "bad-response-schema",
+        "seed-too-big",
+        "image-in-system",
+    ],  # fmt: skip
+)
+async def test_requests_gemini_cannot_take_are_refused_before_sending(
+    upstream: GeminiUpstream, provider: Provider, params: pb.CompletionParams, param: str
+) -> None:
+    exc = await fail(provider, params)
+    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert upstream.requests == []
+
+
+# --- Tool calls and several candidates: the answer -----------------------------------------------------------------
+
+
+@MODES
+async def test_text_then_function_calls(upstream: GeminiUpstream, provider: Provider, incremental: bool) -> None:
+    upstream.texts = ["Checking", " both."]  # one chunk each, then one chunk per call
+    upstream.function_calls = [
+        {"functionCall": {"id": "fc-1", "name": "get_weather", "args": {"city": "Zürich", "unit": "C"}}},
+        {"functionCall": {"name": "get_time"}},  # no args, no id
+    ]
+    deltas, finish = await run(provider, conversation(user("q"), tools=[WEATHER, CLOCK]), incremental=incremental)
+    assert deltas[:2] == [("delta", "Checking"), ("delta", " both.")]
+    [(_, first), (_, second)] = deltas[2:]
+    assert first == svc.ToolCallDelta(index=0, id="fc-1", name="get_weather", arguments='{"city":"Zürich","unit":"C"}')
+    assert MINTED_ID.fullmatch(second.id)
+    assert second == svc.ToolCallDelta(index=1, id=second.id, name="get_time", arguments="{}")
+    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_parallel_calls_in_one_chunk(upstream: GeminiUpstream, provider: Provider, parallel: bool) -> None:
+    upstream.texts, upstream.calls_in_one_chunk = [], True
+    upstream.function_calls = [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": SIGNATURE_B64},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
+    ]
+    params = conversation(user("q"), tools=[WEATHER], parallel_tool_calls=parallel)
+    deltas, finish = await run(provider, params)
+    calls = [(call.index, call.name, call.arguments) for _, call in deltas]
+    first = [(0, "get_weather", '{"city":"Paris"}')]
+    assert calls == (first + [(1, "get_weather", '{"city":"Oslo"}')] if parallel else first)  # false: the first only
+    assert all(MINTED_ID.fullmatch(call.id.partition("~ts~")[0]) for _, call in deltas)
+    assert len({call.id for _, call in deltas}) == len(deltas)
+    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+
+
+@MODES
+async def test_several_candidates_are_several_choices(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.texts = ["Hello", "!"]
+    upstream.extra_candidates = [
+        Candidate(
+            thoughts=["Hmm."],
+            texts=["Let me look."],
+            function_calls=[{"functionCall": {"id": "x", "name": "get_time"}}],
+        ),
+        Candidate(texts=["Hel"], finish_reason="MAX_TOKENS"),
+    ]
+    events, finish = await collect(
+        provider, conversation(user("q"), tools=[CLOCK], choice_count=3), incremental=incremental
+    )
+    by_choice: dict[int, list[tuple[str, str]]] = {}
+    for event in events:
+        kind = event.WhichOneof("event")
+        piece = getattr(event, kind)
+        text = f"{piece.index}:{piece.id}:{piece.name}:{piece.arguments}" if kind == "tool_call" else piece.text
+        by_choice.setdefault(piece.choice_index, []).append((kind, text))
+    assert by_choice == {
+        0: [("delta", "Hello"), ("delta", "!")],
+        1: [("reasoning", "Hmm."), ("delta", "Let me look."), ("tool_call", "0:x:get_time:{}")],
+        2: [("delta", "Hel")],
+    }
+    assert finish.finish_reason == F.FINISH_REASON_STOP
+    assert list(finish.additional_finish_reasons) == [F.FINISH_REASON_TOOL_CALLS, F.FINISH_REASON_LENGTH]
+    assert finish.usage == pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)  # one usage for all
+
+
+@MODES
+async def test_a_candidate_without_a_usable_finish_is_a_protocol_error(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.extra_candidates = [Candidate(texts=["Hi"], finish_reason=None)]
+    exc = await fail(provider, make_params(choice_count=2), incremental=incremental)
+    assert exc.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL and "without a finish reason (candidate 1)" in exc.message
+    upstream.extra_candidates = [Candidate(texts=["Hi"], finish_reason="MALFORMED_FUNCTION_CALL")]
+    exc = await fail(provider, make_params(choice_count=2), incremental=incremental)
+    assert "MALFORMED_FUNCTION_CALL (candidate 1)" in exc.message
+
+
+async def test_a_candidate_nobody_asked_for_is_a_protocol_error(upstream: GeminiUpstream, provider: Provider) -> None:
+    upstream.extra_candidates = [Candidate(texts=["Hi"])]
+    assert (await fail(provider)).reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+
+
+@MODES
+async def test_a_blocked_prompt_filters_every_choice(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.block_reason = "SAFETY"
+    events, finish = await collect(provider, make_params(choice_count=2), incremental=incremental)
+    assert events == []
+    assert finish.finish_reason == F.FINISH_REASON_CONTENT_FILTER
+    assert list(finish.additional_finish_reasons) == [F.FINISH_REASON_CONTENT_FILTER]
 
 
 # --- Errors --------------------------------------------------------------------------------------------------------
@@ -386,7 +1016,7 @@ async def test_upstream_errors(
     ],
 )
 def test_error_table(code: object, status: object, details: object, reason: pb.ErrorReason.ValueType | None) -> None:
-    assert tr.error_reason(code, status, details) == reason
+    assert gemini_errors.error_reason(code, status, details) == reason
 
 
 async def test_a_rejected_key_is_the_gateways_problem_and_does_not_leak(
@@ -532,6 +1162,14 @@ async def test_vertex_ai_without_google_credentials_is_the_gateways_problem(
         ({"api_key_env": "GEMINI_API_KEY", "timeout_seconds": "60"}, MODEL, "'timeout_seconds' must be of type"),
         ({"api_key_env": "GEMINI_API_KEY", "include_thoughts": "yes"}, MODEL, "'include_thoughts' must be of type"),
         ({"api_key_env": ""}, MODEL, "must name an environment variable"),
+        (
+            {"api_key_env": "GEMINI_API_KEY", "reasoning_effort": "low"},
+            MODEL,
+            "'reasoning_effort' must be of type dict",
+        ),
+        ({"api_key_env": "GEMINI_API_KEY", "reasoning_effort": {"extreme": 1}}, MODEL, "unknown effort 'extreme'"),
+        ({"api_key_env": "GEMINI_API_KEY", "reasoning_effort": {"low": "tiny"}}, MODEL, "must be a thinking level"),
+        ({"api_key_env": "GEMINI_API_KEY", "reasoning_effort": {"low": True}}, MODEL, "must be a thinking level"),
     ],
 )
 async def test_bad_catalog_entries_are_refused_with_the_entry_named(
