@@ -6,6 +6,13 @@ gateway owns retries) and its timeouts come from the catalog. Credentials come f
 (environment, shared profile, web identity / IRSA, container and instance metadata), never from the catalog.
 Every AWS failure becomes a GatewayError through the one table below; no botocore type leaves this module. The
 request and answer shapes are in bedrock_translate.py.
+
+Honoured: tools (tool_choice, tool calls and results in the history), parallel_tool_calls=false (by relaying only
+the first call), response_format (a forced tool), images, and `strict` on a tool or a json_schema: Converse has no
+such switch, so the gateway validates the final JSON against the schema (schema_check.py) and answers a mismatch
+with an UPSTREAM_PROTOCOL error (a 502), never as if it matched. Refused with a 400 naming the param: n, seed,
+non-zero penalties, logprobs and reasoning_effort. Converse's inferenceConfig has no field for any of them, and the
+only way to pass them, additionalModelRequestFields, is model-specific and refused by models that do not know one.
 """
 
 from __future__ import annotations
@@ -46,9 +53,13 @@ from services.providers.bedrock_translate import (
     converse_events,
     converse_request,
 )
+from services.providers.schema_check import SchemaMismatch, mismatch_error
+from services.validation import check_supported
 
 log = logging.getLogger(__name__)
 
+# The optional features (services.validation.FEATURES) this provider honours; any other one is refused.
+SUPPORTED = frozenset({"tools", "parallel_tool_calls", "response_format", "images"})
 _OPTIONS = {"region", "endpoint_url", "connect_timeout_seconds", "read_timeout_seconds", "profile"}
 # Connections per client, so concurrent streams per client. botocore's default of 10 would queue the eleventh
 # concurrent stream behind a pool slot, silently, for as long as the first ten take.
@@ -120,25 +131,27 @@ class BedrockProvider:
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        request = converse_request(self._model, params)
+        check_supported(params, SUPPORTED, provider=PROVIDER)
+        request, shape = converse_request(self._model, params)
         request_id = ""  # AWS's id for this call, for the log; exception frames mid-stream carry none of their own
         try:
             if not incremental:
                 answer = await self._client.converse(**request)
                 request_id = _request_id(answer)
-                for event in converse_events(answer):
+                for event in converse_events(answer, shape):
                     yield event
                 return
             response = await self._client.converse_stream(**request)
             request_id = _request_id(response)
             body = response["stream"]
             try:
-                fold = StreamFold()
+                fold = StreamFold(shape)
                 async with aclosing(aiter(body)) as events:
                     async for event in events:
                         for out in fold.feed(event):
                             yield out
-                yield fold.finish()  # after the body ended, so the connection goes back to the pool
+                for out in fold.finish():  # after the body ended, so the connection goes back to the pool
+                    yield out
             finally:
                 # A consumer that stops (aclose, CancelledError) or an error: drop the connection, which stops
                 # the generation upstream. A no-op when the body was read to its end.
@@ -153,6 +166,10 @@ class BedrockProvider:
             log.warning("no usable AWS credentials for model %s: %s", self._name, type(exc).__name__)
             message = f"The gateway has no usable AWS credentials for '{self._name}'."
             raise GatewayError(R.ERROR_REASON_UPSTREAM_AUTH, message, provider=PROVIDER) from exc
+        except SchemaMismatch as exc:  # strict: the model's JSON broke the caller's schema
+            log.warning("Bedrock answer for model %s (request id %s) failed its strict schema: %s",
+                        self._name, request_id, exc)  # fmt: skip
+            raise mismatch_error(exc, model=self._name, provider=PROVIDER) from exc
         except (UnusableAnswer, ParserError, ResponseParserError) as exc:
             log.warning("unusable Bedrock answer for model %s (request id %s): %s", self._name, request_id, exc)
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc

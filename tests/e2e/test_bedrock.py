@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.conftest import API_KEY, write_catalog
-from tests.fakes.bedrock import BedrockUpstream, isolate_aws_config, serve_bedrock, use_fake_credentials
+from tests.fakes.bedrock import BedrockUpstream, ToolUse, isolate_aws_config, serve_bedrock, use_fake_credentials
 
 PUBLIC = "deepseek-v3.2"
 MODEL_ID = "deepseek.v3.2"
@@ -319,3 +320,285 @@ async def test_an_unknown_profile_leaves_the_gateway_up_and_the_model_unavailabl
         with pytest.raises(openai.InternalServerError) as raised:
             await sdk.chat.completions.create(model=PUBLIC, messages=MESSAGES)
     assert raised.value.status_code == 500 and "missing-profile" in raised.value.message
+
+
+# --- tools, structured output, parameters ------------------------------------------------------------------------
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The weather in a city.", "parameters": WEATHER_SCHEMA},
+}
+WEATHER_SPEC = {
+    "toolSpec": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "inputSchema": {"json": WEATHER_SCHEMA},
+    }
+}
+QUESTION: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+PARIS = ToolUse("tooluse_paris01", "get_weather", {"city": "Paris"}, pieces=['{"ci', 'ty": "Par', 'is"}'])
+ROME = ToolUse("tooluse_rome02", "get_weather", {"city": "Rome"}, pieces=['{"city": ', '"Rome"}'])
+
+
+async def complete(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> tuple[Any, str]:
+    """The answer's message and finish reason: from a plain call, or from a stream the SDK assembled."""
+    if not stream:
+        plain = await client.chat.completions.create(model=PUBLIC, **request)
+        return plain.choices[0].message, plain.choices[0].finish_reason
+    async with client.chat.completions.stream(model=PUBLIC, **request) as events:
+        final = await events.get_final_completion()
+    return final.choices[0].message, final.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_tool_loop_call_then_result_then_answer(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, stream: bool
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [PARIS], "tool_use"
+    message, finish_reason = await complete(client, stream, messages=QUESTION, tools=[WEATHER_TOOL])
+
+    assert finish_reason == "tool_calls"
+    assert not message.content
+    [call] = message.tool_calls
+    assert (call.id, call.type, call.function.name) == ("tooluse_paris01", "function", "get_weather")
+    # Whole answers carry the input as compact JSON; streams carry Bedrock's own pieces, joined by the SDK.
+    assert call.function.arguments == ('{"city": "Paris"}' if stream else '{"city":"Paris"}')
+
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["It is 18°C and sunny in Paris."], [], "end_turn"
+    replayed = {
+        "role": "assistant",
+        "content": message.content,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": call.id, "content": "18°C, sunny"}
+    message, finish_reason = await complete(
+        client, stream, messages=[*QUESTION, replayed, result], tools=[WEATHER_TOOL]
+    )
+
+    assert (message.content, finish_reason) == ("It is 18°C and sunny in Paris.", "stop")
+    assert not message.tool_calls
+    first, second = upstream.requests
+    assert first.operation == second.operation == ("converse-stream" if stream else "converse")
+    assert first.body == {
+        "messages": [{"role": "user", "content": [{"text": "Weather in Paris?"}]}],
+        "toolConfig": {"tools": [WEATHER_SPEC]},
+    }
+    assert second.body == {
+        "messages": [
+            {"role": "user", "content": [{"text": "Weather in Paris?"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"toolUse": {"toolUseId": "tooluse_paris01", "name": "get_weather", "input": {"city": "Paris"}}}
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"toolResult": {"toolUseId": "tooluse_paris01", "content": [{"text": "18°C, sunny"}]}}],
+            },
+        ],
+        "toolConfig": {"tools": [WEATHER_SPEC]},
+    }
+
+
+async def test_two_parallel_tool_calls_in_one_stream(client: openai.AsyncOpenAI, upstream: BedrockUpstream) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["Checking ", "both."], [PARIS, ROME], "tool_use"
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": "Paris and Rome?"}], "tools": [WEATHER_TOOL]}
+    chunks = await stream_all(client, **request)
+    async with client.chat.completions.stream(model=PUBLIC, **request) as events:
+        final = await events.get_final_completion()
+
+    # On the wire, exactly as OpenAI streams them: each call's first delta has its id and name, the rest only
+    # pieces of its arguments.
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.id, d.function and d.function.name) for d in deltas if d.id] == [
+        (0, "tooluse_paris01", "get_weather"),
+        (1, "tooluse_rome02", "get_weather"),
+    ]
+    assert all(d.function is None or d.function.name is None for d in deltas if not d.id)
+    pieces = {i: "".join(d.function.arguments or "" for d in deltas if d.index == i and d.function) for i in (0, 1)}
+    assert pieces == {0: '{"city": "Paris"}', 1: '{"city": "Rome"}'}
+    assert content_of(chunks) == "Checking both."
+    assert finish_reasons(chunks) == ["tool_calls"]
+    # And the SDK assembles them.
+    message = final.choices[0].message
+    assert message.content == "Checking both." and final.choices[0].finish_reason == "tool_calls"
+    assert [(t.id, t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls or []] == [
+        ("tooluse_paris01", "get_weather", {"city": "Paris"}),
+        ("tooluse_rome02", "get_weather", {"city": "Rome"}),
+    ]
+
+
+class WeatherReport(pydantic.BaseModel):
+    city: str
+    celsius: float
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_structured_output_with_a_json_schema(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, stream: bool
+) -> None:
+    pieces = ['{"city": "Pa', 'ris", "celsius": 18.5}']
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    upstream.tool_uses = [ToolUse("tooluse_report04", "WeatherReport", {"city": "Paris", "celsius": 18.5}, pieces)]
+    if stream:
+        async with client.chat.completions.stream(model=PUBLIC, messages=QUESTION, response_format=WeatherReport) as s:
+            answer = await s.get_final_completion()
+    else:
+        answer = await client.chat.completions.parse(model=PUBLIC, messages=QUESTION, response_format=WeatherReport)
+
+    [choice] = answer.choices
+    assert choice.finish_reason == "stop"  # never tool_calls: the forced tool is how Bedrock answers, not a call
+    assert not choice.message.tool_calls
+    assert choice.message.content == ("".join(pieces) if stream else '{"city":"Paris","celsius":18.5}')
+    assert choice.message.parsed == WeatherReport(city="Paris", celsius=18.5)
+    schema = {
+        "type": "object",
+        "title": "WeatherReport",
+        "properties": {"city": {"title": "City", "type": "string"}, "celsius": {"title": "Celsius", "type": "number"}},
+        "required": ["city", "celsius"],
+        "additionalProperties": False,
+    }
+    assert upstream.requests[0].body == {
+        "messages": [{"role": "user", "content": [{"text": "Weather in Paris?"}]}],
+        "toolConfig": {
+            "tools": [{"toolSpec": {"name": "WeatherReport", "inputSchema": {"json": schema}}}],
+            "toolChoice": {"tool": {"name": "WeatherReport"}},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"seed": 7}, "seed"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"reasoning_effort": "high"}, "reasoning_effort"),
+        ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+    ids=["n", "seed", "presence_penalty", "frequency_penalty", "logprobs", "reasoning_effort", "format-and-tools"],
+)
+async def test_what_bedrock_cannot_honour_is_a_400_naming_the_param(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, request_fields: dict[str, Any], param: str
+) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model=PUBLIC, messages=MESSAGES, stream=stream, **request_fields)
+        assert raised.value.param == param and raised.value.type == "invalid_request_error"
+    assert upstream.requests == []
+
+
+# --- strict: enforced by the gateway, since Converse cannot promise it --------------------------------------------
+
+
+class WeatherQuery(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_strict_answer_that_does_not_match_its_schema_is_a_502_never_parsed(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, stream: bool
+) -> None:
+    # parse() and stream() send the pydantic model's schema with strict: true.
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    pieces = ['{"city": "Paris", ', '"celsius": "mild"}']
+    upstream.tool_uses = [ToolUse("tooluse_report04", "WeatherReport", {"city": "Paris", "celsius": "mild"}, pieces)]
+    with pytest.raises(openai.APIError) as raised:
+        if stream:
+            async with client.chat.completions.stream(
+                model=PUBLIC, messages=QUESTION, response_format=WeatherReport
+            ) as s:
+                await s.get_final_completion()
+        else:
+            await client.chat.completions.parse(model=PUBLIC, messages=QUESTION, response_format=WeatherReport)
+    if not stream:
+        assert isinstance(raised.value, openai.InternalServerError) and raised.value.status_code == 502
+    assert (raised.value.type, raised.value.code) == ("api_error", "upstream_protocol_error")
+    assert raised.value.message.endswith(  # the SDK puts "Error code: 502 - " before a status error's message
+        "The model's answer for 'deepseek-v3.2' did not match the schema (strict: true), so it is not passed on: "
+        "the structured answer does not match 'response_format.json_schema.schema' at $.celsius: "
+        "'mild' is not of type 'number'"
+    )
+
+
+async def test_a_strict_stream_relays_its_pieces_then_ends_with_the_error_and_no_finish(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream
+) -> None:
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    pieces = ['{"city": "Paris", ', '"celsius": "mild"}']
+    upstream.tool_uses = [ToolUse("tooluse_report04", "report", {"city": "Paris", "celsius": "mild"}, pieces)]
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "celsius": {"type": "number"}},
+        "required": ["city", "celsius"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "report", "schema": schema, "strict": True}}
+    base_url = str(client.base_url).rstrip("/")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10) as http:
+        response = await http.post(
+            f"{base_url}/chat/completions",
+            json={"model": PUBLIC, "messages": QUESTION, "stream": True, "response_format": response_format},
+        )
+    events = [event for event in response.text.split("\n\n") if event]
+    assert response.status_code == 200
+    contents = [json.loads(event[len("data: ") :])["choices"][0]["delta"].get("content") for event in events[:-2]]
+    assert [piece for piece in contents if piece] == pieces  # relayed as they came
+    assert events[-2].startswith('data: {"error":') and "upstream_protocol_error" in events[-2]
+    assert "did not match the schema" in events[-2]
+    assert events[-1] == "data: [DONE]"
+    assert '"finish_reason":"' not in response.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_strict_tool_call_arguments_that_do_not_match_are_an_error(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, stream: bool
+) -> None:
+    tool = openai.pydantic_function_tool(WeatherQuery, name="get_weather")  # strict: true
+    assert tool["function"].get("strict") is True
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    upstream.tool_uses = [ToolUse("tooluse_paris01", "get_weather", {"town": "Paris"}, pieces=['{"town": "Paris"}'])]
+    with pytest.raises(openai.APIError) as raised:
+        await complete(client, stream, messages=QUESTION, tools=[tool])
+    assert raised.value.code == "upstream_protocol_error"
+    assert raised.value.message.endswith(
+        "tool call 0 does not match 'tools[0].function.parameters' at $: 'city' is a required property"
+    )
+
+    upstream.tool_uses = [PARIS]  # matching arguments pass as before
+    message, finish_reason = await complete(client, stream, messages=QUESTION, tools=[tool])
+    assert finish_reason == "tool_calls"
+    assert [json.loads(call.function.arguments) for call in message.tool_calls] == [{"city": "Paris"}]
+
+
+NOT_A_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "r", "strict": True, "schema": {"type": "x"}}}
+NOT_A_SCHEMA_TOOL = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {"$ref": "#/$defs/A"}}}
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "param"),
+    [
+        ({"response_format": NOT_A_SCHEMA_FORMAT}, "response_format.json_schema.schema"),
+        ({"tools": [NOT_A_SCHEMA_TOOL]}, "tools[0].function.parameters"),
+    ],
+    ids=["response_format", "tool"],
+)
+async def test_a_strict_schema_that_is_not_a_json_schema_is_a_400_naming_it(
+    client: openai.AsyncOpenAI, upstream: BedrockUpstream, request_fields: dict[str, Any], param: str
+) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model=PUBLIC, messages=QUESTION, stream=stream, **request_fields)
+        assert raised.value.param == param and raised.value.type == "invalid_request_error"
+        assert "is not a valid JSON Schema (needed for strict: true)" in raised.value.message
+    assert upstream.requests == []

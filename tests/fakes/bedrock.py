@@ -8,6 +8,7 @@ error codes it would in production. The fake checks no signature: botocore signs
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import struct
 import zlib
@@ -77,9 +78,37 @@ class ReceivedRequest:
 
     model_id: str  # decoded from the path: "deepseek.v3.2", or an ARN with its "/" and ":"
     operation: str  # "converse" or "converse-stream"
-    body: dict[str, Any]
+    body: dict[str, Any]  # the JSON exactly as sent: image bytes are base64 text here
     headers: dict[str, str]  # lower-case names
     client_port: int  # the client's TCP port: equal ports mean a reused connection
+    images: list[bytes] = field(default_factory=list)  # every image block's bytes, decoded, in request order
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """One tool call the fake model makes: a toolUse block, or streamed, a contentBlockStart and input pieces."""
+
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+    pieces: list[str] | None = None  # the streamed input JSON text; None: json.dumps(input) cut in two
+
+    def stream_pieces(self) -> list[str]:
+        if self.pieces is not None:
+            return list(self.pieces)
+        text = json.dumps(self.input)
+        return [text[: len(text) // 2], text[len(text) // 2 :]]
+
+
+def _images(value: Any) -> list[bytes]:
+    """The decoded bytes of every image block in a request body (in messages and tool results), in order."""
+    if isinstance(value, list):
+        return [image for item in value for image in _images(item)]
+    if not isinstance(value, dict):
+        return []
+    if isinstance(value.get("image"), dict) and "bytes" in value["image"].get("source", {}):
+        return [base64.b64decode(value["image"]["source"]["bytes"], validate=True)]
+    return [image for item in value.values() for image in _images(item)]
 
 
 @dataclass
@@ -88,14 +117,17 @@ class BedrockUpstream:
 
     A stream is: messageStart; when `reasoning` is set, a reasoning content block (one reasoningContent delta per
     piece, then a `reasoning_signature` delta when set) and its contentBlockStop; a text block (one text delta per
-    item of `text`) and its contentBlockStop; messageStop with `stop_reason`; metadata with `usage`. Converse
-    answers the same script as one message. `events`, when set, replaces the generated event list entirely.
+    item of `text`) and its contentBlockStop, left out when `text` is empty and there are `tool_uses`; per tool use,
+    a block of its own: contentBlockStart (id and name), one toolUse delta per input piece, contentBlockStop;
+    messageStop with `stop_reason`; metadata with `usage`. Converse answers the same script as one message.
+    `events`, when set, replaces the generated event list entirely.
     """
 
     url: str = ""  # "http://127.0.0.1:PORT", set once serving
     text: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
     reasoning: list[str] = field(default_factory=list)
     reasoning_signature: str | None = None  # a final reasoningContent delta carrying only a signature
+    tool_uses: list[ToolUse] = field(default_factory=list)  # tool calls, after the text (stop_reason: set it too)
     stop_reason: str = "end_turn"
     usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))  # None: no usage / metadata
     send_message_stop: bool = True  # False: the stream ends without messageStop (metadata still follows)
@@ -136,7 +168,9 @@ class BedrockUpstream:
         port = request.client.port if request.client else 0
         body = await request.json()
         self.requests.append(
-            ReceivedRequest(request.path_params["model_id"], operation, body, dict(request.headers), port)
+            ReceivedRequest(
+                request.path_params["model_id"], operation, body, dict(request.headers), port, _images(body)
+            )
         )
         await asyncio.sleep(self.response_delay)
         if self.error_status is None or self.error_count == 0:
@@ -160,6 +194,8 @@ class BedrockUpstream:
             content.append({"reasoningContent": {"reasoningText": reasoning_text}})
         if self.text:
             content.append({"text": "".join(self.text)})
+        for tool in self.tool_uses:
+            content.append({"toolUse": {"toolUseId": tool.tool_use_id, "name": tool.name, "input": tool.input}})
         answer: dict[str, Any] = {
             "output": {"message": {"role": "assistant", "content": content}},
             "stopReason": self.stop_reason,
@@ -191,9 +227,20 @@ class BedrockUpstream:
                 events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
             events.append(("contentBlockStop", {"contentBlockIndex": 0}))
             index = 1
-        for piece in self.text:
-            events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
-        events.append(("contentBlockStop", {"contentBlockIndex": index}))
+        if self.text or not self.tool_uses:
+            for piece in self.text:
+                events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
+            events.append(("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
+        for tool in self.tool_uses:
+            start = {"toolUse": {"toolUseId": tool.tool_use_id, "name": tool.name}}
+            events.append(("contentBlockStart", {"contentBlockIndex": index, "start": start}))
+            for piece in tool.stream_pieces():
+                events.append(
+                    ("contentBlockDelta", {"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}})
+                )
+            events.append(("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
         if self.send_message_stop:
             events.append(("messageStop", {"stopReason": self.stop_reason}))
         if self.usage is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +20,16 @@ from services.catalog import CatalogEntry, CatalogError, MissingSecret
 from services.errors import GatewayError
 from services.providers import Provider
 from services.providers.bedrock import BedrockBackend, create_backend
-from tests.fakes.bedrock import BedrockUpstream, frame, isolate_aws_config, serve_bedrock, use_fake_credentials
+from services.providers.bedrock_translate import AnswerShape, converse_request
+from tests.fakes.bedrock import (
+    DEFAULT_USAGE,
+    BedrockUpstream,
+    ToolUse,
+    frame,
+    isolate_aws_config,
+    serve_bedrock,
+    use_fake_credentials,
+)
 
 R = pb.ErrorReason
 F = pb.FinishReason
@@ -425,6 +436,775 @@ async def test_a_stream_that_ends_early_is_an_error_never_a_made_up_finish(
                 received.append(event.delta.text)
     assert raised.value.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
     assert received == ["Hello", ", ", "world", "!"][: script.get("cut_after", 4)]
+
+
+# --- tools, structured output, images ----------------------------------------------------------------------------
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = pb.Tool(name="get_weather", description="The weather in a city.", parameters=json.dumps(WEATHER_SCHEMA))
+NOW = pb.Tool(name="now")  # no description, no parameters
+WEATHER_SPECS = [
+    {
+        "toolSpec": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "inputSchema": {"json": WEATHER_SCHEMA},
+        }
+    },
+    {"toolSpec": {"name": "now", "inputSchema": {"json": {"type": "object", "properties": {}}}}},
+]
+PARIS = ToolUse("tooluse_paris01", "get_weather", {"city": "Paris"}, pieces=['{"ci', 'ty": "Par', 'is"}'])
+ROME = ToolUse("tooluse_rome02", "get_weather", {"city": "Rome"}, pieces=['{"city": ', '"Rome"}'])
+REPORT_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "celsius": {"type": "number"}},
+    "required": ["city", "celsius"],
+    "additionalProperties": False,
+}
+USAGE = pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+
+
+def tool_call(index: int, arguments: str, *, id: str = "", name: str = "") -> svc.StreamCompletionResponse:
+    return svc.StreamCompletionResponse(tool_call=svc.ToolCallDelta(index=index, id=id, name=name, arguments=arguments))
+
+
+def content(text: str) -> svc.StreamCompletionResponse:
+    return svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))
+
+
+def finished(reason: int) -> svc.StreamCompletionResponse:
+    return svc.StreamCompletionResponse(finish=svc.CompletionFinish(finish_reason=reason, usage=USAGE))
+
+
+def called(id: str, name: str, arguments: str) -> pb.ToolCall:
+    return pb.ToolCall(id=id, name=name, arguments=arguments)
+
+
+def calling(text: str, *calls: pb.ToolCall) -> pb.Message:
+    return pb.Message(role=pb.Role.ROLE_ASSISTANT, content=text, tool_calls=list(calls))
+
+
+def result(tool_call_id: str, text: str) -> pb.Message:
+    return pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id=tool_call_id, content=text)
+
+
+def choice(mode: int, name: str = "") -> pb.ToolChoice:
+    return pb.ToolChoice(mode=mode, name=name)  # type: ignore[arg-type]
+
+
+async def events_of(
+    provider: Provider, params: pb.CompletionParams, *, incremental: bool = True
+) -> list[svc.StreamCompletionResponse]:
+    async with aclosing(provider.stream(params, incremental=incremental)) as events:  # type: ignore[type-var]
+        return [event async for event in events]
+
+
+# A weather conversation: the model called the tool twice, both results came back, the user asks on.
+TOOL_HISTORY = [
+    user("Weather in Paris and Rome?"),
+    calling(
+        "Let me check.",
+        called("tooluse_paris01", "get_weather", '{"city": "Paris"}'),
+        called("tooluse_rome02", "get_weather", '{"city":"Rome"}'),
+    ),
+    result("tooluse_paris01", "18°C, sunny"),
+    result("tooluse_rome02", " "),  # blank: the block stays (it answers a call), its blank text does not
+    user("And tomorrow?"),
+    calling("", called("tooluse_now03", "now", "{}")),  # no text: only the toolUse block
+    result("tooluse_now03", "2025-06-01"),
+]
+TOOL_HISTORY_TURNS = [
+    {"role": "user", "content": [{"text": "Weather in Paris and Rome?"}]},
+    {
+        "role": "assistant",
+        "content": [
+            {"text": "Let me check."},
+            {"toolUse": {"toolUseId": "tooluse_paris01", "name": "get_weather", "input": {"city": "Paris"}}},
+            {"toolUse": {"toolUseId": "tooluse_rome02", "name": "get_weather", "input": {"city": "Rome"}}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"toolResult": {"toolUseId": "tooluse_paris01", "content": [{"text": "18°C, sunny"}]}},
+            {"toolResult": {"toolUseId": "tooluse_rome02", "content": []}},
+            {"text": "And tomorrow?"},
+        ],
+    },
+    {"role": "assistant", "content": [{"toolUse": {"toolUseId": "tooluse_now03", "name": "now", "input": {}}}]},
+    {"role": "user", "content": [{"toolResult": {"toolUseId": "tooluse_now03", "content": [{"text": "2025-06-01"}]}}]},
+]
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "expected"),
+    [
+        (None, None),  # unset: Converse's default (auto) without saying so; some models refuse any toolChoice
+        (choice(pb.TOOL_CHOICE_MODE_AUTO), {"auto": {}}),
+        (choice(pb.TOOL_CHOICE_MODE_REQUIRED), {"any": {}}),
+        (choice(pb.TOOL_CHOICE_MODE_FUNCTION, "now"), {"tool": {"name": "now"}}),
+    ],
+    ids=["unset", "auto", "required", "function"],
+)
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_tools_and_tool_choice_become_the_tool_config(
+    upstream: BedrockUpstream,
+    provider: Provider,
+    tool_choice: pb.ToolChoice | None,
+    expected: dict[str, Any] | None,
+    incremental: bool,
+) -> None:
+    params = make_params(user("Weather in Paris?"), tools=[WEATHER, NOW], tool_choice=tool_choice)
+    await events_of(provider, params, incremental=incremental)
+    tool_config: dict[str, Any] = {"tools": WEATHER_SPECS}
+    if expected is not None:
+        tool_config["toolChoice"] = expected
+    assert upstream.requests[0].body == {
+        "messages": [{"role": "user", "content": [{"text": "Weather in Paris?"}]}],
+        "toolConfig": tool_config,
+    }
+
+
+async def test_tool_choice_none_offers_no_tools(upstream: BedrockUpstream, provider: Provider) -> None:
+    params = make_params(tools=[WEATHER], tool_choice=choice(pb.TOOL_CHOICE_MODE_NONE))
+    await run(provider, params)
+    assert upstream.requests[0].body == {"messages": [{"role": "user", "content": [{"text": "Say hello"}]}]}
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_tool_calls_and_results_in_the_history_become_tool_blocks(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    params = make_params(system("Be brief."), *TOOL_HISTORY, tools=[WEATHER, NOW])
+    await events_of(provider, params, incremental=incremental)
+    assert upstream.requests[0].body == {
+        "messages": TOOL_HISTORY_TURNS,
+        "system": [{"text": "Be brief."}],
+        "toolConfig": {"tools": WEATHER_SPECS},
+    }
+
+
+async def test_a_history_with_tool_blocks_but_no_tools_gets_a_tool_config_of_the_tools_it_used(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    await run(provider, make_params(*TOOL_HISTORY))
+    assert upstream.requests[0].body == {
+        "messages": TOOL_HISTORY_TURNS,
+        "toolConfig": {
+            "tools": [
+                {"toolSpec": {"name": "get_weather", "inputSchema": {"json": {"type": "object"}}}},
+                {"toolSpec": {"name": "now", "inputSchema": {"json": {"type": "object"}}}},
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize("tools", [[], [WEATHER, NOW]], ids=["history-only", "with-tools"])
+async def test_tool_choice_none_with_tool_blocks_in_the_history_is_refused(
+    upstream: BedrockUpstream, provider: Provider, tools: list[pb.Tool]
+) -> None:
+    params = make_params(*TOOL_HISTORY, tools=tools, tool_choice=choice(pb.TOOL_CHOICE_MODE_NONE))
+    error = await fail(provider, params)
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, "tool_choice")
+    assert '"none"' in error.message
+    assert upstream.requests == []
+
+
+def replaying(arguments: str, *, id: str = "c1") -> dict[str, Any]:
+    """The fields of a request whose history replays one call of `now` with these arguments."""
+    return {"messages": [user("Hi"), calling("", called(id, "now", arguments))]}
+
+
+ARGUMENTS = "messages[1].tool_calls[0].function.arguments"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (replaying("not json"), ARGUMENTS),
+        (replaying("[1, 2]"), ARGUMENTS),
+        (replaying(""), ARGUMENTS),
+        (replaying('{"x": NaN}'), ARGUMENTS),
+        (replaying("[" * 100_000), ARGUMENTS),
+        (replaying("{}", id=""), "messages[1].tool_calls[0].id"),
+        ({"messages": [*replaying("{}")["messages"], result("", "ok")]}, "messages[2].tool_call_id"),
+        ({"messages": [pb.Message(role=pb.Role.ROLE_USER, content="Hi", tool_calls=[called("c1", "now", "{}")])]},
+         "messages[0].tool_calls"),
+        ({"tools": [pb.Tool(name="f", parameters="{'type': 'object'}")]}, "tools[0].function.parameters"),
+        ({"tools": [WEATHER, pb.Tool(name="f", parameters='"object"')]}, "tools[1].function.parameters"),
+        ({"tool_choice": choice(pb.TOOL_CHOICE_MODE_REQUIRED)}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": choice(pb.TOOL_CHOICE_MODE_FUNCTION, "now")}, "tool_choice"),
+    ],
+    ids=[
+        "arguments-not-json",
+        "arguments-not-an-object",
+        "arguments-empty",
+        "arguments-nan",
+        "arguments-too-deep",
+        "call-without-id",
+        "result-without-call-id",
+        "calls-on-a-user-message",
+        "parameters-not-json",
+        "parameters-not-an-object",
+        "required-without-tools",
+        "function-not-in-tools",
+    ],
+)  # fmt: skip
+async def test_tool_requests_converse_cannot_take_are_400s_naming_the_param(
+    upstream: BedrockUpstream, provider: Provider, fields: dict[str, Any], param: str
+) -> None:
+    messages = fields.pop("messages", [user("Hi")])
+    error = await fail(provider, make_params(*messages, **fields))
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert upstream.requests == []
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # every byte value, so base64 and its decoding are tested
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_images_become_image_blocks_with_their_bytes(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    question = pb.Message(
+        role=pb.Role.ROLE_USER,
+        parts=[
+            pb.ContentPart(text="What is in these?"),
+            pb.ContentPart(image=pb.Image(data=PNG, media_type="image/png")),
+            pb.ContentPart(text=" "),  # blank: left out
+            pb.ContentPart(image=pb.Image(data=JPEG, media_type="image/jpeg")),
+        ],
+    )
+    await events_of(provider, make_params(question, user("Briefly.")), incremental=incremental)
+    [request] = upstream.requests
+    assert request.body == {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"text": "What is in these?"},
+                    {"image": {"format": "png", "source": {"bytes": base64.b64encode(PNG).decode()}}},
+                    {"image": {"format": "jpeg", "source": {"bytes": base64.b64encode(JPEG).decode()}}},
+                    {"text": "Briefly."},
+                ],
+            }
+        ]
+    }
+    assert request.images == [PNG, JPEG]  # botocore base64-encoded them on the wire; the fake decoded them back
+
+
+def with_image(image: pb.Image, role: int = pb.Role.ROLE_USER) -> pb.Message:
+    return pb.Message(role=role, parts=[pb.ContentPart(text="?"), pb.ContentPart(image=image)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        with_image(pb.Image(data=PNG, media_type="image/tiff")),
+        with_image(pb.Image(url="https://example.com/a.png", media_type="image/png")),  # never resolved by the core
+        with_image(pb.Image(data=PNG, media_type="image/png"), pb.Role.ROLE_SYSTEM),
+    ],
+    ids=["unsupported-type", "unresolved-url", "image-in-system"],
+)
+async def test_images_converse_cannot_take_are_400s(
+    upstream: BedrockUpstream, provider: Provider, message: pb.Message
+) -> None:
+    error = await fail(provider, make_params(message, user("Hi")))
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, "messages[0].content[1]")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("response_format", "spec"),
+    [
+        (
+            pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                name="weather_report",
+                description="A weather report.",
+                schema=json.dumps(REPORT_SCHEMA),
+                strict=True,
+            ),
+            {"name": "weather_report", "description": "A weather report.", "inputSchema": {"json": REPORT_SCHEMA}},
+        ),
+        (
+            pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT),
+            {
+                "name": "json_object",
+                "description": "Give your answer as a JSON object.",
+                "inputSchema": {"json": {"type": "object"}},
+            },
+        ),
+    ],
+    ids=["json_schema", "json_object"],
+)
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_response_format_is_a_forced_tool(
+    upstream: BedrockUpstream,
+    provider: Provider,
+    response_format: pb.ResponseFormat,
+    spec: dict[str, Any],
+    incremental: bool,
+) -> None:
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    upstream.tool_uses = [ToolUse("tooluse_report04", spec["name"], {"city": "Paris", "celsius": 18})]
+    events = await events_of(provider, make_params(response_format=response_format), incremental=incremental)
+    assert json.loads("".join(event.delta.text for event in events[:-1])) == {"city": "Paris", "celsius": 18}
+    assert events[-1] == finished(F.FINISH_REASON_STOP)
+    assert upstream.requests[0].body == {
+        "messages": [{"role": "user", "content": [{"text": "Say hello"}]}],
+        "toolConfig": {"tools": [{"toolSpec": spec}], "toolChoice": {"tool": {"name": spec["name"]}}},
+    }
+
+
+async def test_response_format_with_tool_blocks_in_the_history_forces_the_answer_even_after_none(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    response_format = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
+    tool_choice = choice(pb.TOOL_CHOICE_MODE_NONE)  # honoured: the model can only call the answer tool
+    await run(provider, make_params(*TOOL_HISTORY, response_format=response_format, tool_choice=tool_choice))
+    assert upstream.requests[0].body["toolConfig"] == {
+        "tools": [
+            {"toolSpec": {"name": "get_weather", "inputSchema": {"json": {"type": "object"}}}},
+            {"toolSpec": {"name": "now", "inputSchema": {"json": {"type": "object"}}}},
+            {
+                "toolSpec": {
+                    "name": "json_object",
+                    "description": "Give your answer as a JSON object.",
+                    "inputSchema": {"json": {"type": "object"}},
+                }
+            },
+        ],
+        "toolChoice": {"tool": {"name": "json_object"}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        (
+            {"tools": [WEATHER], "response_format": pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT)},
+            "response_format",
+        ),
+        (
+            {"response_format": pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="r", schema="{")},
+            "response_format.json_schema.schema",
+        ),
+    ],
+    ids=["with-tools", "schema-not-json"],
+)
+async def test_response_formats_converse_cannot_take_are_400s(
+    upstream: BedrockUpstream, provider: Provider, fields: dict[str, Any], param: str
+) -> None:
+    error = await fail(provider, make_params(**fields))
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert upstream.requests == []
+
+
+async def test_whole_tool_calls_become_tool_call_events_in_block_order(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["Let me check."], [PARIS, ROME], "tool_use"
+    events = await events_of(provider, make_params(tools=[WEATHER]), incremental=False)
+    assert events == [
+        content("Let me check."),
+        tool_call(0, '{"city":"Paris"}', id="tooluse_paris01", name="get_weather"),
+        tool_call(1, '{"city":"Rome"}', id="tooluse_rome02", name="get_weather"),
+        finished(F.FINISH_REASON_TOOL_CALLS),
+    ]
+
+
+async def test_streamed_parallel_tool_calls_keep_their_own_indexes(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["Let me ", "check."], [PARIS, ROME], "tool_use"
+    events = await events_of(provider, make_params(tools=[WEATHER]))
+    assert events == [
+        content("Let me "),
+        content("check."),
+        tool_call(0, "", id="tooluse_paris01", name="get_weather"),  # contentBlockIndex 1 is call 0
+        tool_call(0, '{"ci'),
+        tool_call(0, 'ty": "Par'),
+        tool_call(0, 'is"}'),
+        tool_call(1, "", id="tooluse_rome02", name="get_weather"),  # contentBlockIndex 2 is call 1
+        tool_call(1, '{"city": '),
+        tool_call(1, '"Rome"}'),
+        finished(F.FINISH_REASON_TOOL_CALLS),
+    ]
+    [request] = upstream.requests
+    assert request.operation == "converse-stream"
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_parallel_tool_calls_false_relays_only_the_first_call(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [PARIS, ROME], "tool_use"
+    params = make_params(tools=[WEATHER], parallel_tool_calls=False)
+    events = await events_of(provider, params, incremental=incremental)
+    calls = [event.tool_call for event in events if event.HasField("tool_call")]
+    assert {call.index for call in calls} == {0}
+    assert [call.id for call in calls if call.id] == ["tooluse_paris01"]
+    assert json.loads("".join(call.arguments for call in calls)) == {"city": "Paris"}
+    assert events[-1] == finished(F.FINISH_REASON_TOOL_CALLS)
+    assert "parallel" not in json.dumps(upstream.requests[0].body)  # Converse has no such switch
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize(
+    ("stop_reason", "finish_reason"),
+    [
+        ("end_turn", F.FINISH_REASON_TOOL_CALLS),  # an answer with calls finishes tool_calls, whatever was said
+        ("max_tokens", F.FINISH_REASON_LENGTH),
+        ("content_filtered", F.FINISH_REASON_CONTENT_FILTER),
+    ],
+)
+async def test_an_answer_with_tool_calls_finishes_tool_calls_unless_cut(
+    upstream: BedrockUpstream, provider: Provider, stop_reason: str, finish_reason: int, incremental: bool
+) -> None:
+    upstream.tool_uses, upstream.stop_reason = [PARIS], stop_reason
+    events = await events_of(provider, make_params(tools=[WEATHER]), incremental=incremental)
+    assert events[-1].finish.finish_reason == finish_reason
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_call_without_arguments_gets_an_empty_object(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    upstream.tool_uses = [ToolUse("tooluse_now03", "now", {}, pieces=[])]  # Bedrock streams no input at all
+    events = await events_of(provider, make_params(tools=[NOW]), incremental=incremental)
+    calls = [event.tool_call for event in events if event.HasField("tool_call")]
+    assert "".join(call.arguments for call in calls) == "{}"
+    assert calls[0].id == "tooluse_now03" and calls[0].name == "now"
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": '{"a": 1}'}}})],
+        [
+            ("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": "t1", "name": "now"}}}),
+            ("contentBlockDelta", {"contentBlockIndex": 1, "delta": {"toolUse": {"input": "{}"}}}),
+        ],
+        [
+            ("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": "t1", "name": "now"}}}),
+            ("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": "t2", "name": "now"}}}),
+        ],
+    ],
+    ids=["never-started", "another-block", "started-twice"],
+)
+async def test_tool_deltas_that_break_the_block_order_are_protocol_errors(
+    upstream: BedrockUpstream, provider: Provider, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    upstream.events = [
+        ("messageStart", {"role": "assistant"}),
+        *events,
+        ("messageStop", {"stopReason": "tool_use"}),
+        ("metadata", {"usage": DEFAULT_USAGE, "metrics": {"latencyMs": 1}}),
+    ]
+    with pytest.raises(GatewayError) as raised:
+        await events_of(provider, make_params(tools=[NOW]))
+    assert raised.value.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+
+
+REPORT = pb.ResponseFormat(
+    type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather_report", schema=json.dumps(REPORT_SCHEMA)
+)
+REPORT_USE = ToolUse(
+    "tooluse_report04",
+    "weather_report",
+    {"city": "Paris", "celsius": 18},
+    pieces=['{"city": "Pa', 'ris", "celsius": 18}'],
+)
+
+
+async def test_structured_output_streams_the_forced_tool_input_as_content(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["Here you go: "], [REPORT_USE], "tool_use"
+    events = await events_of(provider, make_params(response_format=REPORT))
+    # The model's words beside the answer are not the answer; the tool_use stop is a plain stop.
+    assert events == [content('{"city": "Pa'), content('ris", "celsius": 18}'), finished(F.FINISH_REASON_STOP)]
+
+
+async def test_structured_output_whole_is_the_forced_tool_input_as_compact_json(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = ["Here you go: "], [REPORT_USE], "tool_use"
+    events = await events_of(provider, make_params(response_format=REPORT), incremental=False)
+    assert events == [content('{"city":"Paris","celsius":18}'), finished(F.FINISH_REASON_STOP)]
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_structured_output_the_model_wrote_as_text_is_the_content(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text = ['{"city": "Paris",', ' "celsius": 18}']  # a model that ignored the forced tool
+    events = await events_of(provider, make_params(response_format=REPORT), incremental=incremental)
+    assert events == [content('{"city": "Paris", "celsius": 18}'), finished(F.FINISH_REASON_STOP)]
+
+
+async def test_structured_output_that_calls_another_tool_is_a_protocol_error(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    upstream.tool_uses, upstream.stop_reason = [PARIS], "tool_use"
+    error = await fail(provider, make_params(*TOOL_HISTORY, response_format=REPORT))
+    assert error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+
+
+# --- strict: the gateway enforces what Converse cannot promise ----------------------------------------------------
+
+STRICT_REPORT = pb.ResponseFormat(
+    type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather_report", schema=json.dumps(REPORT_SCHEMA), strict=True
+)
+STRICT_WEATHER = pb.Tool(
+    name="get_weather", description="The weather in a city.", parameters=json.dumps(WEATHER_SCHEMA), strict=True
+)
+MISMATCH = "The model's answer for 'deepseek-v3.2' did not match the schema (strict: true), so it is not passed on: "
+
+
+async def relayed(
+    provider: Provider, params: pb.CompletionParams, *, incremental: bool
+) -> tuple[list[svc.StreamCompletionResponse], GatewayError | None]:
+    """The events relayed, and the error that ended them; None when they ended with their finish."""
+    events: list[svc.StreamCompletionResponse] = []
+    try:
+        async with aclosing(provider.stream(params, incremental=incremental)) as stream:  # type: ignore[type-var]
+            async for event in stream:
+                events.append(event)
+    except GatewayError as error:
+        assert error.provider == "bedrock"
+        return events, error
+    return events, None
+
+
+def report_use(answer: dict[str, Any]) -> ToolUse:
+    """The forced answer tool's call with this input, streamed as json.dumps(answer) cut in two."""
+    return ToolUse("tooluse_report04", "weather_report", answer)
+
+
+def halves(value: dict[str, Any]) -> list[str]:
+    text = json.dumps(value)
+    return [text[: len(text) // 2], text[len(text) // 2 :]]
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_strict_structured_output_that_matches_is_relayed_as_it_comes(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [REPORT_USE], "tool_use"
+    events, error = await relayed(provider, make_params(response_format=STRICT_REPORT), incremental=incremental)
+    assert error is None
+    pieces = ['{"city": "Pa', 'ris", "celsius": 18}'] if incremental else ['{"city":"Paris","celsius":18}']
+    assert events == [*map(content, pieces), finished(F.FINISH_REASON_STOP)]
+    # Converse has no strict switch: the request is the one a non-strict json_schema makes.
+    assert upstream.requests[0].body["toolConfig"] == {
+        "tools": [{"toolSpec": {"name": "weather_report", "inputSchema": {"json": REPORT_SCHEMA}}}],
+        "toolChoice": {"tool": {"name": "weather_report"}},
+    }
+
+
+NOT_REPORTS = [
+    ({"city": "Paris", "celsius": "mild"}, "at $.celsius: 'mild' is not of type 'number'"),
+    ({"city": "Paris"}, "at $: 'celsius' is a required property"),
+    (
+        {"city": "Paris", "celsius": 18, "wind": 3},
+        "at $: Additional properties are not allowed ('wind' was unexpected)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "problem"), NOT_REPORTS, ids=["wrong-type", "missing", "extra"])
+async def test_a_strict_structured_answer_that_does_not_match_is_an_error_not_the_content(
+    upstream: BedrockUpstream, provider: Provider, answer: dict[str, Any], problem: str
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [report_use(answer)], "tool_use"
+    params = make_params(response_format=STRICT_REPORT)
+    expected = f"{MISMATCH}the structured answer does not match 'response_format.json_schema.schema' {problem}"
+
+    # A whole answer: nothing is relayed, the call fails (a 502 through the bridge).
+    events, error = await relayed(provider, params, incremental=False)
+    assert events == []
+    assert error is not None and (error.reason, error.message) == (R.ERROR_REASON_UPSTREAM_PROTOCOL, expected)
+
+    # A stream: the pieces went out as they came (nothing held back), then the error ends it instead of a finish.
+    events, error = await relayed(provider, params, incremental=True)
+    assert events == [content(piece) for piece in halves(answer)]
+    assert error is not None and (error.reason, error.message) == (R.ERROR_REASON_UPSTREAM_PROTOCOL, expected)
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_strict_structured_answer_written_as_prose_is_an_error(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.text = ["Sorry, ", "I cannot tell."]  # the model ignored the forced tool: its text would be the answer
+    events, error = await relayed(provider, make_params(response_format=STRICT_REPORT), incremental=incremental)
+    assert events == []  # such text is held until the answer ends anyway
+    assert error is not None and error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+    assert error.message == f"{MISMATCH}the structured answer is not JSON text"
+    [record] = [r for r in caplog.records if "strict schema" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "555555555555" in record.getMessage()  # with AWS's request id
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_strict_tool_call_arguments_that_do_not_match_are_an_error(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    rome = ToolUse("tooluse_rome02", "get_weather", {"town": "Rome"}, pieces=['{"town": ', '"Rome"}'])
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [PARIS, rome], "tool_use"
+    events, error = await relayed(provider, make_params(tools=[NOW, STRICT_WEATHER]), incremental=incremental)
+    assert error is not None and error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+    assert error.message == (
+        f"{MISMATCH}tool call 1 does not match 'tools[1].function.parameters' at $: 'city' is a required property"
+    )
+    if incremental:  # both calls went out as they came; the check ran when the answer ended, before any finish
+        assert events == [
+            tool_call(0, "", id="tooluse_paris01", name="get_weather"),
+            tool_call(0, '{"ci'),
+            tool_call(0, 'ty": "Par'),
+            tool_call(0, 'is"}'),
+            tool_call(1, "", id="tooluse_rome02", name="get_weather"),
+            tool_call(1, '{"town": '),
+            tool_call(1, '"Rome"}'),
+        ]
+    else:
+        assert events == []
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_strict_tool_calls_that_match_and_calls_of_other_tools_pass(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    anything = ToolUse("tooluse_now03", "now", {"zone": 1}, pieces=['{"zone": 1}'])  # `now` is not strict
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [PARIS, anything, ROME], "tool_use"
+    events, error = await relayed(provider, make_params(tools=[STRICT_WEATHER, NOW]), incremental=incremental)
+    assert error is None
+    calls = [event.tool_call for event in events if event.HasField("tool_call")]
+    arguments = {index: "".join(c.arguments for c in calls if c.index == index) for index in (0, 1, 2)}
+    assert {index: json.loads(text) for index, text in arguments.items()} == {
+        0: {"city": "Paris"},
+        1: {"zone": 1},
+        2: {"city": "Rome"},
+    }
+    assert events[-1] == finished(F.FINISH_REASON_TOOL_CALLS)
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_strict_call_without_arguments_is_checked_as_an_empty_object(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text, upstream.stop_reason = [], "tool_use"
+    upstream.tool_uses = [ToolUse("tooluse_paris01", "get_weather", {}, pieces=[])]  # Bedrock streams no input
+    events, error = await relayed(provider, make_params(tools=[STRICT_WEATHER]), incremental=incremental)
+    assert error is not None and error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
+    problem = "tool call 0 does not match 'tools[0].function.parameters' at $: 'city' is a required property"
+    assert error.message == MISMATCH + problem
+    # The stream relayed the call's start and the `{}` it stands for, then the error instead of the finish.
+    start = tool_call(0, "", id="tooluse_paris01", name="get_weather")
+    assert events == ([start, tool_call(0, "{}")] if incremental else [])
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_without_strict_answers_that_do_not_match_are_passed_through(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [report_use({"celsius": "mild"})], "tool_use"
+    events, error = await relayed(provider, make_params(response_format=REPORT), incremental=incremental)
+    assert error is None and events[-1] == finished(F.FINISH_REASON_STOP)
+    assert json.loads("".join(event.delta.text for event in events[:-1])) == {"celsius": "mild"}
+
+    upstream.tool_uses = [ToolUse("tooluse_rome02", "get_weather", {"town": "Rome"})]
+    events, error = await relayed(provider, make_params(tools=[WEATHER]), incremental=incremental)
+    assert error is None and events[-1] == finished(F.FINISH_REASON_TOOL_CALLS)
+    arguments = "".join(event.tool_call.arguments for event in events if event.HasField("tool_call"))
+    assert json.loads(arguments) == {"town": "Rome"}
+
+
+def test_without_strict_nothing_is_checked_or_kept() -> None:
+    # No schema compiled, so no copy of the relayed pieces is kept either (tools with `strict: false` alike).
+    lax = pb.Tool(name="get_weather", parameters=json.dumps(WEATHER_SCHEMA), strict=False)
+    assert converse_request(MODEL_ID, make_params(response_format=REPORT))[1] == AnswerShape("weather_report")
+    assert converse_request(MODEL_ID, make_params(tools=[WEATHER, NOW, lax]))[1] == AnswerShape()
+    shape = converse_request(MODEL_ID, make_params(tools=[NOW, STRICT_WEATHER]))[1]
+    assert (shape.answer_check, list(shape.call_checks)) == (None, ["get_weather"])
+    assert shape.call_checks["get_weather"].param == "tools[1].function.parameters"
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_strict_answer_cut_by_length_keeps_its_finish(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    # The finish says the answer is incomplete, as OpenAI's does for a strict answer cut by max_tokens.
+    upstream.text, upstream.tool_uses, upstream.stop_reason = [], [report_use({"city": "Par"})], "max_tokens"
+    events, error = await relayed(provider, make_params(response_format=STRICT_REPORT), incremental=incremental)
+    assert error is None and events[-1].finish.finish_reason == F.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        ({"type": "object", "properties": {"city": {"type": "strin"}}}, "at $.properties.city.type: 'strin' is not"),
+        ({"type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}}, "the reference '#/$defs/City' does"),
+        ({"$schema": "https://example.com/my-dialect", "type": "object"}, "'$schema' 'https://example.com/my-dialect'"),
+    ],
+    ids=["bad-keyword", "dangling-ref", "unknown-dialect"],
+)
+@pytest.mark.parametrize("where", ["response_format", "tool"])
+async def test_a_strict_schema_that_is_not_a_valid_json_schema_is_a_400_naming_it(
+    upstream: BedrockUpstream, provider: Provider, schema: dict[str, Any], problem: str, where: str
+) -> None:
+    if where == "tool":
+        tool = pb.Tool(name="get_weather", parameters=json.dumps(schema), strict=True)
+        params, param = make_params(tools=[NOW, tool]), "tools[1].function.parameters"
+    else:
+        response_format = pb.ResponseFormat(
+            type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="r", schema=json.dumps(schema), strict=True
+        )
+        params, param = make_params(response_format=response_format), "response_format.json_schema.schema"
+    error = await fail(provider, params)
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert error.message.startswith(f"'{param}' is not a valid JSON Schema (needed for strict: true): {problem}")
+    assert upstream.requests == []
+
+    # Without strict the gateway checks nothing: the schema goes to Bedrock as before, which may judge it itself.
+    if where == "tool":
+        params.tools[1].ClearField("strict")
+    else:
+        params.response_format.strict = False
+    await run(provider, params)
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"choice_count": 2}, "n"),
+        ({"seed": 7}, "seed"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"reasoning_effort": pb.REASONING_EFFORT_HIGH}, "reasoning_effort"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+async def test_parameters_converse_cannot_honour_are_refused_before_any_request(
+    upstream: BedrockUpstream, provider: Provider, fields: dict[str, Any], param: str
+) -> None:
+    error = await fail(provider, make_params(**fields))
+    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert f"'{param}'" in error.message
+    assert upstream.requests == []
+
+
+async def test_defaults_of_refused_parameters_and_user_are_fine(upstream: BedrockUpstream, provider: Provider) -> None:
+    params = make_params(
+        choice_count=1, presence_penalty=0.0, frequency_penalty=0.0, user="end-user-42", parallel_tool_calls=True
+    )
+    await run(provider, params)
+    assert upstream.requests[0].body == {"messages": [{"role": "user", "content": [{"text": "Say hello"}]}]}
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
