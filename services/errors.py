@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import grpc
 from google.protobuf import any_pb2
@@ -60,6 +61,23 @@ class GatewayError(Exception):
         return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=self.message, details=[detail]))
 
 
+# The caller-facing messages of upstream failures, as upstream_error's `templates`, shared by the providers that
+# speak of "the upstream" (Bedrock's name AWS Bedrock and are its own). Only the caller's own mistakes
+# (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward the upstream's words; the rest would leak upstream details, and
+# a credentials failure is the gateway's, never the caller's. Read-only, since providers share it: one that needs
+# another entry extends it in a table of its own (`{**UPSTREAM_MESSAGES, ...}`).
+UPSTREAM_MESSAGES: Mapping[int, str] = MappingProxyType(
+    {
+        ErrorReason.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
+        ErrorReason.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
+        ErrorReason.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
+        ErrorReason.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
+        ErrorReason.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
+        ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: (
+            "The upstream serving '{model}' sent an answer the gateway cannot use."
+        ),
+    }
+)
 UPSTREAM_MESSAGE_LIMIT = 500  # characters of an upstream's own error message that reach the caller
 
 

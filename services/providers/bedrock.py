@@ -4,8 +4,8 @@ One bedrock-runtime client per distinct client configuration (region, endpoint_u
 once while the catalog is loaded and shared by every entry that names it. The SDK's own retries are off (the
 gateway owns retries) and its timeouts come from the catalog. Credentials come from the standard AWS chain only
 (environment, shared profile, web identity / IRSA, container and instance metadata), never from the catalog.
-Every AWS failure becomes a GatewayError through the one table below; no botocore type leaves this module. The
-request and answer shapes are in bedrock_translate.py.
+Every AWS failure becomes a GatewayError through the one table in bedrock_errors.py; no botocore type leaves this
+module. The request and answer shapes are in bedrock_translate.py, the tools' in bedrock_tools.py.
 
 Honoured: tools (tool_choice, tool calls and results in the history), parallel_tool_calls=false (by relaying only
 the first call), response_format (a forced tool), images, and `strict` on a tool or a json_schema: Converse has no
@@ -45,14 +45,9 @@ from botocore.parsers import ResponseParserError
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, MissingSecret
-from services.errors import GatewayError, upstream_error
-from services.providers.bedrock_translate import (
-    PROVIDER,
-    StreamFold,
-    UnusableAnswer,
-    converse_events,
-    converse_request,
-)
+from services.errors import GatewayError
+from services.providers.bedrock_errors import PROVIDER, error, error_reason
+from services.providers.bedrock_translate import StreamFold, UnusableAnswer, converse_events, converse_request
 from services.providers.schema_check import SchemaMismatch, mismatch_error
 from services.validation import check_supported
 
@@ -66,40 +61,7 @@ _OPTIONS = {"region", "endpoint_url", "connect_timeout_seconds", "read_timeout_s
 _MAX_POOL_CONNECTIONS = 100
 
 R = pb.ErrorReason
-# The one table of AWS error codes. HTTP errors carry PascalCase codes; exception frames inside a stream carry the
-# same names in lowerCamel (`throttlingException`), normalised before the lookup.
-_REASON_BY_CODE = {
-    "ValidationException": R.ERROR_REASON_INVALID_REQUEST,
-    "ThrottlingException": R.ERROR_REASON_RATE_LIMITED,
-    "ResourceNotFoundException": R.ERROR_REASON_MODEL_NOT_FOUND,
-    # Our own credentials: the caller can do nothing about them, so never a 401 (or 403) to the caller.
-    "AccessDeniedException": R.ERROR_REASON_UPSTREAM_AUTH,
-    "UnrecognizedClientException": R.ERROR_REASON_UPSTREAM_AUTH,
-    "ExpiredTokenException": R.ERROR_REASON_UPSTREAM_AUTH,
-    "InvalidSignatureException": R.ERROR_REASON_UPSTREAM_AUTH,  # a wrong secret key
-    # STS codes, when the credential chain's own call (web identity / IRSA, assumed roles) fails.
-    "AccessDenied": R.ERROR_REASON_UPSTREAM_AUTH,
-    "ExpiredToken": R.ERROR_REASON_UPSTREAM_AUTH,
-    "InvalidIdentityToken": R.ERROR_REASON_UPSTREAM_AUTH,
-    "ModelNotReadyException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "ServiceUnavailableException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "InternalServerException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "ModelStreamErrorException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "ModelErrorException": R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    "ModelTimeoutException": R.ERROR_REASON_UPSTREAM_TIMEOUT,
-}
-# When a response names no error type at all (a proxy or load balancer in front of the endpoint), botocore's code is
-# the bare HTTP status; these statuses still say what happened.
-_REASON_BY_STATUS = {
-    429: R.ERROR_REASON_RATE_LIMITED,
-    500: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    502: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    503: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
-    504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
-}
-# Bedrock reports an over-long prompt only as a ValidationException whose text says so; there is no structured
-# field. The exact live texts are fixtures in tests/services/test_bedrock.py (TOO_LONG_MESSAGES).
-_CONTEXT_TOO_LONG = ("input is too long for requested model", "prompt is too long")
+# The credential chain's failures (botocore's own types): the gateway has no usable AWS credentials.
 _CREDENTIAL_ERRORS = (
     NoCredentialsError,
     PartialCredentialsError,
@@ -107,17 +69,6 @@ _CREDENTIAL_ERRORS = (
     TokenRetrievalError,
     SSOError,
 )
-# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward AWS's
-# words; the rest would leak account details, and an auth failure is the gateway's, never the caller's.
-_MESSAGES = {
-    R.ERROR_REASON_UPSTREAM_AUTH: "AWS Bedrock rejected the gateway's credentials for '{model}'.",
-    R.ERROR_REASON_MODEL_NOT_FOUND: "AWS Bedrock does not know the model configured for '{model}'.",
-    R.ERROR_REASON_RATE_LIMITED: "AWS Bedrock is throttling requests for '{model}'; retry later.",
-    R.ERROR_REASON_UPSTREAM_TIMEOUT: "AWS Bedrock did not answer in time for '{model}'.",
-    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "AWS Bedrock is unavailable for '{model}'.",
-    R.ERROR_REASON_UPSTREAM_PROTOCOL: "AWS Bedrock sent an answer for '{model}' that the gateway cannot use.",
-    R.ERROR_REASON_INTERNAL: "AWS Bedrock failed with an error the gateway does not know, for '{model}'.",
-}
 
 
 class BedrockProvider:
@@ -179,26 +130,19 @@ class BedrockProvider:
         code = str(error.get("Code", ""))
         message = str(error.get("Message", ""))
         request_id = exc.response.get("ResponseMetadata", {}).get("RequestId") or request_id
-        reason = _REASON_BY_CODE.get(code[:1].upper() + code[1:])
-        if reason is None and code.isdigit():
-            reason = _REASON_BY_STATUS.get(int(code))
+        reason = error_reason(code, message)
         if reason is None:
             # botocore gives an exception frame of a type its model does not know an empty code.
             log.error("unknown AWS Bedrock error %s for model %s (request id %s): %s",
                       code or "(no code)", self._name, request_id, message)  # fmt: skip
             return self._error(R.ERROR_REASON_INTERNAL)
-        if reason == R.ERROR_REASON_INVALID_REQUEST and any(s in message.lower() for s in _CONTEXT_TOO_LONG):
-            reason = R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED
         if reason == R.ERROR_REASON_UPSTREAM_AUTH:
             log.warning("AWS Bedrock refused the gateway's credentials for model %s (request id %s): %s: %s",
                         self._name, request_id, code, message)  # fmt: skip
         return self._error(reason, message)
 
     def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
-        return upstream_error(
-            reason, model=self._name, provider=PROVIDER, templates=_MESSAGES, upstream_message=upstream_message,
-            refused="AWS Bedrock refused the request for '{model}'.",
-        )  # fmt: skip
+        return error(reason, self._name, upstream_message)
 
 
 def _request_id(response: Mapping[str, Any]) -> str:

@@ -12,24 +12,9 @@ with the user, and no blank text. Shaping rules (documented in the README):
 - the first turn must be the user's: a conversation that starts with an assistant message is refused, rather than
   preceded by a user message the caller never wrote.
 
-Tools:
-
-- `tools` become `toolConfig.tools[].toolSpec`. `tool_choice` auto / required / a function becomes toolChoice
-  auto / any / tool, sent only when the caller set it (Converse's default is auto; some models refuse toolChoice);
-- Converse refuses toolUse and toolResult blocks in a request without `toolConfig`. When the request has no
-  `tools`, a toolSpec is synthesised for each tool the history's calls name, with the schema `{"type": "object"}`:
-  the model sees those tools offered, as when it made those calls, and may call one of them again;
-- `tool_choice: "none"` offers no tools. With tool calls or results in the history that cannot be honoured (see
-  `_tool_config`), so that combination is a 400 naming `tool_choice`;
-- `response_format` (json_object, json_schema) is a forced tool whose input is the answer: the input arrives as
-  content and the `tool_use` stop as `stop`. Text the model writes beside that call is not the answer and is left
-  out; an answer that never calls it is relayed as its text, held until the end of the answer;
-- `parallel_tool_calls: false` has no Converse switch: only the model's first tool call is relayed.
-- `strict` (on a tool or a json_schema) has no Converse field, so the gateway enforces it (schema_check.py): the
-  schema is checked when the request is shaped (a broken one is a 400 naming it), and the final JSON of a strict
-  answer or call is validated when the answer ends. Pieces are relayed as they come; a mismatch ends the answer with
-  an UPSTREAM_PROTOCOL error instead of its finish. An answer cut by length or a filter is not checked: its finish
-  already says it is incomplete, as OpenAI's does.
+The parts with rules of their own live beside it, SDK-free too: tools, tool_choice, the toolUse and toolResult
+blocks, response_format's forced tool and `strict` in `bedrock_tools` (whose AnswerShape says how the folds here
+read an answer), upstream errors in `bedrock_errors`.
 """
 
 from __future__ import annotations
@@ -41,13 +26,11 @@ from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.errors import GatewayError
+from services.providers.bedrock_errors import invalid
+from services.providers.bedrock_tools import AnswerShape, tool_config, tool_result, tool_use
 from services.providers.schema_check import SchemaCheck
 
-PROVIDER = "bedrock"
 F = pb.FinishReason
-TC = pb.ToolChoiceMode
-RF = pb.ResponseFormatType
 # Converse stopReason -> OpenAI finish reason. The window running out cuts the answer as max_tokens would, so a
 # caller sees `length` either way; an unknown reason is an upstream protocol error, never a guess.
 FINISH_REASONS = {
@@ -62,24 +45,14 @@ FINISH_REASONS = {
 _ROLES = {pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant", pb.Role.ROLE_TOOL: "user"}
 # Media type -> Converse ImageFormat: the four types the core lets through are exactly the four Converse takes.
 IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/gif": "gif", "image/webp": "webp"}
-# The forced tool of `response_format: {"type": "json_object"}`, and what it tells the model.
-JSON_OBJECT_TOOL = "json_object"
-JSON_OBJECT_DESCRIPTION = "Give your answer as a JSON object."
-JSON_SCHEMA_TOOL = "json_schema"  # the forced tool of a json_schema without a name
+
+
+# How to read an answer when the caller gives no AnswerShape: as it comes, no tool forced, nothing strict.
+_PLAIN = AnswerShape()
 
 
 class UnusableAnswer(Exception):
     """The upstream's answer breaks the Converse contract; the message says how (for the log, not the caller)."""
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerShape:
-    """How to read the answer to one request."""
-
-    answer_tool: str = ""  # the forced tool whose input is the answer (response_format); "" when there is none
-    first_call_only: bool = False  # parallel_tool_calls=false: relay the first tool call, drop the others
-    answer_check: SchemaCheck | None = None  # a strict json_schema: what the answer must match
-    call_checks: Mapping[str, SchemaCheck] = field(default_factory=dict)  # strict tools' schemas, by tool name
 
 
 def converse_request(model_id: str, params: pb.CompletionParams) -> tuple[dict[str, Any], AnswerShape]:
@@ -103,9 +76,9 @@ def converse_request(model_id: str, params: pb.CompletionParams) -> tuple[dict[s
         inference["stopSequences"] = list(params.stop_sequences)
     if inference:
         request["inferenceConfig"] = inference
-    tool_config, shape = _tool_config(params, called, tool_blocks)
-    if tool_config:
-        request["toolConfig"] = tool_config
+    tools, shape = tool_config(params, called, tool_blocks)
+    if tools:
+        request["toolConfig"] = tools
     return request, shape
 
 
@@ -120,17 +93,17 @@ def _conversation(
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if message.tool_calls and message.role != pb.Role.ROLE_ASSISTANT:
-            raise _invalid("Only assistant messages can carry 'tool_calls'.", f"{where}.tool_calls")
+            raise invalid("Only assistant messages can carry 'tool_calls'.", f"{where}.tool_calls")
         if message.role == pb.Role.ROLE_SYSTEM:
             system.extend(_content(message, where, images=False))
             continue
         if message.role == pb.Role.ROLE_TOOL:
-            blocks = [_tool_result(message, where)]
+            blocks = [tool_result(message, where, _content)]
             tool_blocks = True
         else:
             blocks = _content(message, where)
             for number, call in enumerate(message.tool_calls):
-                blocks.append(_tool_use(call, f"{where}.tool_calls[{number}]"))
+                blocks.append(tool_use(call, f"{where}.tool_calls[{number}]"))
                 called[call.name] = None
                 tool_blocks = True
         if not blocks:
@@ -141,11 +114,12 @@ def _conversation(
         else:
             turns.append({"role": role, "content": blocks})
     if not turns:
-        raise _invalid("'messages' must contain at least one user message with text.")
+        raise invalid("'messages' must contain at least one user message with text.", "messages")
     if turns[0]["role"] != "user":
-        raise _invalid(
+        raise invalid(
             "This model requires the conversation to start with a user message: "
-            "the first non-system message with text is an assistant message."
+            "the first non-system message with text is an assistant message.",
+            "messages",
         )
     return system, turns, list(called), tool_blocks
 
@@ -160,7 +134,7 @@ def _content(message: pb.Message, where: str, *, images: bool = True) -> list[di
         elif kind == "image":
             param = f"{where}.content[{number}]"
             if not images:
-                raise _invalid("System messages cannot carry images on this model.", param)
+                raise invalid("System messages cannot carry images on this model.", param)
             blocks.append(_image(part.image, param))
     return blocks
 
@@ -168,151 +142,14 @@ def _content(message: pb.Message, where: str, *, images: bool = True) -> list[di
 def _image(image: pb.Image, param: str) -> dict[str, Any]:
     image_format = IMAGE_FORMATS.get(image.media_type.lower())
     if image_format is None:
-        raise _invalid(f"The image type {image.media_type!r} is not supported: use PNG, JPEG, GIF or WebP.", param)
+        raise invalid(f"The image type {image.media_type!r} is not supported: use PNG, JPEG, GIF or WebP.", param)
     if not image.data:
-        raise _invalid("The image has no data.", param)
+        raise invalid("The image has no data.", param)
     # botocore base64-encodes the bytes on the wire.
     return {"image": {"format": image_format, "source": {"bytes": image.data}}}
 
 
-def _tool_use(call: pb.ToolCall, where: str) -> dict[str, Any]:
-    if not call.id:
-        raise _invalid("A tool call needs its 'id'.", f"{where}.id")
-    if not call.name:
-        raise _invalid("A tool call needs its function's 'name'.", f"{where}.function.name")
-    arguments = _json_object(call.arguments, f"{where}.function.arguments")
-    return {"toolUse": {"toolUseId": call.id, "name": call.name, "input": arguments}}
-
-
-def _tool_result(message: pb.Message, where: str) -> dict[str, Any]:
-    """A tool message as a toolResult block. Blank text is left out of it, but never the block: the call it
-    answers would be left unanswered."""
-    if not message.tool_call_id:
-        raise _invalid("A tool message needs the 'tool_call_id' of the call it answers.", f"{where}.tool_call_id")
-    return {"toolResult": {"toolUseId": message.tool_call_id, "content": _content(message, where)}}
-
-
-def _tool_config(
-    params: pb.CompletionParams, called: list[str], tool_blocks: bool
-) -> tuple[dict[str, Any] | None, AnswerShape]:
-    """The request's toolConfig (None: no tools offered), and how to read the answer."""
-    mode = params.tool_choice.mode if params.HasField("tool_choice") else TC.TOOL_CHOICE_MODE_UNSPECIFIED
-    if mode in (TC.TOOL_CHOICE_MODE_REQUIRED, TC.TOOL_CHOICE_MODE_FUNCTION) and not params.tools:
-        raise _invalid("'tool_choice' requires 'tools'.", "tool_choice")
-    if mode == TC.TOOL_CHOICE_MODE_FUNCTION and params.tool_choice.name not in {t.name for t in params.tools}:
-        raise _invalid(
-            f"'tool_choice' names the function {params.tool_choice.name!r}, which is not one of 'tools'.",
-            "tool_choice",
-        )
-    answer = _answer_tool(params.response_format)
-    if answer is not None and params.tools:
-        raise _invalid(
-            "'response_format' cannot be combined with 'tools' on this model: "
-            "Bedrock gives structured output through a tool call of its own.",
-            "response_format",
-        )
-    if mode == TC.TOOL_CHOICE_MODE_NONE and tool_blocks and answer is None:
-        # Converse refuses tool calls and results in a request without toolConfig, and it has no choice that
-        # forbids calling the tools offered there: offering them would let the model call one after "none", and
-        # rewriting the history as text would change the conversation. Forced structured output is fine (the
-        # model can only call the answer tool), so only this combination is refused.
-        raise _invalid(
-            "'tool_choice' \"none\" is not supported by this model when the conversation has tool calls or tool "
-            "results: Bedrock requires the tools to be offered then. Use \"auto\", or leave out 'tool_choice'.",
-            "tool_choice",
-        )
-    specs: list[dict[str, Any]] = []
-    if mode != TC.TOOL_CHOICE_MODE_NONE:
-        specs = [_tool_spec(tool, f"tools[{number}]") for number, tool in enumerate(params.tools)]
-    answer_name = answer["toolSpec"]["name"] if answer is not None else ""
-    first_call_only = params.HasField("parallel_tool_calls") and not params.parallel_tool_calls
-    shape = AnswerShape(answer_name, first_call_only, *_strict_checks(params, specs, answer))
-    if not params.tools and tool_blocks:
-        specs = [{"toolSpec": {"name": name, "inputSchema": {"json": {"type": "object"}}}}
-                 for name in called if name != answer_name]  # fmt: skip
-    if answer is not None:
-        specs.append(answer)
-    if not specs:
-        return None, shape
-    config: dict[str, Any] = {"tools": specs}
-    if answer_name:
-        config["toolChoice"] = {"tool": {"name": answer_name}}
-    elif mode == TC.TOOL_CHOICE_MODE_AUTO:
-        config["toolChoice"] = {"auto": {}}
-    elif mode == TC.TOOL_CHOICE_MODE_REQUIRED:
-        config["toolChoice"] = {"any": {}}
-    elif mode == TC.TOOL_CHOICE_MODE_FUNCTION:
-        config["toolChoice"] = {"tool": {"name": params.tool_choice.name}}
-    return config, shape
-
-
-def _strict_checks(
-    params: pb.CompletionParams, specs: list[dict[str, Any]], answer: dict[str, Any] | None
-) -> tuple[SchemaCheck | None, dict[str, SchemaCheck]]:
-    """The schemas the gateway enforces, each checked as a schema now: the answer's (a strict json_schema) and the
-    strict tools' (by name; the offered `specs` are in the order of `tools`). Nothing at all without `strict`."""
-    calls: dict[str, SchemaCheck] = {}
-    for number, (tool, spec) in enumerate(zip(params.tools, specs, strict=False)):
-        if tool.strict and tool.name not in calls:
-            schema = spec["toolSpec"]["inputSchema"]["json"]
-            calls[tool.name] = SchemaCheck(schema, param=f"tools[{number}].function.parameters", provider=PROVIDER)
-    if answer is None or not params.response_format.strict:
-        return None, calls
-    schema = answer["toolSpec"]["inputSchema"]["json"]
-    return SchemaCheck(schema, param="response_format.json_schema.schema", provider=PROVIDER), calls
-
-
-def _tool_spec(tool: pb.Tool, where: str) -> dict[str, Any]:
-    spec: dict[str, Any] = {"name": tool.name}
-    if tool.description:  # Converse refuses an empty description
-        spec["description"] = tool.description
-    if tool.parameters:
-        schema = _json_object(tool.parameters, f"{where}.function.parameters")
-    else:  # a function without parameters: Converse requires a schema, of an object
-        schema = {"type": "object", "properties": {}}
-    spec["inputSchema"] = {"json": schema}
-    return {"toolSpec": spec}
-
-
-def _answer_tool(response_format: pb.ResponseFormat) -> dict[str, Any] | None:
-    """The forced tool that carries a structured answer, or None for plain text."""
-    if response_format.type == RF.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
-        spec = {"name": JSON_OBJECT_TOOL, "description": JSON_OBJECT_DESCRIPTION}
-        schema: dict[str, Any] = {"type": "object"}
-    elif response_format.type == RF.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
-        spec = {"name": response_format.name or JSON_SCHEMA_TOOL}
-        if response_format.description:
-            spec["description"] = response_format.description
-        schema = {"type": "object"}
-        if response_format.schema:
-            schema = _json_object(response_format.schema, "response_format.json_schema.schema")
-    else:
-        return None
-    return {"toolSpec": {**spec, "inputSchema": {"json": schema}}}
-
-
-def _json_object(text: str, param: str) -> dict[str, Any]:
-    """JSON text that must hold an object, parsed; anything else is the caller's mistake, a 400 naming `param`."""
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        value = None
-    if not isinstance(value, dict):
-        raise _invalid(f"'{param}' must be the JSON text of an object.", param)
-    return value
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity, which json.loads accepts and JSON does not
-
-
-def _invalid(message: str, param: str = "messages") -> GatewayError:
-    return GatewayError(pb.ErrorReason.ERROR_REASON_INVALID_REQUEST, message, param=param, provider=PROVIDER)
-
-
-def converse_events(
-    answer: Mapping[str, Any], shape: AnswerShape = AnswerShape()
-) -> list[svc.StreamCompletionResponse]:
+def converse_events(answer: Mapping[str, Any], shape: AnswerShape = _PLAIN) -> list[svc.StreamCompletionResponse]:
     """A whole Converse answer as the events a stream would have carried, in block order."""
     output = answer.get("output")
     message = output.get("message") if isinstance(output, Mapping) else None
@@ -352,7 +189,7 @@ class StreamFold:
     skipped (botocore already skips unknown frames).
     """
 
-    def __init__(self, shape: AnswerShape = AnswerShape()) -> None:
+    def __init__(self, shape: AnswerShape = _PLAIN) -> None:
         self._reader = _Reader(shape)
         self._stop_reason: object = None
         self._usage: object = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from modelmax.v1 import completion_pb2 as pb
-from services.errors import GatewayError, upstream_error
+from services.errors import UPSTREAM_MESSAGES, GatewayError, upstream_error
 
 PROVIDER = "gemini"
 R = pb.ErrorReason
@@ -40,17 +40,9 @@ REASON_BY_CODE = {
     503: R.ERROR_REASON_UPSTREAM_UNAVAILABLE,
     504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
 }
-# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST) forward Google's words; the rest would
-# leak upstream details, and a credentials failure is the gateway's, never the caller's.
-_MESSAGES = {
-    R.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
-    R.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
-    R.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
-    R.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
-    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
-    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' sent an answer the gateway cannot use.",
-    R.ERROR_REASON_INTERNAL: "The gateway failed to serve '{model}'.",
-}
+# Caller-facing messages: the shared ones (only the caller's own mistakes forward Google's words), and a fixed one
+# for an upstream error the tables above do not know, which the provider logs and reports as INTERNAL.
+_MESSAGES = {**UPSTREAM_MESSAGES, R.ERROR_REASON_INTERNAL: "The gateway failed to serve '{model}'."}
 
 
 def error(reason: pb.ErrorReason.ValueType, model: str, upstream_message: str = "") -> GatewayError:

@@ -23,7 +23,7 @@ import aiohttp
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
-from services.errors import GatewayError, upstream_error
+from services.errors import UPSTREAM_MESSAGES, GatewayError, upstream_error
 from services.validation import check_supported
 
 _PROVIDER = "openai"
@@ -89,16 +89,6 @@ _REASON_BY_NAME = {
     "authentication_error": R.ERROR_REASON_UPSTREAM_AUTH,
     "permission_error": R.ERROR_REASON_UPSTREAM_AUTH,
 }
-# Caller-facing messages. Only the caller's own mistakes (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward the
-# upstream's words; the rest would leak upstream details, and an auth failure is the gateway's, never the caller's.
-_MESSAGES = {
-    R.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
-    R.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
-    R.ERROR_REASON_RATE_LIMITED: "The upstream serving '{model}' is rate limiting requests; retry later.",
-    R.ERROR_REASON_UPSTREAM_TIMEOUT: "The upstream serving '{model}' did not answer in time.",
-    R.ERROR_REASON_UPSTREAM_UNAVAILABLE: "The upstream serving '{model}' is unavailable.",
-    R.ERROR_REASON_UPSTREAM_PROTOCOL: "The upstream serving '{model}' sent an answer the gateway cannot use.",
-}
 
 
 class OpenAICompatibleProvider:
@@ -152,7 +142,7 @@ class OpenAICompatibleProvider:
 
     def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
         return upstream_error(
-            reason, model=self._name, provider=_PROVIDER, templates=_MESSAGES, upstream_message=upstream_message
+            reason, model=self._name, provider=_PROVIDER, templates=UPSTREAM_MESSAGES, upstream_message=upstream_message
         )
 
     def _chunk(self, data: str) -> dict[str, Any]:

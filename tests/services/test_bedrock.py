@@ -20,7 +20,8 @@ from services.catalog import CatalogEntry, CatalogError, MissingSecret
 from services.errors import GatewayError
 from services.providers import Provider
 from services.providers.bedrock import BedrockBackend, create_backend
-from services.providers.bedrock_translate import AnswerShape, converse_request
+from services.providers.bedrock_tools import AnswerShape
+from services.providers.bedrock_translate import converse_request
 from tests.fakes.bedrock import (
     DEFAULT_USAGE,
     BedrockUpstream,
