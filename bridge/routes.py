@@ -10,15 +10,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive
 
 from bridge.auth import KeyChecker
 from bridge.errors import OpenAIError, from_rpc_error, overloaded
 from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from bridge.openai_request import parse_chat_request
-from bridge.sse import open_stream
+from bridge.sse import SSEResponse, client_gone, open_stream
 from bridge.translate import completion_json, model_json, to_params
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -72,7 +71,7 @@ async def chat_completions(request: Request) -> Response:
     streaming = False
     try:
         response = await _chat_completion(request, gateway, seen, release)
-        streaming = isinstance(response, StreamingResponse)
+        streaming = isinstance(response, SSEResponse)
         return response
     finally:
         if not streaming:
@@ -93,7 +92,7 @@ async def _chat_completion(
     call = gateway.stub.CreateCompletion(
         svc.CreateCompletionRequest(params=params), timeout=gateway.timeout, metadata=metadata
     )
-    watcher = asyncio.ensure_future(_client_gone(request.receive))
+    watcher = asyncio.ensure_future(client_gone(request.receive))
     watcher.add_done_callback(lambda _: call.cancel())  # a client that leaves stops the generation it asked for
     waiting = time.perf_counter()
     try:
@@ -198,11 +197,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise too_large
         parts.append(part)
     return b"".join(parts)
-
-
-async def _client_gone(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 ROUTES = [
