@@ -13,11 +13,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from bridge.auth import KeyChecker
 from bridge.errors import OpenAIError
 from bridge.metrics import BridgeMetrics, Observation
-from bridge.routes import REQUEST_ID, ROUTES, Gateway
+from bridge.routes import CHAT_COMPLETIONS, REQUEST_ID, ROUTES, Gateway, chat_completions
 from bridge.settings import Settings
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -68,7 +69,7 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
                 thread.join(5)
             await channel.close()
 
-    return Starlette(
+    return BridgeApp(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={
@@ -77,6 +78,30 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
             Exception: _unexpected_error,
         },
     )
+
+
+class BridgeApp(Starlette):
+    """Starlette, except that `POST /v1/chat/completions` (the hot path) is served without the middleware stack.
+
+    Starlette's error middleware, exception middleware, router and route wrapper each add a frame and a wrapped
+    `send` to every request and to every chunk of a stream, and their state stays alive as long as a stream is
+    open. The chat-completions handler already turns every failure into an OpenAI error response itself, so it is
+    called directly, with the same error handlers; every other route goes through Starlette as usual.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_COMPLETIONS and scope["method"] == "POST":
+            scope["app"] = self
+            request = Request(scope, receive)
+            try:
+                response = await chat_completions(request)
+            except OpenAIError as exc:
+                response = await _openai_error(request, exc)
+            except Exception as exc:  # noqa: BLE001 (a bug: logged once by the handler, answered with a 500)
+                response = await _unexpected_error(request, exc)
+            await response(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def _finish(request: Request, status: int) -> dict[str, str]:

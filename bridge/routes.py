@@ -22,6 +22,7 @@ from bridge.translate import completion_json, model_json, to_params
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 
+CHAT_COMPLETIONS = "/v1/chat/completions"
 REQUEST_ID = "x-request-id"  # sent to the core as gRPC metadata and returned on every response
 OVERHEAD = "x-modelmax-overhead-ms"  # the gateway's own time (bridge + core) on non-streaming responses
 DEPLOYMENT = "x-modelmax-deployment"  # which catalog deployment served: "<position>:<provider>:<model>"
@@ -200,7 +201,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 ROUTES = [
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route(CHAT_COMPLETIONS, chat_completions, methods=["POST"]),  # served by BridgeApp directly; kept for 405s
     Route("/v1/models", list_models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", retrieve_model, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
