@@ -88,7 +88,7 @@ async def _chat_completion(
     params = to_params(chat)
     metadata = ((REQUEST_ID, seen.request_id),)
     if chat.stream:
-        request_message = svc.StreamCompletionRequest(params=params)
+        request_message = svc.StreamCompletionRequest(params=params, accept_batches=True)  # see sse._events
         return await open_stream(gateway.stub, request_message, gateway.timeout, metadata, seen, release)
     call = gateway.stub.CreateCompletion(
         svc.CreateCompletionRequest(params=params), timeout=gateway.timeout, metadata=metadata

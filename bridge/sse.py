@@ -118,6 +118,7 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
     """Role chunk(s), content, reasoning and tool-call chunks, the finish chunk(s), the usage chunk when asked, [DONE].
 
     With several choices, every delta carries its choice's index; each choice has its own role and finish chunk.
+    A `batch` event from the core becomes the same chunks its events would have, written with one ASGI send.
     If the client disconnects, SSEResponse cancels the gRPC call (reads then raise CancelledError) and the core
     cancels the provider. A failure mid-stream ends with an error event, never with an invented finish_reason.
     """
@@ -137,6 +138,8 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
                 yield encoder.tool_call(event.tool_call)
             elif kind == "reasoning":
                 yield encoder.reasoning(event.reasoning.text, event.reasoning.choice_index)
+            elif kind == "batch":  # events the core had ready together: their chunks in order, in one send
+                yield b"".join(_chunk(encoder, inner) for inner in event.batch.events)
             elif kind == "finish":
                 finished = True
                 yield encoder.finish(event.finish)
@@ -155,3 +158,15 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
     finally:
         call.cancel()  # no-op once the call is done; otherwise carries a client disconnect into the core
     yield SSE_DONE
+
+
+def _chunk(encoder: ChunkEncoder, event: svc.StreamCompletionResponse) -> bytes:
+    """The SSE chunk of one event inside a batch: a delta, reasoning or tool call (nothing else is batched)."""
+    kind = event.WhichOneof("event")
+    if kind == "delta":
+        return encoder.content(event.delta.text, event.delta.choice_index)
+    if kind == "tool_call":
+        return encoder.tool_call(event.tool_call)
+    if kind == "reasoning":
+        return encoder.reasoning(event.reasoning.text, event.reasoning.choice_index)
+    return b""

@@ -65,9 +65,17 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         self, request: svc.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
         params = request.params
+        batches = request.accept_batches
         async with self._observe(params, context, stream=True) as measurement:
             async with aclosing(self._events(params, measurement, incremental=True)) as events:
                 async for event in events:
+                    if event.HasField("batch"):  # events the provider had ready together: one message if accepted
+                        if batches:
+                            yield event
+                        else:
+                            for inner in event.batch.events:
+                                yield inner
+                        continue
                     if event.HasField("finish"):
                         if not params.include_usage:
                             event.finish.ClearField("usage")
@@ -85,35 +93,38 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             async with aclosing(self._events(request.params, measurement, incremental=False)) as events:
                 async for event in events:
                     kind = event.WhichOneof("event")
-                    if kind == "delta":
-                        delta = event.delta
-                        if delta.choice_index:
-                            more = more or _Fold()
-                            more.text(more.contents, delta.choice_index, delta.text)
-                        else:
-                            pieces.append(delta.text)
-                    elif kind == "tool_call":
-                        more = more or _Fold()
-                        more.tool_call(event.tool_call)
-                    elif kind == "reasoning":
-                        thought = event.reasoning
-                        if thought.choice_index:
-                            more = more or _Fold()
-                            more.text(more.reasonings, thought.choice_index, thought.text)
-                        else:
-                            reasoning.append(thought.text)
-                    elif kind == "start":
+                    if kind == "start":
                         response.id = event.start.id
                         response.model = event.start.model
                         response.created = event.start.created
                         response.deployment = event.start.deployment
                         response.attempts = event.start.attempts
-                    else:
+                    elif kind == "finish":
                         finish = event.finish
                         response.finish_reason = finish.finish_reason
                         response.usage.CopyFrom(finish.usage)
                         for index, reason in enumerate(finish.additional_finish_reasons, 1):
                             response.additional_choices.add(index=index, finish_reason=reason)
+                    else:  # a delta, reasoning or tool call, or a batch of them
+                        for item in event.batch.events if kind == "batch" else (event,):
+                            part = item.WhichOneof("event")
+                            if part == "delta":
+                                delta = item.delta
+                                if delta.choice_index:
+                                    more = more or _Fold()
+                                    more.text(more.contents, delta.choice_index, delta.text)
+                                else:
+                                    pieces.append(delta.text)
+                            elif part == "tool_call":
+                                more = more or _Fold()
+                                more.tool_call(item.tool_call)
+                            elif part == "reasoning":
+                                thought = item.reasoning
+                                if thought.choice_index:
+                                    more = more or _Fold()
+                                    more.text(more.reasonings, thought.choice_index, thought.text)
+                                else:
+                                    reasoning.append(thought.text)
             response.content = "".join(pieces)
             response.reasoning_content = "".join(reasoning)
             if more is not None:
@@ -239,7 +250,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                         measurement.completion_tokens = event.finish.usage.completion_tokens
                     yield event
                     return
-                measurement.token()
+                if event.HasField("batch"):
+                    _check_batch(event.batch, params.model)
+                measurement.token()  # the first output, whether one event or a batch: TTFT is when it arrived
                 yield event
                 event = await _step(stream, measurement, end, deployment.label)
             raise _protocol("the provider's stream ended before it finished", params.model)
@@ -358,6 +371,15 @@ def _check_choices(finish: svc.CompletionFinish, params: pb.CompletionParams) ->
     reasons = finish.additional_finish_reasons
     if len(reasons) != wanted or pb.FinishReason.FINISH_REASON_UNSPECIFIED in reasons:
         raise _protocol(f"the provider finished {1 + len(reasons)} choices of {wanted + 1}", params.model)
+
+
+_BATCHABLE = frozenset({"delta", "reasoning", "tool_call"})
+
+
+def _check_batch(batch: svc.EventBatch, model: str) -> None:
+    """A provider's batch holds deltas, reasonings and tool calls only, and at least one (the proto's contract)."""
+    if not batch.events or any(event.WhichOneof("event") not in _BATCHABLE for event in batch.events):
+        raise _protocol("the provider sent a batch that is empty or holds other events", model)
 
 
 def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:

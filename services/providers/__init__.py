@@ -28,9 +28,11 @@ _MODULES = {
 class Provider(Protocol):
     """Serves one catalog entry.
 
-    `stream` yields `delta` (and `reasoning`) events, then exactly one `finish` event carrying usage. It raises
-    GatewayError for failures the caller should see. Cancellation arrives as CancelledError and must stop the
-    upstream work.
+    `stream` yields `delta` (and `reasoning`, `tool_call`) events, then exactly one `finish` event carrying usage.
+    Events that became ready together (parsed from one network read) may be yielded as one `batch` event: only
+    deltas, reasonings and tool calls, in order, never empty, never the finish. The core relays a batch as one
+    gRPC message to callers that accept batches and unpacks it for the others. `stream` raises GatewayError for
+    failures the caller should see. Cancellation arrives as CancelledError and must stop the upstream work.
     """
 
     def stream(

@@ -121,15 +121,25 @@ class OpenAICompatibleProvider:
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
                 relay = _Relay(self, max(params.choice_count, 1))
                 usage: pb.Usage | None = None
-                async with aclosing(_sse_data(response)) as events:
-                    async for data in events:
-                        chunk = self._chunk(data)
-                        if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk, per server
-                            usage = self._usage(chunk["usage"])
-                        choices = chunk.get("choices")
-                        if choices:
-                            for event in relay.events(choices):
-                                yield event
+                # The events of one network read go out together: one batch event when there are several (the
+                # core's caller then pays one gRPC message for them), the event itself when it is alone.
+                async with aclosing(_sse_data(response)) as reads:
+                    async for read in reads:
+                        ready: list[svc.StreamCompletionResponse] = []
+                        try:
+                            for data in read:
+                                chunk = self._chunk(data)
+                                if isinstance(chunk.get("usage"), dict):  # its own chunk or the finish chunk
+                                    usage = self._usage(chunk["usage"])
+                                choices = chunk.get("choices")
+                                if choices:
+                                    ready.extend(relay.events(choices))
+                        except GatewayError:
+                            if ready:  # what came before the failure still goes out first, as one by one it would
+                                yield _together(ready)
+                            raise
+                        if ready:
+                            yield _together(ready)
                 yield svc.StreamCompletionResponse(finish=relay.finish(usage))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # could not connect
             raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
@@ -375,39 +385,58 @@ def _response_format(response_format: pb.ResponseFormat) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema}
 
 
-async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The body's lines, without their line ends; no limit on a line's length (aiohttp's readline has one)."""
+def _together(events: list[svc.StreamCompletionResponse]) -> svc.StreamCompletionResponse:
+    """Events that were ready at once: the one event itself, or a batch of them (never empty, never a finish)."""
+    if len(events) == 1:
+        return events[0]
+    return svc.StreamCompletionResponse(batch=svc.EventBatch(events=events))
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+    """The body's lines, without their line ends, as they arrive: the complete lines of each network read together.
+
+    No limit on a line's length (aiohttp's readline has one); a read that completes no line yields nothing.
+    """
     pending = b""
     async for block in response.content.iter_any():
         pending += block
         *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.removesuffix(b"\r").decode("utf-8", errors="replace")
+        if complete:
+            yield [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in complete]
     if pending:
-        yield pending.removesuffix(b"\r").decode("utf-8", errors="replace")
+        yield [pending.removesuffix(b"\r").decode("utf-8", errors="replace")]
 
 
-async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The `data` of each server-sent event, until `[DONE]` or the end of the body."""
+async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
+    """The `data` of each server-sent event, until `[DONE]` or the end of the body.
+
+    The events that one network read completed come together, in order, as one list (never empty).
+    """
     lines = _lines(response)
     data: list[str] = []
-    async for line in lines:
-        if line.startswith("data:"):
-            data.append(line[6:] if line.startswith("data: ") else line[5:])
-            continue
-        if line or not data:  # `event:`, `id:` and `:` keep-alive comments carry nothing we use
-            continue
-        event, data = "\n".join(data), []
-        if event == "[DONE]":
-            await _drain(lines)
-            return
-        yield event
+    async for read in lines:
+        ready: list[str] = []
+        for line in read:
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+                continue
+            if line or not data:  # `event:`, `id:` and `:` keep-alive comments carry nothing we use
+                continue
+            event, data = "\n".join(data), []
+            if event == "[DONE]":
+                if ready:
+                    yield ready
+                await _drain(lines)
+                return
+            ready.append(event)
+        if ready:
+            yield ready
     last = "\n".join(data)  # an event the body ended without its blank line
     if last and last != "[DONE]":
-        yield last
+        yield [last]
 
 
-async def _drain(lines: AsyncIterator[str]) -> None:
+async def _drain(lines: AsyncIterator[list[str]]) -> None:
     """Read to the end of the body, so aiohttp returns the connection to the pool instead of closing it."""
     try:
         async with asyncio.timeout(_DRAIN_SECONDS):

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import httpx
 import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -51,9 +52,11 @@ class ScriptedCore(svc_grpc.CompletionServiceServicer):
         self.error: str | None = None  # fail with INTERNAL after the events
         self.response = svc.CreateCompletionResponse()
         self.received: list[pb.CompletionParams] = []
+        self.accepted_batches: list[bool] = []  # accept_batches of every StreamCompletion request
 
     async def StreamCompletion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         self.received.append(request.params)
+        self.accepted_batches.append(request.accept_batches)
         for event in self.events:
             yield event
         if self.error:
@@ -81,10 +84,15 @@ async def core() -> AsyncIterator[ScriptedCore]:
 
 
 @pytest.fixture
-async def client(core: ScriptedCore) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with running_bridge(f"127.0.0.1:{core.port}") as base_url:  # type: ignore[attr-defined]
-        async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
-            yield sdk
+async def base_url(core: ScriptedCore) -> AsyncIterator[str]:
+    async with running_bridge(f"127.0.0.1:{core.port}") as url:  # type: ignore[attr-defined]
+        yield url
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0) as sdk:
+        yield sdk
 
 
 async def test_two_parallel_tool_calls_stream_as_openai_does(core: ScriptedCore, client: openai.AsyncOpenAI) -> None:
@@ -230,3 +238,40 @@ async def test_an_error_after_a_tool_call_piece_is_an_error_event(
             seen.append(chunk)
     assert len(seen) == 2 and seen[1].choices[0].delta.tool_calls[0].id == "call_a"
     assert all(chunk.choices[0].finish_reason is None for chunk in seen)
+
+
+def batch(*events: Any) -> Any:
+    return svc.StreamCompletionResponse(batch=svc.EventBatch(events=events))
+
+
+def reasoning(text: str, choice: int = 0) -> Any:
+    return svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text=text, choice_index=choice))
+
+
+@pytest.mark.parametrize("error", [None, "upstream went away"])
+async def test_a_batch_is_relayed_as_the_bytes_of_its_events(
+    core: ScriptedCore, base_url: str, error: str | None
+) -> None:
+    """The SSE body is byte for byte what the same events one message each give, an error event after it included."""
+    middle = [reasoning("Hmm."), content("Hel"), content("Bon", choice=1), tool_call(0, "{}", call_id="call_c",
+              name="time", choice=1), content("lo")]  # fmt: skip
+    usage = pb.Usage(prompt_tokens=5, completion_tokens=4, total_tokens=9)
+    ending = [] if error else [finish(pb.FinishReason.FINISH_REASON_STOP, pb.FinishReason.FINISH_REASON_TOOL_CALLS,
+                                      usage=usage)]  # fmt: skip
+    core.error = error
+    body = {"model": "m", "messages": QUESTION, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+
+    async def relayed(events: list[Any]) -> bytes:
+        core.events = [START, *events, *ending]
+        async with httpx.AsyncClient(headers={"authorization": f"Bearer {API_KEY}"}) as http:
+            response = await http.post(f"{base_url}/chat/completions", json=body)
+        assert response.status_code == 200
+        return response.content
+
+    single = await relayed(middle)
+    batched = await relayed([batch(*middle[:2]), batch(*middle[2:])])
+    mixed = await relayed([middle[0], batch(*middle[1:4]), middle[4]])
+    assert batched == single == mixed
+    assert single.count(b"data: ") == 2 + 5 + (0 if error else 3) + (1 if error else 0) + 1  # roles, pieces, ...
+    assert single.endswith(b"data: [DONE]\n\n") and (b'"error"' in single) == bool(error)
+    assert core.accepted_batches == [True, True, True]  # the bridge takes batches

@@ -91,6 +91,33 @@ async def test_error_mid_stream_is_an_error_event_not_a_finish(
     assert raised.value.type == "api_error"
 
 
+@pytest.mark.parametrize("error_after", [None, 3])
+async def test_a_burst_from_the_upstream_streams_the_same_chunks(
+    client: openai.AsyncOpenAI, upstream: OpenAIUpstream, error_after: int | None
+) -> None:
+    """Events the upstream sent in one write travel as a batch through the core; the client sees no difference."""
+    upstream.reasoning_chunks, upstream.chunks = ["Hmm."], ["One", " two", " three", " four", "."]
+    upstream.stream_error_after = error_after
+
+    async def chunks() -> tuple[list[dict[str, object]], bool]:
+        stream = await client.chat.completions.create(
+            model=PUBLIC, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        seen: list[dict[str, object]] = []
+        try:
+            async for chunk in stream:
+                seen.append(chunk.model_dump(exclude={"id", "created"}))
+        except openai.APIError:
+            return seen, True
+        return seen, False
+
+    single = await chunks()
+    upstream.burst = True
+    assert await chunks() == single
+    assert single[1] is (error_after is not None)
+    assert len(single[0]) == 1 + 1 + (error_after or 5) + (0 if error_after else 2)  # role, reasoning, ...
+
+
 async def test_stream_cut_short_upstream_ends_with_an_error_event(
     tmp_path: Path, upstream: OpenAIUpstream, client: openai.AsyncOpenAI
 ) -> None:

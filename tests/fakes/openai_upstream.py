@@ -66,6 +66,7 @@ class OpenAIUpstream:
     cut_after: int | None = None  # end the body cleanly after this many content chunks: no finish, no [DONE]
     abort_after: int | None = None  # drop the connection mid-body after this many content chunks
     chunk_delay: float = 0.0  # seconds before each content chunk (and before the first one)
+    burst: bool = False  # send the whole stream in one write, so that the client reads its events together
     reasoning_chunks: list[str] = field(default_factory=list)  # sent as delta.reasoning_content before the content
     tool_calls: list[FakeToolCall] = field(default_factory=list)  # streamed after the content of choice 0
     tool_call_indexes: list[int] | None = None  # the `index` sent for each call; None: 0, 1, 2...
@@ -105,7 +106,8 @@ class OpenAIUpstream:
             headers = {"retry-after": self.retry_after} if self.retry_after is not None else None
             return JSONResponse(error_body, status_code=self.error_status, headers=headers)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(self._stream(body.get("model", ""), include_usage), media_type="text/event-stream")
+        stream = self._stream(body.get("model", ""), include_usage)
+        return StreamingResponse(_joined(stream) if self.burst else stream, media_type="text/event-stream")
 
     async def _stream(self, model: str, include_usage: bool) -> AsyncIterator[str]:
         ended = False
@@ -175,6 +177,11 @@ def _chunk(
     if usage is not None or include_usage:
         chunk["usage"] = usage  # OpenAI sends an explicit null on every chunk but the one carrying usage
     return _data(chunk)
+
+
+async def _joined(parts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The whole stream as one piece: one body chunk, one socket write."""
+    yield "".join([part async for part in parts])
 
 
 class _Abort(Exception):

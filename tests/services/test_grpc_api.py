@@ -280,3 +280,32 @@ async def test_the_request_log_line_names_the_end_user_and_nothing_of_the_prompt
     assert (line.user, line.status, line.model) == ("end-user-42", "ok", REMOTE)  # type: ignore[attr-defined]
     assert secret not in line.getMessage() + repr(vars(line))
     assert upstream.requests[0].body["user"] == "end-user-42"
+
+
+async def test_a_burst_is_batched_only_for_a_caller_that_accepts_batches(
+    remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream],
+) -> None:
+    """Events the provider read together: `batch` events with accept_batches, the same events one by one without."""
+    stub, upstream = remote
+    upstream.burst = True  # the upstream's whole answer in one write
+    upstream.reasoning_chunks, upstream.chunks = ["Hmm."], ["Paris", " is", " the", " capital."]
+    upstream.tool_calls = [FakeToolCall("call_a", "get_weather", ('{"city":', '"Paris"}'))]
+
+    async def events(accept_batches: bool) -> list[svc.StreamCompletionResponse]:
+        request = svc.StreamCompletionRequest(params=remote_params(include_usage=True), accept_batches=accept_batches)
+        return [event async for event in stub.StreamCompletion(request)]
+
+    batched, single = await events(True), await events(False)
+    kinds = [event.WhichOneof("event") for event in batched]
+    assert kinds[0] == "start" and kinds[-1] == "finish" and "batch" in kinds
+    assert "batch" not in [event.WhichOneof("event") for event in single]
+    unpacked = [
+        inner for event in batched[1:-1] for inner in (event.batch.events if event.HasField("batch") else [event])
+    ]
+    assert all(event.WhichOneof("event") in ("delta", "reasoning", "tool_call") for event in unpacked)
+    assert all(len(event.batch.events) >= 2 for event in batched if event.HasField("batch"))
+    assert unpacked == single[1:-1] and len(unpacked) == 7  # 1 reasoning, 4 deltas, 2 tool-call pieces
+    assert batched[-1] == single[-1] and batched[-1].finish.usage.total_tokens == 11
+    whole = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params()))
+    assert (whole.content, whole.reasoning_content) == ("Paris is the capital.", "Hmm.")
+    assert list(whole.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]

@@ -44,13 +44,27 @@ async def run(provider: Provider, params: pb.CompletionParams) -> tuple[list[str
     async with aclosing(provider.stream(params)) as events:  # type: ignore[type-var]
         async for event in events:
             assert finish is None, "an event after the finish"
-            if event.HasField("delta"):
-                assert event.delta.text
-                texts.append(event.delta.text)
-            else:
+            if event.HasField("finish"):
                 finish = event.finish
+                continue
+            for item in unbatched([event]):
+                assert item.HasField("delta") and item.delta.text
+                texts.append(item.delta.text)
     assert finish is not None
     return texts, finish
+
+
+def unbatched(events: list[svc.StreamCompletionResponse]) -> list[svc.StreamCompletionResponse]:
+    """The events with every batch replaced by its events (a provider batches the events of one network read)."""
+    out: list[svc.StreamCompletionResponse] = []
+    for event in events:
+        if event.HasField("batch"):
+            assert len(event.batch.events) >= 2, "a batch of one (or none) is sent as the event itself"
+            assert {e.WhichOneof("event") for e in event.batch.events} <= {"delta", "reasoning", "tool_call"}
+            out.extend(event.batch.events)
+        else:
+            out.append(event)
+    return out
 
 
 async def fail(provider: Provider, params: pb.CompletionParams | None = None) -> GatewayError:
@@ -353,7 +367,7 @@ PARIS, ROME = '{"city":"Paris"}', '{"city":"Rome"}'
 
 async def collect(provider: Provider, params: pb.CompletionParams) -> list[svc.StreamCompletionResponse]:
     async with aclosing(provider.stream(params)) as events:  # type: ignore[type-var]
-        return [event async for event in events]
+        return unbatched([event async for event in events])
 
 
 def call_delta(
@@ -622,3 +636,40 @@ async def test_logprobs_are_refused_before_any_upstream_call(
     assert raised.value.reason == R.ERROR_REASON_INVALID_REQUEST
     assert (raised.value.param, raised.value.provider) == ("logprobs", "openai")
     assert upstream.requests == []
+
+
+# --- events that arrive in one network read go out as one batch -----------------------------------------------------
+
+
+async def test_events_read_together_are_one_batch_then_the_finish(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.burst = True  # the whole body in one write: the provider reads it at once
+    upstream.reasoning_chunks, upstream.chunks = ["Hmm."], ["Hello", ", ", "world"]
+    upstream.tool_calls, upstream.finish_reason = [FakeToolCall("call_a", "get", ("{}",))], "tool_calls"
+    async with aclosing(provider.stream(make_params(include_usage=True))) as stream:  # type: ignore[type-var]
+        events = [event async for event in stream]
+    assert [event.WhichOneof("event") for event in events] == ["batch", "finish"]
+    assert list(events[0].batch.events) == [
+        svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text="Hmm.")),
+        *(svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text)) for text in ["Hello", ", ", "world"]),
+        call_delta(0, "{}", id="call_a", name="get"),
+    ]
+    assert events[1] == finish(F.FINISH_REASON_TOOL_CALLS)
+
+
+async def test_a_single_event_read_alone_is_not_a_batch(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.chunks, upstream.chunk_delay = ["Hel", "lo"], 0.02  # each content chunk in its own read
+    async with aclosing(provider.stream(make_params())) as stream:  # type: ignore[type-var]
+        events = [event async for event in stream]
+    assert [event.WhichOneof("event") for event in events] == ["delta", "delta", "finish"]
+
+
+async def test_the_events_read_before_an_error_come_first(upstream: OpenAIUpstream, provider: Provider) -> None:
+    upstream.burst, upstream.stream_error_after = True, 2  # "Hello", ", " then the error, in one read
+    seen: list[svc.StreamCompletionResponse] = []
+    with pytest.raises(GatewayError) as info:
+        async with aclosing(provider.stream(make_params())) as stream:  # type: ignore[type-var]
+            async for event in stream:
+                seen.append(event)
+    assert info.value.reason == R.ERROR_REASON_UPSTREAM_UNAVAILABLE  # OpenAI's server_error
+    assert [event.WhichOneof("event") for event in seen] == ["batch"]
+    assert [event.delta.text for event in seen[0].batch.events] == ["Hello", ", "]
