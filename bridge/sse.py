@@ -132,19 +132,17 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
             if event is grpc.aio.EOF:
                 break
             kind = event.WhichOneof("event")
-            if kind == "delta":
-                yield encoder.content(event.delta.text, event.delta.choice_index)
-            elif kind == "tool_call":
-                yield encoder.tool_call(event.tool_call)
-            elif kind == "reasoning":
-                yield encoder.reasoning(event.reasoning.text, event.reasoning.choice_index)
-            elif kind == "batch":  # events the core had ready together: their chunks in order, in one send
-                yield b"".join(_chunk(encoder, inner) for inner in event.batch.events)
-            elif kind == "finish":
+            if kind == "finish":
                 finished = True
                 yield encoder.finish(event.finish)
                 if event.finish.HasField("usage"):
                     yield encoder.usage(event.finish.usage)
+            elif kind == "batch":  # events the core had ready together: their chunks in order, in one send
+                yield b"".join(_chunk(encoder, inner, inner.WhichOneof("event")) for inner in event.batch.events)
+            else:
+                chunk = _chunk(encoder, event, kind)
+                if chunk:
+                    yield chunk
         if not finished:
             log.error("core stream ended without a finish event")
             seen.stream_status = 502
@@ -160,9 +158,8 @@ async def _events(call: grpc.aio.UnaryStreamCall, encoder: ChunkEncoder, seen: O
     yield SSE_DONE
 
 
-def _chunk(encoder: ChunkEncoder, event: svc.StreamCompletionResponse) -> bytes:
-    """The SSE chunk of one event inside a batch: a delta, reasoning or tool call (nothing else is batched)."""
-    kind = event.WhichOneof("event")
+def _chunk(encoder: ChunkEncoder, event: svc.StreamCompletionResponse, kind: str | None) -> bytes:
+    """The SSE chunk of a delta, reasoning or tool-call event (`kind` is its oneof case); nothing for any other."""
     if kind == "delta":
         return encoder.content(event.delta.text, event.delta.choice_index)
     if kind == "tool_call":
