@@ -14,6 +14,7 @@ import pydantic
 import pytest
 
 from tests.conftest import API_KEY, write_catalog
+from tests.e2e.chunks import content_of, finish_reasons
 from tests.fakes.bedrock import BedrockUpstream, ToolUse, isolate_aws_config, serve_bedrock, use_fake_credentials
 
 PUBLIC = "deepseek-v3.2"
@@ -54,14 +55,6 @@ async def client(
 async def stream_all(client: openai.AsyncOpenAI, **request: Any) -> list[Any]:
     stream = await client.chat.completions.create(model=PUBLIC, stream=True, **request)
     return [chunk async for chunk in stream]
-
-
-def content_of(chunks: list[Any]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
-
-def finish_reasons(chunks: list[Any]) -> list[str]:
-    return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
 
 
 async def test_text_plain_and_streaming(client: openai.AsyncOpenAI, upstream: BedrockUpstream) -> None:

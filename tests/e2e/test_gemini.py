@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, write_catalog
+from tests.e2e.chunks import content_of, finish_reasons
 from tests.fakes.gemini import Candidate, GeminiUpstream, google_error, serve_gemini
 from tests.fakes.openai_upstream import FakeToolCall, serve_openai_upstream
 
@@ -52,14 +53,6 @@ async def stream_all(client: openai.AsyncOpenAI, **request: Any) -> list[Any]:
     return [chunk async for chunk in stream]
 
 
-def content_of(chunks: list[Any]) -> str:
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
-
-def finish_of(chunks: list[Any]) -> list[str]:
-    return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-
-
 async def test_text_streaming_and_not(client: openai.AsyncOpenAI, upstream: GeminiUpstream) -> None:
     plain = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     chunks = await stream_all(client, stream_options={"include_usage": True})
@@ -69,7 +62,7 @@ async def test_text_streaming_and_not(client: openai.AsyncOpenAI, upstream: Gemi
     assert plain.usage is not None
     assert (plain.usage.prompt_tokens, plain.usage.completion_tokens, plain.usage.total_tokens) == (7, 4, 11)
     assert [c.choices[0].delta.content for c in chunks if c.choices][1:5] == ["Hello", ", ", "world", "!"]
-    assert finish_of(chunks) == ["stop"]
+    assert finish_reasons(chunks) == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 11
     assert [r.action for r in upstream.requests] == ["generateContent", "streamGenerateContent"]
 
@@ -134,7 +127,7 @@ async def test_every_finish_reason(client: openai.AsyncOpenAI, upstream: GeminiU
         upstream.finish_reason = gemini
         response = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
         plain[gemini] = response.choices[0].finish_reason
-        streamed[gemini] = finish_of(await stream_all(client))
+        streamed[gemini] = finish_reasons(await stream_all(client))
     assert plain == FINISH_REASONS
     assert streamed == {gemini: [openai_reason] for gemini, openai_reason in FINISH_REASONS.items()}
 
@@ -143,7 +136,7 @@ async def test_a_function_call_finishes_with_tool_calls(client: openai.AsyncOpen
     upstream.function_calls = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]
     plain = await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert plain.choices[0].finish_reason == "tool_calls"
-    assert finish_of(await stream_all(client)) == ["tool_calls"]
+    assert finish_reasons(await stream_all(client)) == ["tool_calls"]
 
 
 @pytest.mark.parametrize("gemini", ["MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "FINISH_REASON_UNSPECIFIED"])
@@ -201,7 +194,7 @@ async def test_a_blocked_prompt_is_an_empty_filtered_answer(
     assert plain.choices[0].message.content == ""
     assert plain.choices[0].finish_reason == "content_filter"
     assert plain.usage is not None and (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (7, 0)
-    assert content_of(chunks) == "" and finish_of(chunks) == ["content_filter"]
+    assert content_of(chunks) == "" and finish_reasons(chunks) == ["content_filter"]
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 7
 
 
@@ -353,7 +346,7 @@ async def test_same_request_to_deepseek_and_gemini_looks_the_same(tmp_path: Path
                     plain.usage.model_dump(),
                     [c.object for c in chunks],
                     [c.choices[0].delta.model_dump(exclude_none=True) for c in chunks if c.choices],
-                    finish_of(chunks),
+                    finish_reasons(chunks),
                     chunks[-1].usage.model_dump(),
                 )
             deepseek.error_status = gemini.error_status = 429
@@ -419,7 +412,7 @@ async def test_a_tool_loop_call_result_answer(
     if stream:
         chunks = await stream_all(client, messages=QUESTION, tools=TOOLS)
         [(_, _, call_id, name, arguments)] = tool_call_pieces(chunks)  # the whole call in its first delta
-        assert finish_of(chunks) == ["tool_calls"]
+        assert finish_reasons(chunks) == ["tool_calls"]
         assert content_of(chunks) == ""
         assistant: dict[str, Any] = {
             "role": "assistant",
@@ -440,7 +433,7 @@ async def test_a_tool_loop_call_result_answer(
     history = [*QUESTION, assistant, {"role": "tool", "tool_call_id": call_id, "content": '{"temp_c": 21}'}]
     if stream:
         final = await stream_all(client, messages=history, tools=TOOLS)
-        assert content_of(final) == "Sunny, 21 °C." and finish_of(final) == ["stop"]
+        assert content_of(final) == "Sunny, 21 °C." and finish_reasons(final) == ["stop"]
     else:
         answer = await client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS)
         assert answer.choices[0].message.content == "Sunny, 21 °C." and answer.choices[0].finish_reason == "stop"
@@ -477,7 +470,7 @@ async def test_two_parallel_tool_calls_in_one_stream(client: openai.AsyncOpenAI,
         (0, 0, pieces[0][2], "get_weather", '{"city":"Paris"}'),
         (0, 1, "fc-2", "get_weather", '{"city":"Rome"}'),  # Gemini's own id, unsigned
     ]
-    assert content_of(chunks) == "Checking." and finish_of(chunks) == ["tool_calls"]
+    assert content_of(chunks) == "Checking." and finish_reasons(chunks) == ["tool_calls"]
     assert upstream.requests[0].body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
 
     named: Any = {"type": "function", "function": {"name": "get_weather"}}
@@ -498,7 +491,7 @@ async def test_structured_output(client: openai.AsyncOpenAI, upstream: GeminiUps
     response_format: Any = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA, "strict": True}}
     if stream:
         chunks = await stream_all(client, messages=QUESTION, response_format=response_format)
-        content, finish = content_of(chunks), finish_of(chunks)
+        content, finish = content_of(chunks), finish_reasons(chunks)
     else:
         reply = await client.chat.completions.create(model=MODEL, messages=QUESTION, response_format=response_format)
         content, finish = reply.choices[0].message.content or "", [reply.choices[0].finish_reason]
@@ -636,5 +629,5 @@ async def _ask(sdk: openai.AsyncOpenAI, model: str, history: list[Any], stream: 
     message: dict[str, Any] = {"role": "assistant", "content": content_of(chunks)}
     if calls:
         message["tool_calls"] = [calls[index] for index in sorted(calls)]
-    [finish] = finish_of(chunks)
+    [finish] = finish_reasons(chunks)
     return message, finish
