@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from startup.labels import Children
+
 requests_log = logging.getLogger("bridge.requests")
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,6 +45,12 @@ class BridgeMetrics:
             "The bridge's own time per request: total time minus time waiting on the core.",
             ["model"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        # The labelled series the hot path records into, resolved once per label values.
+        self.requests_of = Children(self.requests)
+        self.duration_of = Children(self.duration)
+        self.time_to_first_chunk_of = Children(self.time_to_first_chunk)
+        self.inflight_of = Children(self.inflight)
+        self.overhead_of = Children(self.overhead)
 
     def label(self, model: str, status: int) -> str:
         """`model` once the core has served it (so it is in the catalog), else "unknown"."""
@@ -91,11 +99,13 @@ class Observation:
         self.done = True
         now = time.perf_counter()
         model = self.metrics.label(self.model, status)
-        self.metrics.requests.labels(model, str(status)).inc()
-        self.metrics.duration.labels(model, "true" if self.stream else "false").observe(now - self.started)
-        self.metrics.overhead.labels(model).observe(max(0.0, now - self.started - self.core_wait))
+        self.metrics.requests_of(model, str(status)).inc()
+        self.metrics.duration_of(model, "true" if self.stream else "false").observe(now - self.started)
+        self.metrics.overhead_of(model).observe(max(0.0, now - self.started - self.core_wait))
         if self.first_chunk is not None:
-            self.metrics.time_to_first_chunk.labels(model).observe(self.first_chunk - self.started)
+            self.metrics.time_to_first_chunk_of(model).observe(self.first_chunk - self.started)
+        if not requests_log.isEnabledFor(logging.INFO):
+            return  # the line's fields cost more than the check
         requests_log.info(
             "request",
             extra={

@@ -94,7 +94,8 @@ async def _chat_completion(
         svc.CreateCompletionRequest(params=params), timeout=gateway.timeout, metadata=metadata
     )
     watcher = asyncio.ensure_future(client_gone(request.receive))
-    watcher.add_done_callback(lambda _: call.cancel())  # a client that leaves stops the generation it asked for
+    # A client that leaves stops the generation it asked for (a watcher cancelled at the end has nothing to stop).
+    watcher.add_done_callback(lambda gone: gone.cancelled() or call.cancel())
     waiting = time.perf_counter()
     try:
         response = await call

@@ -84,8 +84,9 @@ class SSEResponse(Response):
         seen = self._seen
         call = self._call
         watcher = asyncio.ensure_future(client_gone(receive))
-        watcher.add_done_callback(lambda _: call.cancel())  # a no-op once the call is over
-        inflight = seen.metrics.inflight.labels(seen.metrics.label(seen.model, 200))
+        # A client that leaves stops the generation it asked for (a watcher cancelled at the end has nothing to stop).
+        watcher.add_done_callback(lambda gone: gone.cancelled() or call.cancel())
+        inflight = seen.metrics.inflight_of(seen.metrics.label(seen.model, 200))
         inflight.inc()
         status = 499  # unless the stream reaches its end: the client went away
         try:

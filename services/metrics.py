@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from modelmax.v1 import completion_pb2 as pb
+from startup.labels import Children
 
 # Seconds: from sub-millisecond gateway overhead to multi-minute generations.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -71,6 +72,17 @@ class CoreMetrics:
             "The core's own time per completion: total time minus time waiting on the provider.",
             ["model", "provider"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        # The labelled series the hot path records into, resolved once per label values.
+        self.request_duration_of = Children(self.request_duration)
+        self.requests_of = Children(self.requests)
+        self.overhead_of = Children(self.overhead)
+        self.upstream_errors_of = Children(self.upstream_errors)
+        self.time_to_first_token_of = Children(self.time_to_first_token)
+        self.time_per_output_token_of = Children(self.time_per_output_token)
+        self.token_usage_of = Children(self.token_usage)
+        self.inflight_of = Children(self.inflight)
+        self.retries_of = Children(self.retries)
+        self.fallbacks_of = Children(self.fallbacks)
 
 
 @dataclass(slots=True)
@@ -98,19 +110,19 @@ class Measurement:
         """Record into `metrics`; returns the total duration in seconds."""
         now = time.perf_counter()
         total = now - self.started
-        labels = (self.model, self.provider)
-        metrics.request_duration.labels(*labels, status).observe(total)
-        metrics.requests.labels(*labels, status).inc()
-        metrics.overhead.labels(*labels).observe(max(0.0, total - self.provider_wait))
+        model, provider = self.model, self.provider
+        metrics.request_duration_of(model, provider, status).observe(total)
+        metrics.requests_of(model, provider, status).inc()
+        metrics.overhead_of(model, provider).observe(max(0.0, total - self.provider_wait))
         if upstream_reason is not None:
-            metrics.upstream_errors.labels(*labels, upstream_reason).inc()
+            metrics.upstream_errors_of(model, provider, upstream_reason).inc()
         if self.first_token is not None:
-            metrics.time_to_first_token.labels(*labels).observe(self.first_token - self.started)
+            metrics.time_to_first_token_of(model, provider).observe(self.first_token - self.started)
             if self.completion_tokens and self.completion_tokens > 1:
                 per_token = (now - self.first_token) / (self.completion_tokens - 1)
-                metrics.time_per_output_token.labels(*labels).observe(per_token)
+                metrics.time_per_output_token_of(model, provider).observe(per_token)
         if self.prompt_tokens is not None:
-            metrics.token_usage.labels(*labels, "input").observe(self.prompt_tokens)
+            metrics.token_usage_of(model, provider, "input").observe(self.prompt_tokens)
         if self.completion_tokens is not None:
-            metrics.token_usage.labels(*labels, "output").observe(self.completion_tokens)
+            metrics.token_usage_of(model, provider, "output").observe(self.completion_tokens)
         return total

@@ -172,10 +172,10 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         failure: GatewayError | None = None
         for position, deployment in enumerate(route.plan()):
             if position > 0:
-                self._metrics.fallbacks.labels(measurement.model).inc()
+                self._metrics.fallbacks_of(measurement.model).inc()
             for try_index in range(route.retry.attempts):
                 if try_index > 0:
-                    self._metrics.retries.labels(measurement.model, deployment.kind).inc()
+                    self._metrics.retries_of(measurement.model, deployment.kind).inc()
                 attempts += 1
                 stream = deployment.provider.stream(params, incremental=incremental)
                 limits = deployment.timeouts
@@ -267,7 +267,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         provider = self._providers.get(params.model)
         measurement = Measurement(params.model if provider else "unknown", provider or "none")
         request_id = _request_id(context)
-        inflight = self._metrics.inflight.labels(measurement.model, measurement.provider)
+        inflight = self._metrics.inflight_of(measurement.model, measurement.provider)
         inflight.inc()
         self._active += 1
         status, upstream = "ok", None
@@ -291,24 +291,25 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             self._active -= 1
             inflight.dec()
             duration = measurement.record(self._metrics, status, upstream)
-            requests_log.info(
-                "completion",
-                extra={
-                    "request_id": request_id,
-                    "model": measurement.model,
-                    "provider": measurement.provider,
-                    "user": params.user,  # the caller's id for its end user, as given (never prompts or keys)
-                    "stream": stream,
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 3),
-                    "ttft_ms": None
-                    if measurement.first_token is None
-                    else round((measurement.first_token - measurement.started) * 1000, 3),
-                    "prompt_tokens": measurement.prompt_tokens,
-                    "completion_tokens": measurement.completion_tokens,
-                    "overhead_ms": round(measurement.overhead() * 1000, 3),
-                },
-            )
+            if requests_log.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
+                requests_log.info(
+                    "completion",
+                    extra={
+                        "request_id": request_id,
+                        "model": measurement.model,
+                        "provider": measurement.provider,
+                        "user": params.user,  # the caller's id for its end user, as given (never prompts or keys)
+                        "stream": stream,
+                        "status": status,
+                        "duration_ms": round(duration * 1000, 3),
+                        "ttft_ms": None
+                        if measurement.first_token is None
+                        else round((measurement.first_token - measurement.started) * 1000, 3),
+                        "prompt_tokens": measurement.prompt_tokens,
+                        "completion_tokens": measurement.completion_tokens,
+                        "overhead_ms": round(measurement.overhead() * 1000, 3),
+                    },
+                )
 
 
 class _Call:
