@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench tools images
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench bench-tools tools images
 
 install: $(VENV)/.installed
 
@@ -73,5 +73,11 @@ images:
 	docker build --target bridge -t $(IMAGE_PREFIX)/modelmax-bridge:$(VERSION) .
 
 # Benchmarks (see BENCHMARKS.md): the upstream directly and through ModelMax, interleaved, CPU-pinned.
-bench: proto
+# h2load (Debian nghttp2-client) is the C client of the latency scenarios where a Python client would measure itself;
+# without it (no apt, not root) the benchmark falls back to a grpc.aio client and says so in its table.
+bench-tools:
+	command -v h2load >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends nghttp2-client; } || echo "h2load unavailable: using grpc.aio"
+
+bench: proto bench-tools
 	$(BIN)/python -m bench.run --out bench-results

@@ -2,6 +2,8 @@
 interleaved in one run, the gateway's two processes pinned to CPU 0 and the fake upstream and load on CPU 1.
 
 Figures are differences and ratios against the direct baseline of the same round; each is the median over rounds.
+Every scenario is also run against the architecture's floor (bench/floor.py: uvicorn and one grpc.aio hop that do
+nothing else), pinned like the gateway, so each target can be read against what its building blocks cost alone.
 """
 
 from __future__ import annotations
@@ -23,22 +25,26 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bench import h2load
 from bench.load import Samples, chat_request, grpc_load, hold_streams, http_load
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "mm-bench-key-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
-TARGETS = [  # (result key, comparison, target, label)
-    ("nonstream_c1.added_p50_ms", "<=", 1.0, "non-streaming c=1: added latency p50 (ms)"),
-    ("nonstream_c1.added_p99_ms", "<=", 2.0, "non-streaming c=1: added latency p99 (ms)"),
-    ("nonstream_c64.gateway_rps", ">=", 1500, "non-streaming c=64: requests/s through ModelMax"),
-    ("stream_c64.gateway_chunks_per_s", ">=", 10000, "streaming 20 chunks c=64: chunks/s relayed"),
-    ("stream_c1.added_ttfc_p50_ms", "<=", 2.0, "streaming c=1: added time to first chunk p50 (ms)"),
-    ("held.all_open", "==", 1, "1000 streams held: all open at once"),
-    ("held.kib_per_stream", "<=", 25, "1000 streams held: RSS per open stream, both processes (KiB)"),
-    ("grpc_c1.added_p50_ms", "<=", 0.5, "gRPC direct c=1: added latency p50 (ms)"),
-]
+TARGETS = [  # (result key, comparison, target, label, the same figure for the architecture's floor)
+    ("nonstream_c1.added_p50_ms", "<=", 1.0, "non-streaming c=1: added latency p50 (ms)", "floor_added_p50_ms"),
+    ("nonstream_c1.added_p99_ms", "<=", 2.0, "non-streaming c=1: added latency p99 (ms)", "floor_added_p99_ms"),
+    ("nonstream_c64.gateway_rps", ">=", 1500, "non-streaming c=64: requests/s through ModelMax", "floor_rps"),
+    ("stream_c64.gateway_chunks_per_s", ">=", 10000, "streaming 20 chunks c=64: chunks/s relayed",
+     "floor_chunks_per_s"),
+    ("stream_c1.added_ttfc_p50_ms", "<=", 2.0, "streaming c=1: added time to first chunk p50 (ms)",
+     "floor_added_ttfc_p50_ms"),
+    ("held.all_open", "==", 1, "1000 streams held: all open at once", "floor_all_open"),
+    ("held.kib_per_stream", "<=", 25, "1000 streams held: RSS per open stream, both processes (KiB)",
+     "floor_kib_per_stream"),
+    ("grpc_c1.added_p50_ms", "<=", 0.5, "gRPC direct c=1: added latency p50 (ms)", "floor_added_p50_ms"),
+]  # fmt: skip
 
 
 def free_port() -> int:
@@ -60,10 +66,11 @@ def rss_kib(pid: int) -> int:
 
 
 class Stack:
-    """The fake upstream, the core and the bridge as pinned subprocesses."""
+    """The fake upstream, the core and the bridge as pinned subprocesses, and the floor's pair pinned alike."""
 
     def __init__(self, workdir: Path) -> None:
         self.upstream_port, self.core_port, self.bridge_port = free_port(), free_port(), free_port()
+        self.floor_core_port, self.floor_bridge_port = free_port(), free_port()
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -87,10 +94,16 @@ class Stack:
         self._spawn("bridge", [sys.executable, "-m", "bridge"],
                     {**env, "MODELMAX_API_KEY": KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{self.core_port}",
                      "MODELMAX_BRIDGE_PORT": str(self.bridge_port)}, gateway_cpu)  # fmt: skip
+        floor = [sys.executable, "-m", "bench.floor"]
+        self._spawn("floor_core", [*floor, "core", str(self.floor_core_port)], env, gateway_cpu)
+        self._spawn("floor_bridge", [*floor, "bridge", str(self.floor_bridge_port), str(self.floor_core_port)], env,
+                    gateway_cpu)  # fmt: skip
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.bridge_port}/readyz", timeout=1).read()
+                for port in (self.bridge_port, self.floor_bridge_port):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).read()
+                socket.create_connection(("127.0.0.1", self.floor_core_port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes.values()):
@@ -121,82 +134,142 @@ def cpus() -> tuple[int | None, int | None]:
 Measure = Callable[[], Coroutine[Any, Any, Samples]]
 
 
-async def pair(direct: Measure, gateway: Measure, round_index: int) -> tuple[Samples, Samples]:
-    """Measure both, alternating which goes first, so drift over the run affects both sides alike."""
-    if round_index % 2:
-        g = await gateway()
-        d = await direct()
-    else:
-        d = await direct()
-        g = await gateway()
-    return d, g
+async def sides(measures: dict[str, Measure], round_index: int) -> dict[str, Samples]:
+    """Measure each side in turn, rotating which goes first, so drift over the run affects every side alike."""
+    names = list(measures)
+    shift = round_index % len(names)
+    return {name: await measures[name]() for name in names[shift:] + names[:shift]}
+
+
+def _p(samples: Samples, q: float) -> float:
+    return pct(samples.latencies, q) * 1e3
+
+
+def _ttfc(samples: Samples) -> float:
+    return pct(samples.first_bytes, 0.5) * 1e3
 
 
 async def run_benchmarks(stack: Stack, rounds: int, seconds: float, streams: int) -> dict[str, Any]:
     host = "127.0.0.1"
-    up, gw = stack.upstream_port, stack.bridge_port
+    ports = {"direct": stack.upstream_port, "gateway": stack.bridge_port, "floor": stack.floor_bridge_port}
 
-    def request(port: int, model: str, stream: bool) -> bytes:
+    def load(model: str, stream: bool, concurrency: int, limit: int) -> dict[str, Measure]:
+        """The same load against the upstream itself, against ModelMax and against the floor."""
         body: dict[str, object] = {"model": model, "messages": MESSAGES, "stream": stream}
-        return chat_request(host, port, KEY, body)
 
-    def both(model: str, stream: bool, concurrency: int, limit: int) -> tuple[Measure, Measure]:
-        """The same load against the upstream itself and against ModelMax."""
-        return (
-            lambda: http_load(host, up, request(up, model, stream), concurrency, seconds, limit),
-            lambda: http_load(host, gw, request(gw, model, stream), concurrency, seconds, limit),
-        )
+        def one(port: int) -> Measure:
+            return lambda: http_load(host, port, chat_request(host, port, KEY, body), concurrency, seconds, limit)
+
+        return {side: one(port) for side, port in ports.items()}
 
     per_round: dict[str, list[dict[str, float]]] = {k: [] for k in ("nonstream_c1", "nonstream_c64", "stream_c1",
                                                                     "stream_c64", "grpc_c1")}  # fmt: skip
+    grpc_sides = _grpc_measures(stack, seconds)
     for r in range(rounds):
-        d, g = await pair(*both("chunks-1", False, 1, 5000), r)
+        m = await sides(load("chunks-1", False, 1, 5000), r)
+        d, g, f = m["direct"], m["gateway"], m["floor"]
         per_round["nonstream_c1"].append({
-            "direct_p50_ms": pct(d.latencies, 0.5) * 1e3, "gateway_p50_ms": pct(g.latencies, 0.5) * 1e3,
-            "added_p50_ms": (pct(g.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3,
-            "added_p99_ms": (pct(g.latencies, 0.99) - pct(d.latencies, 0.99)) * 1e3,
+            "direct_p50_ms": _p(d, 0.5), "gateway_p50_ms": _p(g, 0.5), "floor_p50_ms": _p(f, 0.5),
+            "added_p50_ms": _p(g, 0.5) - _p(d, 0.5), "added_p99_ms": _p(g, 0.99) - _p(d, 0.99),
+            "floor_added_p50_ms": _p(f, 0.5) - _p(d, 0.5), "floor_added_p99_ms": _p(f, 0.99) - _p(d, 0.99),
             "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(*both("chunks-1", False, 64, 100000), r)
+        m = await sides(load("chunks-1", False, 64, 100000), r)
+        d, g, f = m["direct"], m["gateway"], m["floor"]
         per_round["nonstream_c64"].append({
             "direct_rps": len(d.latencies) / d.elapsed, "gateway_rps": len(g.latencies) / g.elapsed,
-            "gateway_p50_ms": pct(g.latencies, 0.5) * 1e3, "gateway_p99_ms": pct(g.latencies, 0.99) * 1e3,
-            "gateway_errors": g.errors,
+            "floor_rps": len(f.latencies) / f.elapsed,
+            "gateway_p50_ms": _p(g, 0.5), "gateway_p99_ms": _p(g, 0.99), "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(*both("chunks-20", True, 1, 5000), r)
+        m = await sides(load("chunks-20", True, 1, 5000), r)
+        d, g, f = m["direct"], m["gateway"], m["floor"]
         per_round["stream_c1"].append({
-            "direct_ttfc_p50_ms": pct(d.first_bytes, 0.5) * 1e3, "gateway_ttfc_p50_ms": pct(g.first_bytes, 0.5) * 1e3,
-            "added_ttfc_p50_ms": (pct(g.first_bytes, 0.5) - pct(d.first_bytes, 0.5)) * 1e3,
+            "direct_ttfc_p50_ms": _ttfc(d), "gateway_ttfc_p50_ms": _ttfc(g),
+            "added_ttfc_p50_ms": _ttfc(g) - _ttfc(d), "floor_added_ttfc_p50_ms": _ttfc(f) - _ttfc(d),
             "gateway_chunks_per_s": g.events / g.elapsed, "gateway_errors": g.errors,
         })  # fmt: skip
-        d, g = await pair(*both("chunks-20", True, 64, 100000), r)
+        m = await sides(load("chunks-20", True, 64, 100000), r)
+        d, g, f = m["direct"], m["gateway"], m["floor"]
         per_round["stream_c64"].append({
             "direct_chunks_per_s": d.events / d.elapsed, "gateway_chunks_per_s": g.events / g.elapsed,
+            "floor_chunks_per_s": f.events / f.elapsed,
             "gateway_streams_per_s": len(g.latencies) / g.elapsed, "gateway_errors": g.errors,
         })  # fmt: skip
-        direct, _ = both("chunks-1", False, 1, 5000)
-        d, g = await pair(direct, lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000), r)
+        m = await sides(grpc_sides, r)
+        d, g, f = m["direct"], m["core"], m["floor"]
         per_round["grpc_c1"].append({
-            "direct_p50_ms": pct(d.latencies, 0.5) * 1e3, "grpc_p50_ms": pct(g.latencies, 0.5) * 1e3,
-            "added_p50_ms": (pct(g.latencies, 0.5) - pct(d.latencies, 0.5)) * 1e3,
+            "direct_p50_ms": _p(d, 0.5), "grpc_p50_ms": _p(g, 0.5), "floor_p50_ms": _p(f, 0.5),
+            "added_p50_ms": _p(g, 0.5) - _p(d, 0.5), "floor_added_p50_ms": _p(f, 0.5) - _p(d, 0.5),
+            "client_is_h2load": float(h2load.available()),
         })  # fmt: skip
 
     results: dict[str, Any] = {
         name: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for name, rows in per_round.items()
     }
-    results["held"] = await held(stack, streams)
+    gateway_held = await held(stack, ("core", "bridge"), stack.bridge_port, streams)
+    floor_held = await held(stack, ("floor_core", "floor_bridge"), stack.floor_bridge_port, streams)
+    results["held"] = {
+        **gateway_held,
+        "floor_all_open": floor_held["all_open"],
+        "floor_kib_per_stream": floor_held["kib_per_stream"],
+        "floor_core_kib_per_stream": floor_held["floor_core_kib_per_stream"],
+        "floor_bridge_kib_per_stream": floor_held["floor_bridge_kib_per_stream"],
+    }
     return results
 
 
-async def held(stack: Stack, count: int) -> dict[str, float]:
-    pids = {name: stack.processes[name].pid for name in ("core", "bridge")}
+def _grpc_measures(stack: Stack, seconds: float) -> dict[str, Measure]:
+    """CreateCompletion on the core and on the floor's core, one call at a time, and the upstream directly.
+
+    With h2load (a C client), all three sides use it and the Python client's own cost stays out of the figures;
+    without it, a grpc.aio client against the raw-asyncio HTTP client (which counts that client's ~0.2 ms per call).
+    """
+    host = "127.0.0.1"
+    _, load_cpu = cpus()
+    if not h2load.available():
+        body = {"model": "chunks-1", "messages": MESSAGES, "stream": False}
+        direct = chat_request(host, stack.upstream_port, KEY, body)
+        return {
+            "direct": lambda: http_load(host, stack.upstream_port, direct, 1, seconds, 5000),
+            "core": lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000),
+            "floor": lambda: grpc_load(f"{host}:{stack.floor_core_port}", "chunks-1", seconds, 5000),
+        }
+    from modelmax.v1 import completion_pb2 as pb
+    from modelmax.v1 import completion_service_pb2 as svc
+
+    message = svc.CreateCompletionRequest(
+        params=pb.CompletionParams(model="chunks-1", messages=[pb.Message(role=pb.Role.ROLE_USER, content="hi")])
+    )
+    framed = h2load.grpc_frame(message.SerializeToString())
+    json_body = json.dumps({"model": "chunks-1", "messages": MESSAGES}).encode()
+    grpc_headers = ["content-type: application/grpc", "te: trailers"]
+    method = "/modelmax.v1.CompletionService/CreateCompletion"
+
+    def side(url: str, body: bytes, headers: list[str], h1: bool) -> Measure:
+        async def measure() -> Samples:
+            return await asyncio.to_thread(h2load.run, url, body, headers, seconds, h1=h1, cpu=load_cpu)
+
+        return measure
+
+    return {
+        "direct": side(f"http://{host}:{stack.upstream_port}/v1/chat/completions", json_body,
+                       ["content-type: application/json"], True),
+        "core": side(f"http://{host}:{stack.core_port}{method}", framed, grpc_headers, False),
+        "floor": side(f"http://{host}:{stack.floor_core_port}{method}", framed, grpc_headers, False),
+    }  # fmt: skip
+
+
+async def held(stack: Stack, names: tuple[str, str], port: int, count: int) -> dict[str, float]:
+    """Hold `count` streams through `port`; RSS per stream of the two processes named (core first, then bridge)."""
+    pids = {name: stack.processes[name].pid for name in names}
     before = {name: rss_kib(pid) for name, pid in pids.items()}
-    request = chat_request("127.0.0.1", stack.bridge_port, KEY, {"model": "hold", "messages": MESSAGES, "stream": True})
-    connections = await asyncio.wait_for(hold_streams("127.0.0.1", stack.bridge_port, request, count), timeout=120)
+    request = chat_request("127.0.0.1", port, KEY, {"model": "hold", "messages": MESSAGES, "stream": True})
+    connections = await asyncio.wait_for(hold_streams("127.0.0.1", port, request, count), timeout=120)
     await asyncio.sleep(1.0)
     during = {name: rss_kib(pid) for name, pid in pids.items()}
     for connection in connections:
         connection.close()
+    await asyncio.sleep(1.0)  # let both processes see the streams end before anything else is measured
     held_count = max(1, len(connections))
     return {
         "held": len(connections),
@@ -204,31 +277,34 @@ async def held(stack: Stack, count: int) -> dict[str, float]:
         "rss_before_kib": sum(before.values()),
         "rss_during_kib": sum(during.values()),
         "kib_per_stream": (sum(during.values()) - sum(before.values())) / held_count,
-        "core_kib_per_stream": (during["core"] - before["core"]) / held_count,
-        "bridge_kib_per_stream": (during["bridge"] - before["bridge"]) / held_count,
+        **{f"{name}_kib_per_stream": (during[name] - before[name]) / held_count for name in names},
     }
 
 
-def verdicts(results: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
+def verdicts(results: dict[str, Any]) -> list[tuple[str, float, float, str, float, bool]]:
+    """(label, measured, the floor's figure, comparison, target, met) per target."""
     rows = []
-    for key, op, target, label in TARGETS:
+    for key, op, target, label, floor_key in TARGETS:
         section, _, name = key.partition(".")
         value = float(results[section][name])
         ok = {"<=": value <= target, ">=": value >= target, "==": value == target}[op]
-        rows.append((label, value, op, target, ok))
+        rows.append((label, value, float(results[section][floor_key]), op, target, ok))
     return rows
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    client = "h2load" if results["grpc_c1"]["client_is_h2load"] else "a grpc.aio client (h2load not installed)"
     lines = [
         f"ModelMax benchmark, {meta['date']}: {meta['rounds']} interleaved rounds of {meta['seconds']} s per side, "
-        f"gateway pinned to CPU {meta['gateway_cpu']}, upstream and load on CPU {meta['other_cpu']}.",
+        f"gateway pinned to CPU {meta['gateway_cpu']}, upstream and load on CPU {meta['other_cpu']}. The floor is "
+        f"uvicorn plus one grpc.aio hop doing nothing else (bench/floor.py), pinned like the gateway. gRPC direct "
+        f"measured with {client}.",
         "",
-        "| target | measured | goal | met |",
-        "|---|---|---|---|",
+        "| target | ModelMax | architecture floor | goal | met |",
+        "|---|---|---|---|---|",
     ]
-    for label, value, op, target, ok in verdicts(results):
-        lines.append(f"| {label} | {value:,.2f} | {op} {target:,} | {'yes' if ok else 'NO'} |")
+    for label, value, floor, op, target, ok in verdicts(results):
+        lines.append(f"| {label} | {value:,.2f} | {floor:,.2f} | {op} {target:,} | {'yes' if ok else 'NO'} |")
     lines += ["", "| scenario | figure | value |", "|---|---|---|"]
     for section, figures in results.items():
         for name, value in figures.items():
