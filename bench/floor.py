@@ -1,10 +1,12 @@
 """The floor of ModelMax's architecture on this machine, measured in the same run as ModelMax itself.
 
-`python -m bench.floor core PORT` is a grpc.aio CompletionService that answers at once from pre-built messages;
+`python -m bench.floor core PORT UPSTREAM_PORT` is a grpc.aio CompletionService that makes the one upstream call
+every gateway must (streamed, over raw keep-alive HTTP/1.1, read whole) and answers from pre-built messages;
 `python -m bench.floor bridge PORT CORE_PORT` is uvicorn (uvloop, httptools, as the bridge runs) whose only work
-per request is one call to it: no auth, parsing, validation, routing, provider or upstream, and fixed bytes out.
-Pinned like the gateway, the pair measures what uvicorn plus a grpc.aio hop cost by themselves, which is the least
-any bridge-and-core design built on them can cost; `make bench` reports it next to each target.
+per request is one call to it: no auth, parsing, validation, routing or translation, and fixed bytes out.
+Pinned like the gateway, the pair measures what uvicorn, a grpc.aio hop and the upstream call cost by themselves
+(including this machine's cross-CPU wake-ups, which the direct baseline does not pay), which is the least any
+bridge-and-core design built on them can cost; `make bench` reports it next to each target.
 
 The model name scripts the answer, as in bench/upstream.py: `chunks-N` streams N deltas, `hold` streams one and then
 holds the call until the client leaves.
@@ -20,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from bench.load import Connection, Samples, chat_request
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -49,25 +52,55 @@ def _count(model: str) -> int:
     return int(model.removeprefix("chunks-")) if model.startswith("chunks-") else 1
 
 
+class _Upstream:
+    """The cheapest upstream client this bench has: raw keep-alive HTTP/1.1 connections (bench/load.py), each
+    sending a fixed streamed request per model and reading the whole answer, as the gateway's core must."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._idle: list[Connection] = []
+
+    async def call(self, model: str, until_first_event: bool = False) -> Connection:
+        """One streamed upstream call; returns its connection (give it back with `done` once finished)."""
+        connection = self._idle.pop() if self._idle else await Connection.open("127.0.0.1", self._port)
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        await connection.exchange(chat_request("127.0.0.1", self._port, "", body), Samples(), until_first_event)
+        return connection
+
+    def done(self, connection: Connection) -> None:
+        self._idle.append(connection)
+
+
 class FloorServicer(svc_grpc.CompletionServiceServicer):
+    def __init__(self, upstream: _Upstream) -> None:
+        self._upstream = upstream
+
     async def CreateCompletion(  # noqa: N802 (gRPC method name)
         self, request: svc.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> svc.CreateCompletionResponse:
+        self._upstream.done(await self._upstream.call(request.params.model))
         return _ANSWER
 
     async def StreamCompletion(  # noqa: N802
         self, request: svc.StreamCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[svc.StreamCompletionResponse]:
+        model = request.params.model
+        if model == "hold":
+            connection = await self._upstream.call(model, until_first_event=True)
+            try:
+                yield svc.StreamCompletionResponse(batch=svc.EventBatch(events=[_DELTA]))
+                await asyncio.Event().wait()  # until the caller cancels
+            finally:
+                connection.close()  # the upstream still holds its stream: this connection is not reusable
+        self._upstream.done(await self._upstream.call(model))
         # All deltas as one batch, as ModelMax relays the bench upstream's answers (written with one send).
-        yield svc.StreamCompletionResponse(batch=svc.EventBatch(events=[_DELTA] * _count(request.params.model)))
-        if request.params.model == "hold":
-            await asyncio.Event().wait()  # until the caller cancels
+        yield svc.StreamCompletionResponse(batch=svc.EventBatch(events=[_DELTA] * _count(model)))
         yield _FINISH
 
 
-async def serve_core(port: int) -> None:
+async def serve_core(port: int, upstream_port: int) -> None:
     server = grpc.aio.server()
-    svc_grpc.add_CompletionServiceServicer_to_server(FloorServicer(), server)
+    svc_grpc.add_CompletionServiceServicer_to_server(FloorServicer(_Upstream(upstream_port)), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
@@ -128,7 +161,7 @@ def main() -> None:
 
     role, port = sys.argv[1], int(sys.argv[2])
     if role == "core":
-        uvloop.run(serve_core(port))
+        uvloop.run(serve_core(port, int(sys.argv[3])))
         return
     app = FloorBridge(f"127.0.0.1:{sys.argv[3]}")
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",

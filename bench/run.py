@@ -95,7 +95,8 @@ class Stack:
                     {**env, "MODELMAX_API_KEY": KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{self.core_port}",
                      "MODELMAX_BRIDGE_PORT": str(self.bridge_port)}, gateway_cpu)  # fmt: skip
         floor = [sys.executable, "-m", "bench.floor"]
-        self._spawn("floor_core", [*floor, "core", str(self.floor_core_port)], env, gateway_cpu)
+        self._spawn("floor_core", [*floor, "core", str(self.floor_core_port), str(self.upstream_port)], env,
+                    gateway_cpu)  # fmt: skip
         self._spawn("floor_bridge", [*floor, "bridge", str(self.floor_bridge_port), str(self.floor_core_port)], env,
                     gateway_cpu)  # fmt: skip
         deadline = time.monotonic() + 60
