@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -109,8 +110,9 @@ async def _chat_completion(
         seen.core_wait += time.perf_counter() - waiting
         watcher.cancel()
     seen.core_overhead_ms = _core_overhead_ms(trailing)
-    reply = JSONResponse(
-        completion_json(response),
+    reply = Response(
+        orjson.dumps(completion_json(response)),  # the hot path's one JSON document: orjson, ~4x the stdlib
+        media_type="application/json",
         headers={
             REQUEST_ID: seen.request_id,
             OVERHEAD: f"{seen.overhead_ms():.3f}",

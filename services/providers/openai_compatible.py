@@ -20,6 +20,8 @@ from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import orjson
+
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
@@ -102,7 +104,7 @@ class OpenAICompatibleProvider:
         try:
             # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
             # CancelledError) closes it, which drops the upstream connection and so stops the generation.
-            body = json.dumps(request_body(self._model, params), separators=(",", ":")).encode()
+            body = orjson.dumps(request_body(self._model, params))
             response = await self._pool.post(
                 self._path, body, read_timeout=self._read_timeout, connect_timeout=self._connect_timeout
             )
@@ -152,9 +154,12 @@ class OpenAICompatibleProvider:
 
     def _chunk(self, data: str) -> dict[str, Any]:
         try:
-            chunk = json.loads(data)
-        except ValueError as exc:
-            raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            try:  # what orjson refuses and the stdlib reads (NaN, a UTF-8 BOM): accepted as before
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL) from exc
         if not isinstance(chunk, dict):
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
         if chunk.get("error") is not None or chunk.get("object") == "error":  # older vLLM sends the error flat
