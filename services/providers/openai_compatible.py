@@ -302,29 +302,36 @@ def _together(events: list[svc.StreamCompletionResponse]) -> svc.StreamCompletio
     return svc.StreamCompletionResponse(batch=svc.EventBatch(events=events))
 
 
-async def _lines(response: http1.Response) -> AsyncIterator[list[str]]:
-    """The body's lines, without their line ends, as they arrive: the complete lines of each network read together.
+class _Lines:
+    """Splits a body into lines, without their line ends, as its blocks arrive. No limit on a line's length."""
 
-    No limit on a line's length; a read that completes no line yields nothing.
-    """
-    pending = b""
-    async for block in response.reads():
-        pending += block
-        *complete, pending = pending.split(b"\n")
-        if complete:
-            yield [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in complete]
-    if pending:
-        yield [pending.removesuffix(b"\r").decode("utf-8", errors="replace")]
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, block: bytes) -> list[str]:
+        """The lines this block completed (none when it completed none)."""
+        *complete, self._pending = (self._pending + block).split(b"\n")
+        return [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in complete]
+
+    def end(self) -> list[str]:
+        """The last line, when the body ended without a line end."""
+        pending, self._pending = self._pending, b""
+        return [pending.removesuffix(b"\r").decode("utf-8", errors="replace")] if pending else []
 
 
 async def _sse_data(response: http1.Response) -> AsyncIterator[list[str]]:
     """The `data` of each server-sent event, until `[DONE]` or the end of the body.
 
-    The events that one network read completed come together, in order, as one list (never empty).
+    The events that one network read completed come together, in order, as one list (never empty). One async
+    generator per response: the lines are split inline (this is the hot path), not by a generator of their own.
     """
-    lines = _lines(response)
+    lines = _Lines()
     data: list[str] = []
-    async for read in lines:
+    while True:
+        block = await response.next_block()
+        read = lines.feed(block) if block else lines.end()
         ready: list[str] = []
         for line in read:
             if line.startswith("data:"):
@@ -336,21 +343,27 @@ async def _sse_data(response: http1.Response) -> AsyncIterator[list[str]]:
             if event == "[DONE]":
                 if ready:
                     yield ready
-                await _drain(lines)
+                await _drain(response)
                 return
             ready.append(event)
         if ready:
             yield ready
+        if not block:
+            break
     last = "\n".join(data)  # an event the body ended without its blank line
     if last and last != "[DONE]":
         yield [last]
 
 
-async def _drain(lines: AsyncIterator[list[str]]) -> None:
+async def _drain(response: http1.Response) -> None:
     """Read to the end of the body, so that the connection goes back to the pool instead of being closed."""
     try:
+        if response.ended:  # the usual case: the body's end came with [DONE]; no timer needed
+            while await response.next_block():
+                pass
+            return
         async with asyncio.timeout(_DRAIN_SECONDS):
-            async for _ in lines:
+            while await response.next_block():
                 pass
     except (TimeoutError, http1.HTTPError):
         pass  # the answer is complete; a server that lingers after [DONE] only costs us the connection
