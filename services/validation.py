@@ -22,6 +22,12 @@ IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/we
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # tool and json_schema names
 
 _ROLES = frozenset({pb.Role.ROLE_SYSTEM, pb.Role.ROLE_USER, pb.Role.ROLE_ASSISTANT, pb.Role.ROLE_TOOL})
+# Enum values read on every request, looked up once: `pb.Role.ROLE_TOOL` goes through a Python-level __getattr__.
+_ASSISTANT, _TOOL = pb.Role.ROLE_ASSISTANT, pb.Role.ROLE_TOOL
+_STRUCTURED = frozenset(
+    {pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT, pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA}
+)
+_NO_EFFORT = pb.ReasoningEffort.REASONING_EFFORT_UNSPECIFIED
 _TOOL_CHOICE_MODES = frozenset(pb.ToolChoiceMode.values())
 _RESPONSE_FORMAT_TYPES = frozenset(pb.ResponseFormatType.values())
 _REASONING_EFFORTS = frozenset(pb.ReasoningEffort.values())
@@ -89,13 +95,13 @@ def _check_messages(messages: object) -> None:
         if message.parts:
             _check_parts(message, index)
         if message.tool_calls:
-            if role != pb.Role.ROLE_ASSISTANT:
+            if role != _ASSISTANT:
                 raise invalid_request(
                     "Invalid parameter: only messages with role 'assistant' can have 'tool_calls'.",
                     param=f"messages[{index}].tool_calls",
                 )
             answerable = _tool_call_ids(message.tool_calls, index)
-        elif role == pb.Role.ROLE_TOOL:
+        elif role == _TOOL:
             _check_tool_message(message, index, answerable)
         else:
             answerable = None  # tool messages answer only the assistant message right before them
@@ -299,7 +305,7 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
     if params.tools or params.HasField("tool_choice"):
         used["tools"] = "tools"
     for index, message in enumerate(params.messages):
-        if "tools" not in used and (message.tool_calls or message.role == pb.Role.ROLE_TOOL):
+        if "tools" not in used and (message.tool_calls or message.role == _TOOL):
             used["tools"] = f"messages[{index}]"
         if "images" not in used:
             for part_index, part in enumerate(message.parts):
@@ -308,10 +314,7 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
                     break
     if params.HasField("parallel_tool_calls") and not params.parallel_tool_calls:
         used["parallel_tool_calls"] = "parallel_tool_calls"
-    if params.response_format.type in (
-        pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
-        pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-    ):
+    if params.response_format.type in _STRUCTURED:
         used["response_format"] = "response_format"
     if params.HasField("choice_count") and params.choice_count > 1:
         used["n"] = "n"
@@ -322,7 +325,7 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
             used[name] = name
     if params.logprobs or (params.HasField("top_logprobs") and params.top_logprobs > 0):
         used["logprobs"] = "logprobs" if params.logprobs else "top_logprobs"
-    if params.reasoning_effort != pb.ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+    if params.reasoning_effort != _NO_EFFORT:
         used["reasoning_effort"] = "reasoning_effort"
     return used
 

@@ -27,6 +27,12 @@ _TOOL_CHOICES = {
 }
 
 
+# Enum values read on every request, looked up once (the enum wrappers' attribute access is Python-level).
+_CHOICE_FUNCTION = pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION
+_NO_FORMAT = pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_UNSPECIFIED
+_NO_EFFORT = pb.ReasoningEffort.REASONING_EFFORT_UNSPECIFIED
+
+
 def request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
     """The upstream request in OpenAI's shape: its own model name, and only the parameters the caller set."""
     body: dict[str, Any] = {
@@ -47,15 +53,15 @@ def request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
     choice = _TOOL_CHOICES.get(params.tool_choice.mode)
     if choice is not None:
         body["tool_choice"] = choice
-    elif params.tool_choice.mode == pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION:
+    elif params.tool_choice.mode == _CHOICE_FUNCTION:
         body["tool_choice"] = {"type": "function", "function": {"name": params.tool_choice.name}}
     if params.HasField("parallel_tool_calls"):
         body["parallel_tool_calls"] = params.parallel_tool_calls
-    if params.response_format.type != pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_UNSPECIFIED:
+    if params.response_format.type != _NO_FORMAT:
         body["response_format"] = _response_format(params.response_format)
     if params.user:
         body["user"] = params.user
-    if params.reasoning_effort != pb.ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+    if params.reasoning_effort != _NO_EFFORT:
         body["reasoning_effort"] = (
             pb.ReasoningEffort.Name(params.reasoning_effort).removeprefix("REASONING_EFFORT_").lower()
         )
