@@ -99,7 +99,14 @@ class BridgeApp(Starlette):
                 response = await _openai_error(request, exc)
             except Exception as exc:  # noqa: BLE001 (a bug: logged once by the handler, answered with a 500)
                 response = await _unexpected_error(request, exc)
-            await response(scope, receive, send)
+            try:
+                await response(scope, receive, send)
+            finally:
+                # Recorded once the last byte is out: the duration is the client's, and the metrics and log line
+                # are not on its critical path. A no-op when the request already finished (streams, errors).
+                seen: Observation | None = getattr(request.state, "observation", None)
+                if seen is not None:
+                    seen.finish(response.status_code)
             return
         await super().__call__(scope, receive, send)
 

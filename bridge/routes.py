@@ -120,8 +120,7 @@ async def _chat_completion(
             ATTEMPTS: str(response.attempts),
         },
     )
-    seen.finish(200)
-    return reply
+    return reply  # BridgeApp finishes the observation once the reply is sent
 
 
 def _core_overhead_ms(trailing: object) -> float | None:
