@@ -104,9 +104,12 @@ class OpenAICompatibleProvider:
         try:
             # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
             # CancelledError) closes it, which drops the upstream connection and so stops the generation.
-            body = orjson.dumps(request_body(self._model, params))
+            # The body is not kept in this frame: orjson's bytes hold a 4 KiB buffer, for as long as a stream is open.
             response = await self._pool.post(
-                self._path, body, read_timeout=self._read_timeout, connect_timeout=self._connect_timeout
+                self._path,
+                orjson.dumps(request_body(self._model, params)),
+                read_timeout=self._read_timeout,
+                connect_timeout=self._connect_timeout,
             )
             async with response:
                 if response.status != 200:
