@@ -298,8 +298,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         f"ModelMax benchmark, {meta['date']}: {meta['rounds']} interleaved rounds of {meta['seconds']} s per side, "
         f"gateway pinned to CPU {meta['gateway_cpu']}, upstream and load on CPU {meta['other_cpu']}. The floor is "
-        f"uvicorn plus one grpc.aio hop doing nothing else (bench/floor.py), pinned like the gateway. gRPC direct "
-        f"measured with {client}.",
+        f"uvicorn, one grpc.aio hop and the one upstream call, doing nothing else (bench/floor.py), pinned like the "
+        f"gateway. gRPC direct measured with {client}.",
         "",
         "| target | ModelMax | architecture floor | goal | met |",
         "|---|---|---|---|---|",
