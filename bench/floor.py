@@ -59,12 +59,16 @@ class _Upstream:
     def __init__(self, port: int) -> None:
         self._port = port
         self._idle: list[Connection] = []
+        self._requests: dict[str, bytes] = {}  # per model, encoded once
 
     async def call(self, model: str, until_first_event: bool = False) -> Connection:
         """One streamed upstream call; returns its connection (give it back with `done` once finished)."""
+        request = self._requests.get(model)
+        if request is None:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            request = self._requests[model] = chat_request("127.0.0.1", self._port, "", body)
         connection = self._idle.pop() if self._idle else await Connection.open("127.0.0.1", self._port)
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        await connection.exchange(chat_request("127.0.0.1", self._port, "", body), Samples(), until_first_event)
+        await connection.exchange(request, Samples(), until_first_event)
         return connection
 
     def done(self, connection: Connection) -> None:
