@@ -361,11 +361,8 @@ async def _sse_data(response: http1.Response) -> AsyncIterator[list[str]]:
 async def _drain(response: http1.Response) -> None:
     """Read to the end of the body, so that the connection goes back to the pool instead of being closed."""
     try:
-        if response.ended:  # the usual case: the body's end came with [DONE]; no timer needed
-            while await response.next_block():
-                pass
-            return
-        async with asyncio.timeout(_DRAIN_SECONDS):
+        # The usual case: the body's end came with [DONE], and a timeout of None schedules no timer.
+        async with asyncio.timeout(None if response.ended else _DRAIN_SECONDS):
             while await response.next_block():
                 pass
     except (TimeoutError, http1.HTTPError):
