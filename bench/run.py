@@ -2,8 +2,9 @@
 interleaved in one run, the gateway's two processes pinned to CPU 0 and the fake upstream and load on CPU 1.
 
 Figures are differences and ratios against the direct baseline of the same round; each is the median over rounds.
-Every scenario is also run against the architecture's floor (bench/floor.py: uvicorn and one grpc.aio hop that do
-nothing else), pinned like the gateway, so each target can be read against what its building blocks cost alone.
+Every scenario is also run against the architecture's floor (bench/floor.py: uvicorn, one grpc.aio hop and the one
+upstream call, doing nothing else), pinned like the gateway, so each target can be read against what its building
+blocks cost alone.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def _grpc_measures(stack: Stack, seconds: float) -> dict[str, Measure]:
     """CreateCompletion on the core and on the floor's core, one call at a time, and the upstream directly.
 
     With h2load (a C client), all three sides use it and the Python client's own cost stays out of the figures;
-    without it, a grpc.aio client against the raw-asyncio HTTP client (which counts that client's ~0.2 ms per call).
+    without it, a grpc.aio client against the raw-asyncio HTTP client (which counts that client's ~0.27 ms per call).
     """
     host = "127.0.0.1"
     _, load_cpu = cpus()
