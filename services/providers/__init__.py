@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from typing import Protocol
 
@@ -15,11 +15,27 @@ from services.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
+# The optional features of a request, by the OpenAI parameter that asks for each. A provider declares the ones it
+# honours in `supported`; the core refuses any other one a request uses with a 400 naming it, before dispatch,
+# never silently dropping it.
+FEATURES = (
+    "tools",  # tools, tool_choice, tool calls and tool results in the history
+    "parallel_tool_calls",  # parallel_tool_calls=false (true is every tool-calling provider's default)
+    "response_format",  # json_object / json_schema
+    "n",  # more than one choice
+    "seed",
+    "presence_penalty",  # non-zero (zero is the default: honoured everywhere)
+    "frequency_penalty",  # non-zero
+    "logprobs",  # logprobs=true or top_logprobs
+    "reasoning_effort",
+    "images",  # image content parts
+)
+
 # Provider kind (the catalog's `provider:`) -> the module that implements it. Imported only when a catalog
 # entry uses it, so a gateway without local models never loads llama.cpp.
 _MODULES = {
     "local": "services.providers.local",
-    "openai": "services.providers.openai_compatible",
+    "openai": "services.providers.openai",
     "bedrock": "services.providers.bedrock",
     "gemini": "services.providers.gemini",
 }
@@ -33,11 +49,18 @@ class Provider(Protocol):
     deltas, reasonings and tool calls, in order, never empty, never the finish. The core relays a batch as one
     gRPC message to callers that accept batches and unpacks it for the others. `stream` raises GatewayError for
     failures the caller should see. Cancellation arrives as CancelledError and must stop the upstream work.
+
+    The finish carries one ChoiceFinish per choice the request asked for, in index order; `stop_sequence` is set
+    only when the provider knows which of the request's stop sequences ended that choice.
     """
+
+    supported: frozenset[str]
+    """The optional features (names from FEATURES) this provider honours. The core checks every request against it
+    once, before dispatch, and refuses any other feature the request uses; `stream` never sees such a request."""
 
     def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         """The completion as events. `incremental=False` says the caller only wants the whole answer (the core's
         CreateCompletion), so a provider may make one non-streaming upstream call and yield its result as events."""
         ...
@@ -93,11 +116,14 @@ async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncE
 class UnavailableProvider:
     """Stands in for an entry whose credentials are missing: every request fails with UPSTREAM_AUTH."""
 
+    # Every feature: a request fails with the credentials error, never with a refusal the real provider might not make.
+    supported = frozenset(FEATURES)
+
     def __init__(self, name: str, problem: str) -> None:
         self._message = f"ModelMax has no credentials for '{name}': {problem}."
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         raise GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_AUTH, self._message)
         yield  # an async generator, like every provider

@@ -3,7 +3,8 @@
 llama.cpp is synchronous and one model context is not thread-safe, so each loaded model gets one worker thread:
 requests queue for it in order, and the event loop never waits on generation. Tokens cross to the loop with
 `call_soon_threadsafe`; a consumer that goes away sets a flag the worker checks before every token, so a cancelled
-request stops generating at once and the next one starts.
+request stops generating at once and the next one starts. The provider matches the stop sequences itself, so a
+finish names the one that ended the answer.
 """
 
 from __future__ import annotations
@@ -12,29 +13,29 @@ import asyncio
 import codecs
 import importlib.util
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry
 from services.errors import GatewayError
-from services.validation import check_supported
 
 _OPTIONS = {"threads", "context_length", "default_max_tokens", "seed"}
 _PACKAGE_PREFIX = "pkg:"
-_ROLE_NAMES = {pb.Role.ROLE_SYSTEM: "system", pb.Role.ROLE_USER: "user", pb.Role.ROLE_ASSISTANT: "assistant"}
-# What llama.cpp's sampler honours: Llama.generate takes the penalties, its dist sampler the seed, and a grammar holds
-# the output to JSON (response_format json_object only; see _refuse_json_schema). Tools, images, several choices, log
-# probabilities and reasoning effort have no honest mapping onto a small chat model here.
-SUPPORTED = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format"})
+_ROLE_NAMES: dict[pb.Role.ValueType, Literal["system", "user", "assistant"]] = {
+    pb.Role.ROLE_SYSTEM: "system",
+    pb.Role.ROLE_USER: "user",
+    pb.Role.ROLE_ASSISTANT: "assistant",
+}
 _SEEDS = 0xFFFFFFFF  # llama.cpp seeds are uint32, and 0xFFFFFFFF (LLAMA_DEFAULT_SEED) itself means "random"
 
 
@@ -49,11 +50,21 @@ def resolve_model_path(model: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / relative
 
 
+def _chat_message(message: pb.Message) -> ChatCompletionRequestMessage:
+    """One message as llama-cpp-python's chat formatter takes it: its role's name and its text."""
+    role = _ROLE_NAMES[message.role]  # no tool messages: `supported` has no "tools", so the core refuses them
+    if role == "system":
+        return {"role": "system", "content": message.content}
+    if role == "user":
+        return {"role": "user", "content": message.content}
+    return {"role": "assistant", "content": message.content}
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     """One generation, as the worker thread sees it."""
 
-    messages: list[dict[str, str]]
+    messages: list[ChatCompletionRequestMessage]
     temperature: float
     top_p: float
     max_tokens: int | None
@@ -63,7 +74,7 @@ class _Job:
     frequency_penalty: float
     json: bool  # response_format json_object: sample only what llama.cpp's JSON grammar allows
     cancelled: threading.Event
-    emit: Callable[[tuple[Any, ...]], None]
+    emit: Callable[[tuple[Any, ...]], object]  # what it returns is ignored
 
 
 class _Engine:
@@ -125,16 +136,21 @@ class _Engine:
                 pb.ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,
                 f"This model's maximum context length is {self._context_length} tokens; "
                 f"the messages use {len(prompt)}.",
-                param="messages",
+                field="messages",
             )
         limit = room if job.max_tokens is None else min(job.max_tokens, room)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         held = ""  # text kept back because it may be the start of a stop sequence
         generated = 0
         finish = pb.FinishReason.FINISH_REASON_LENGTH
+        matched = ""  # the stop sequence that ended the answer
         vocab = llm._model.vocab  # no public accessor for end-of-generation tokens in llama-cpp-python 0.3
         # The sampler is built per generate() from the current seed: a request's seed, else the engine's own again.
         llm.set_seed(self._seed if job.seed is None else job.seed % _SEEDS)
+        # Evaluate the whole prompt every time: reusing the previous request's matching prefix evaluates the rest in
+        # other batch shapes, whose float sums differ, so the same request (same seed) could sample other tokens
+        # depending on what ran before it. A 135M model evaluates a prompt in milliseconds.
+        llm.reset()  # type: ignore[no-untyped-call]  # llama-cpp-python 0.3 leaves Llama.reset() unannotated
         tokens = llm.generate(
             prompt,
             temp=job.temperature,
@@ -152,8 +168,9 @@ class _Engine:
                 break
             generated += 1
             held += decoder.decode(llm.detokenize([token]))
-            cut = _first_stop(held, job.stops)
-            if cut is not None:
+            stop = _first_stop(held, job.stops)
+            if stop is not None:
+                cut, matched = stop
                 held = held[:cut]
                 finish = pb.FinishReason.FINISH_REASON_STOP
                 break
@@ -165,12 +182,13 @@ class _Engine:
                 break
         if held:
             job.emit(("text", held))
-        job.emit(("finish", finish, len(prompt), generated))
+        job.emit(("finish", finish, matched, len(prompt), generated))
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(positions) if positions else None
+def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """(where, which) of the stop sequence that occurs first in `text` (the first listed, of those at one place)."""
+    found = [(position, stop) for stop in stops if (position := text.find(stop)) >= 0]
+    return min(found, key=lambda item: item[0]) if found else None
 
 
 def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
@@ -187,20 +205,24 @@ def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
 class LocalProvider:
     """Serves one catalog entry from a shared engine."""
 
+    # What llama.cpp's sampler honours: Llama.generate takes the penalties, its dist sampler the seed, and a grammar
+    # holds the output to JSON (response_format json_object only; see _refuse_json_schema). Tools, images, several
+    # choices, log probabilities and reasoning effort have no honest mapping onto a small chat model here.
+    supported = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format"})
+
     def __init__(self, engine: _Engine, default_max_tokens: int | None) -> None:
         self._engine = engine
         self._default_max_tokens = default_max_tokens
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        check_supported(params, SUPPORTED, provider="local")
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         if params.response_format.type == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
             _refuse_json_schema(params.model)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()  # bounded by the context length
         job = _Job(
-            messages=[{"role": _ROLE_NAMES[m.role], "content": m.content} for m in params.messages],
+            messages=[_chat_message(m) for m in params.messages],
             temperature=params.temperature if params.HasField("temperature") else 0.8,
             top_p=params.top_p if params.HasField("top_p") else 0.95,
             max_tokens=params.max_tokens if params.HasField("max_tokens") else self._default_max_tokens,
@@ -221,13 +243,14 @@ class LocalProvider:
                 if kind == "text":
                     yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=item[1]))
                 elif kind == "finish":
-                    _, reason, prompt_tokens, completion_tokens = item
+                    _, reason, stop, prompt_tokens, completion_tokens = item
                     usage = pb.Usage(
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,
                     )
-                    yield svc.StreamCompletionResponse(finish=svc.CompletionFinish(finish_reason=reason, usage=usage))
+                    choice = svc.ChoiceFinish(index=0, finish_reason=reason, stop_sequence=stop)
+                    yield svc.StreamCompletionResponse(finish=svc.CompletionFinish(choices=[choice], usage=usage))
                     return
                 elif kind == "error":
                     raise item[1]
@@ -245,7 +268,7 @@ def _refuse_json_schema(model: str) -> None:
     raise GatewayError(
         pb.ErrorReason.ERROR_REASON_INVALID_REQUEST,
         f"'response_format' of type 'json_schema' is not supported by the model '{model}'; use 'json_object'.",
-        param="response_format",
+        field="response_format",
         provider="local",
     )
 

@@ -3,7 +3,7 @@ such switch): the model's final JSON is checked against the caller's JSON Schema
 
 The checks are the `jsonschema` library's, in the schema's own dialect (`$schema`), Draft 2020-12 when it names
 none; `format` is an annotation there, as the draft says, so it is not asserted. A schema is checked once, when
-the request is shaped, so a broken one is the caller's 400 naming its param, before any upstream call. `$ref`s
+the request is shaped, so a broken one is the caller's 400 naming its field, before any upstream call. `$ref`s
 resolve inside the schema (and to the published meta-schemas) only: the gateway never fetches a URL a caller wrote.
 """
 
@@ -30,23 +30,30 @@ _REFERENCES = ("$ref", "$dynamicRef")
 
 
 class SchemaMismatch(Exception):
-    """The model's final JSON does not match a strict schema; the message says what and where, for the caller."""
+    """The model's final JSON does not match a strict schema; the message says what and where, for the caller, and
+    `field` names the schema's field of CompletionParams (which the message quotes)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class SchemaCheck:
     """One strict schema, checked as a schema once, and the validator of the answers that must match it.
 
-    `param` names the schema in the request (`tools[0].function.parameters`), for the caller; `provider` names the
-    adapter in a refusal, as every provider's errors do.
+    `field` names the schema in the request, as the path of its field of CompletionParams (`tools[0].parameters`),
+    for the caller; `provider` names the adapter in a refusal, as every provider's errors do.
     """
 
-    def __init__(self, schema: Mapping[str, Any], *, param: str, provider: str) -> None:
-        self.param = param
+    def __init__(self, schema: dict[str, Any], *, field: str, provider: str) -> None:
+        self.field = field
         self._provider = provider
         dialect = schema.get("$schema")
         if dialect is None:
             cls: type[Validator] | None = Draft202012Validator
         else:
+            # validator_for returns `default` for an unknown $schema, whatever it is; types-jsonschema types `default`
+            # as a validator class only, so None (the gateway's "unknown dialect") needs the ignore.
             cls = validator_for(schema, default=None) if isinstance(dialect, str) else None  # type: ignore[arg-type]
         if cls is None:
             raise self._invalid(f"'$schema' {dialect!r} is not a JSON Schema dialect the gateway knows.")
@@ -69,30 +76,32 @@ class SchemaCheck:
         try:
             value = json.loads(text, parse_constant=_no_constant)
         except ValueError as exc:
-            raise SchemaMismatch(f"{subject} is not JSON text") from exc
+            raise SchemaMismatch(f"{subject} is not JSON text", self.field) from exc
         except RecursionError as exc:
-            raise SchemaMismatch(f"{subject} is nested too deeply to check") from exc
+            raise SchemaMismatch(f"{subject} is nested too deeply to check", self.field) from exc
         try:
             error = best_match(self._validator.iter_errors(value))
         except RecursionError as exc:  # a value nested past what can be checked is never passed on as matching
-            raise SchemaMismatch(f"{subject} is nested too deeply to check") from exc
+            raise SchemaMismatch(f"{subject} is nested too deeply to check", self.field) from exc
         except referencing.exceptions.Unresolvable as exc:  # a reference the check above could not foresee
             raise SchemaMismatch(
-                f"{subject} cannot be checked: {exc.ref!r} in '{self.param}' does not resolve"
+                f"{subject} cannot be checked: {exc.ref!r} in '{self.field}' does not resolve", self.field
             ) from exc
         if error is not None:
-            raise SchemaMismatch(f"{subject} does not match '{self.param}' at {error.json_path}: {_cut(error.message)}")
+            raise SchemaMismatch(
+                f"{subject} does not match '{self.field}' at {error.json_path}: {_cut(error.message)}", self.field
+            )
 
     def _invalid(self, problem: str) -> GatewayError:
-        message = f"'{self.param}' is not a valid JSON Schema (needed for strict: true): {problem}"
+        message = f"'{self.field}' is not a valid JSON Schema (needed for strict: true): {problem}"
         reason = pb.ErrorReason.ERROR_REASON_INVALID_REQUEST
-        return GatewayError(reason, message, param=self.param, provider=self._provider)
+        return GatewayError(reason, message, field=self.field, provider=self._provider)
 
 
 def mismatch_error(exc: SchemaMismatch, *, model: str, provider: str) -> GatewayError:
     """A mismatch as the caller sees it: the model's answer broke the promise of `strict`, the upstream's fault."""
     message = f"The model's answer for '{model}' did not match the schema (strict: true), so it is not passed on: {exc}"
-    return GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL, message, provider=provider)
+    return GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL, message, field=exc.field, provider=provider)
 
 
 def _unresolved_reference(schema: Mapping[str, Any]) -> str | None:

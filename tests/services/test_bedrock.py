@@ -17,11 +17,12 @@ import pytest
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, CatalogError, MissingSecret
+from services.completion.validation import check_supported
 from services.errors import GatewayError
-from services.providers import Provider
-from services.providers.bedrock import BedrockBackend, create_backend
-from services.providers.bedrock_tools import AnswerShape
-from services.providers.bedrock_translate import converse_request
+from services.providers import FEATURES, Provider
+from services.providers.bedrock import BedrockBackend, BedrockProvider, create_backend
+from services.providers.bedrock.tools import AnswerShape
+from services.providers.bedrock.translate import converse_request
 from tests.fakes.bedrock import (
     DEFAULT_USAGE,
     BedrockUpstream,
@@ -225,7 +226,8 @@ async def test_streams_deltas_then_finish_and_sends_the_converse_request(
 
     assert texts == ["Hello", ", ", "world", "!"] and reasoning == []
     assert finish == svc.CompletionFinish(
-        finish_reason=F.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+        choices=[svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)],
+        usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11),
     )
     [request] = upstream.requests
     assert (request.model_id, request.operation) == (MODEL_ID, "converse-stream")
@@ -292,7 +294,7 @@ async def test_conversations_converse_cannot_take_are_refused(
     upstream: BedrockUpstream, provider: Provider, messages: list[pb.Message], says: str
 ) -> None:
     error = await fail(provider, make_params(*messages))
-    assert error.reason == R.ERROR_REASON_INVALID_REQUEST and error.param == "messages"
+    assert error.reason == R.ERROR_REASON_INVALID_REQUEST and error.field == "messages"
     assert says in error.message
     assert upstream.requests == []
 
@@ -316,7 +318,7 @@ async def test_a_whole_answer_uses_converse_and_yields_the_same_events(
     upstream.reasoning = ["Think", "ing."]
     texts, reasoning, finish = await run(provider, incremental=False)
     assert texts == ["Hello, world!"] and reasoning == ["Thinking."]
-    assert finish.finish_reason == F.FINISH_REASON_STOP and finish.usage.total_tokens == 11
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_STOP and finish.usage.total_tokens == 11
     [request] = upstream.requests
     assert request.operation == "converse"
     assert request.body == {"messages": [{"role": "user", "content": [{"text": "Say hello"}]}]}
@@ -340,7 +342,17 @@ async def test_stop_reasons_map_to_finish_reasons(
 ) -> None:
     upstream.stop_reason = stop_reason
     _, _, finish = await run(provider, incremental=incremental)
-    assert finish.finish_reason == finish_reason
+    assert finish.choices[0].finish_reason == finish_reason
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_stop_sequence_stop_does_not_name_the_sequence(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    # Converse says only that a stop sequence matched, never which one: the finish leaves it empty, never guessed.
+    upstream.stop_reason = "stop_sequence"
+    _, _, finish = await run(provider, make_params(stop_sequences=["world", "END"]), incremental=incremental)
+    assert list(finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)]
 
 
 @pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
@@ -474,7 +486,8 @@ def content(text: str) -> svc.StreamCompletionResponse:
 
 
 def finished(reason: int) -> svc.StreamCompletionResponse:
-    return svc.StreamCompletionResponse(finish=svc.CompletionFinish(finish_reason=reason, usage=USAGE))
+    choices = [svc.ChoiceFinish(index=0, finish_reason=reason)]
+    return svc.StreamCompletionResponse(finish=svc.CompletionFinish(choices=choices, usage=USAGE))
 
 
 def called(id: str, name: str, arguments: str) -> pb.ToolCall:
@@ -606,7 +619,7 @@ async def test_tool_choice_none_with_tool_blocks_in_the_history_is_refused(
 ) -> None:
     params = make_params(*TOOL_HISTORY, tools=tools, tool_choice=choice(pb.TOOL_CHOICE_MODE_NONE))
     error = await fail(provider, params)
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, "tool_choice")
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, "tool_choice")
     assert '"none"' in error.message
     assert upstream.requests == []
 
@@ -616,7 +629,7 @@ def replaying(arguments: str, *, id: str = "c1") -> dict[str, Any]:
     return {"messages": [user("Hi"), calling("", called(id, "now", arguments))]}
 
 
-ARGUMENTS = "messages[1].tool_calls[0].function.arguments"
+ARGUMENTS = "messages[1].tool_calls[0].arguments"
 
 
 @pytest.mark.parametrize(
@@ -631,8 +644,8 @@ ARGUMENTS = "messages[1].tool_calls[0].function.arguments"
         ({"messages": [*replaying("{}")["messages"], result("", "ok")]}, "messages[2].tool_call_id"),
         ({"messages": [pb.Message(role=pb.Role.ROLE_USER, content="Hi", tool_calls=[called("c1", "now", "{}")])]},
          "messages[0].tool_calls"),
-        ({"tools": [pb.Tool(name="f", parameters="{'type': 'object'}")]}, "tools[0].function.parameters"),
-        ({"tools": [WEATHER, pb.Tool(name="f", parameters='"object"')]}, "tools[1].function.parameters"),
+        ({"tools": [pb.Tool(name="f", parameters="{'type': 'object'}")]}, "tools[0].parameters"),
+        ({"tools": [WEATHER, pb.Tool(name="f", parameters='"object"')]}, "tools[1].parameters"),
         ({"tool_choice": choice(pb.TOOL_CHOICE_MODE_REQUIRED)}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": choice(pb.TOOL_CHOICE_MODE_FUNCTION, "now")}, "tool_choice"),
     ],
@@ -656,7 +669,7 @@ async def test_tool_requests_converse_cannot_take_are_400s_naming_the_param(
 ) -> None:
     messages = fields.pop("messages", [user("Hi")])
     error = await fail(provider, make_params(*messages, **fields))
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert upstream.requests == []
 
 
@@ -712,7 +725,7 @@ async def test_images_converse_cannot_take_are_400s(
     upstream: BedrockUpstream, provider: Provider, message: pb.Message
 ) -> None:
     error = await fail(provider, make_params(message, user("Hi")))
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, "messages[0].content[1]")
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, "messages[0].parts[1]")
     assert upstream.requests == []
 
 
@@ -790,7 +803,7 @@ async def test_response_format_with_tool_blocks_in_the_history_forces_the_answer
         ),
         (
             {"response_format": pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="r", schema="{")},
-            "response_format.json_schema.schema",
+            "response_format.schema",
         ),
     ],
     ids=["with-tools", "schema-not-json"],
@@ -799,7 +812,7 @@ async def test_response_formats_converse_cannot_take_are_400s(
     upstream: BedrockUpstream, provider: Provider, fields: dict[str, Any], param: str
 ) -> None:
     error = await fail(provider, make_params(**fields))
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert upstream.requests == []
 
 
@@ -866,7 +879,7 @@ async def test_an_answer_with_tool_calls_finishes_tool_calls_unless_cut(
 ) -> None:
     upstream.tool_uses, upstream.stop_reason = [PARIS], stop_reason
     events = await events_of(provider, make_params(tools=[WEATHER]), incremental=incremental)
-    assert events[-1].finish.finish_reason == finish_reason
+    assert events[-1].finish.choices[0].finish_reason == finish_reason
 
 
 @pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
@@ -1023,7 +1036,7 @@ async def test_a_strict_structured_answer_that_does_not_match_is_an_error_not_th
 ) -> None:
     upstream.text, upstream.tool_uses, upstream.stop_reason = [], [report_use(answer)], "tool_use"
     params = make_params(response_format=STRICT_REPORT)
-    expected = f"{MISMATCH}the structured answer does not match 'response_format.json_schema.schema' {problem}"
+    expected = f"{MISMATCH}the structured answer does not match 'response_format.schema' {problem}"
 
     # A whole answer: nothing is relayed, the call fails (a 502 through the bridge).
     events, error = await relayed(provider, params, incremental=False)
@@ -1058,7 +1071,7 @@ async def test_strict_tool_call_arguments_that_do_not_match_are_an_error(
     events, error = await relayed(provider, make_params(tools=[NOW, STRICT_WEATHER]), incremental=incremental)
     assert error is not None and error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
     assert error.message == (
-        f"{MISMATCH}tool call 1 does not match 'tools[1].function.parameters' at $: 'city' is a required property"
+        f"{MISMATCH}tool call 1 does not match 'tools[1].parameters' at $: 'city' is a required property"
     )
     if incremental:  # both calls went out as they came; the check ran when the answer ended, before any finish
         assert events == [
@@ -1100,7 +1113,7 @@ async def test_a_strict_call_without_arguments_is_checked_as_an_empty_object(
     upstream.tool_uses = [ToolUse("tooluse_paris01", "get_weather", {}, pieces=[])]  # Bedrock streams no input
     events, error = await relayed(provider, make_params(tools=[STRICT_WEATHER]), incremental=incremental)
     assert error is not None and error.reason == R.ERROR_REASON_UPSTREAM_PROTOCOL
-    problem = "tool call 0 does not match 'tools[0].function.parameters' at $: 'city' is a required property"
+    problem = "tool call 0 does not match 'tools[0].parameters' at $: 'city' is a required property"
     assert error.message == MISMATCH + problem
     # The stream relayed the call's start and the `{}` it stands for, then the error instead of the finish.
     start = tool_call(0, "", id="tooluse_paris01", name="get_weather")
@@ -1130,7 +1143,7 @@ def test_without_strict_nothing_is_checked_or_kept() -> None:
     assert converse_request(MODEL_ID, make_params(tools=[WEATHER, NOW, lax]))[1] == AnswerShape()
     shape = converse_request(MODEL_ID, make_params(tools=[NOW, STRICT_WEATHER]))[1]
     assert (shape.answer_check, list(shape.call_checks)) == (None, ["get_weather"])
-    assert shape.call_checks["get_weather"].param == "tools[1].function.parameters"
+    assert shape.call_checks["get_weather"].field == "tools[1].parameters"
 
 
 @pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
@@ -1140,7 +1153,7 @@ async def test_a_strict_answer_cut_by_length_keeps_its_finish(
     # The finish says the answer is incomplete, as OpenAI's does for a strict answer cut by max_tokens.
     upstream.text, upstream.tool_uses, upstream.stop_reason = [], [report_use({"city": "Par"})], "max_tokens"
     events, error = await relayed(provider, make_params(response_format=STRICT_REPORT), incremental=incremental)
-    assert error is None and events[-1].finish.finish_reason == F.FINISH_REASON_LENGTH
+    assert error is None and events[-1].finish.choices[0].finish_reason == F.FINISH_REASON_LENGTH
 
 
 @pytest.mark.parametrize(
@@ -1158,14 +1171,14 @@ async def test_a_strict_schema_that_is_not_a_valid_json_schema_is_a_400_naming_i
 ) -> None:
     if where == "tool":
         tool = pb.Tool(name="get_weather", parameters=json.dumps(schema), strict=True)
-        params, param = make_params(tools=[NOW, tool]), "tools[1].function.parameters"
+        params, param = make_params(tools=[NOW, tool]), "tools[1].parameters"
     else:
         response_format = pb.ResponseFormat(
             type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="r", schema=json.dumps(schema), strict=True
         )
-        params, param = make_params(response_format=response_format), "response_format.json_schema.schema"
+        params, param = make_params(response_format=response_format), "response_format.schema"
     error = await fail(provider, params)
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert error.message.startswith(f"'{param}' is not a valid JSON Schema (needed for strict: true): {problem}")
     assert upstream.requests == []
 
@@ -1181,7 +1194,7 @@ async def test_a_strict_schema_that_is_not_a_valid_json_schema_is_a_400_naming_i
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"choice_count": 2}, "n"),
+        ({"choice_count": 2}, "choice_count"),
         ({"seed": 7}, "seed"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"frequency_penalty": -1.0}, "frequency_penalty"),
@@ -1194,10 +1207,18 @@ async def test_a_strict_schema_that_is_not_a_valid_json_schema_is_a_400_naming_i
 async def test_parameters_converse_cannot_honour_are_refused_before_any_request(
     upstream: BedrockUpstream, provider: Provider, fields: dict[str, Any], param: str
 ) -> None:
-    error = await fail(provider, make_params(**fields))
-    assert (error.reason, error.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    with pytest.raises(GatewayError) as raised:  # the core's one check, before dispatch, against the declared data
+        check_supported(make_params(**fields), provider.supported, provider="bedrock")
+    error = raised.value
+    assert (error.reason, error.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert f"'{param}'" in error.message
     assert upstream.requests == []
+
+
+def test_supported_features_are_what_converse_can_honour() -> None:
+    # The core refuses the others before dispatch (the parameters above): Converse has no field for any of them.
+    assert BedrockProvider.supported == {"tools", "parallel_tool_calls", "response_format", "images"}
+    assert BedrockProvider.supported <= set(FEATURES)
 
 
 async def test_defaults_of_refused_parameters_and_user_are_fine(upstream: BedrockUpstream, provider: Provider) -> None:
@@ -1285,7 +1306,7 @@ async def test_a_prompt_over_the_window_is_context_length_exceeded(
         upstream.error_status, upstream.error_type, upstream.error_message = 400, "ValidationException", message
     error = await fail(provider)
     assert error.reason == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED
-    assert error.message == message and error.param == "messages"
+    assert error.message == message and error.field == "messages"
 
 
 async def test_other_validation_messages_are_forwarded_truncated(upstream: BedrockUpstream, provider: Provider) -> None:

@@ -18,10 +18,13 @@ from google.genai import types
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, CatalogError, MissingSecret
+from services.completion.validation import check_supported
 from services.errors import GatewayError
-from services.providers import Provider, gemini_errors, gemini_tools
-from services.providers import gemini_translate as tr
-from services.providers.gemini import GeminiBackend, create_backend
+from services.providers import FEATURES, Provider
+from services.providers.gemini import GeminiBackend, GeminiProvider, create_backend
+from services.providers.gemini import errors as gemini_errors
+from services.providers.gemini import tools as gemini_tools
+from services.providers.gemini import translate as tr
 from tests.fakes.gemini import Candidate, GeminiUpstream, google_error, serve_gemini
 
 R = pb.ErrorReason
@@ -124,7 +127,7 @@ async def test_sends_the_generate_content_request(
     )
     deltas, finish = await run(provider, params, incremental=incremental)
     assert deltas == [("delta", "Hello"), ("delta", ", "), ("delta", "world"), ("delta", "!")]
-    assert finish.finish_reason == F.FINISH_REASON_STOP
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_STOP
     [request] = upstream.requests
     assert (request.version, request.model) == ("v1beta", MODEL)
     assert (request.action, request.query) == (
@@ -179,7 +182,7 @@ async def test_a_conversation_of_only_system_messages_is_refused_before_sending(
 ) -> None:
     exc = await fail(provider, make_params((pb.Role.ROLE_SYSTEM, "You are helpful.")))
     assert exc.reason == R.ERROR_REASON_INVALID_REQUEST
-    assert exc.param == "messages"
+    assert exc.field == "messages"
     assert upstream.requests == []
 
 
@@ -250,14 +253,29 @@ async def test_usage_comes_from_the_final_chunk_even_one_without_parts(
     deltas, finish = await run(provider)
     assert "".join(text for _, text in deltas) == "Hello, world!"
     assert finish == svc.CompletionFinish(
-        finish_reason=F.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+        choices=[svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)],
+        usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11),
     )
 
 
 async def test_no_usage_reported_leaves_it_unset(upstream: GeminiUpstream, provider: Provider) -> None:
     upstream.usage = None
     _, finish = await run(provider)
-    assert finish.finish_reason == F.FINISH_REASON_STOP and not finish.HasField("usage")
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_STOP and not finish.HasField("usage")
+
+
+@MODES
+async def test_a_stop_never_names_a_stop_sequence(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    # Gemini's STOP does not say whether a stop sequence ended the answer, let alone which: the finish leaves it empty.
+    _, finish = await run(provider, make_params(stop_sequences=["world", "END"]), incremental=incremental)
+    assert list(finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)]
+
+
+def test_every_feature_but_log_probabilities_is_supported() -> None:
+    # The core refuses log probabilities before dispatch: no proto field carries them back.
+    assert GeminiProvider.supported == set(FEATURES) - {"logprobs"}
 
 
 @MODES
@@ -267,7 +285,7 @@ async def test_finish_reasons(
 ) -> None:
     upstream.finish_reason = gemini
     _, finish = await run(provider, incremental=incremental)
-    assert finish.finish_reason == expected
+    assert finish.choices[0].finish_reason == expected
 
 
 @MODES
@@ -284,7 +302,7 @@ async def test_function_calls_turn_stop_into_tool_calls(
     upstream.finish_reason = gemini
     upstream.function_calls = [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]
     _, finish = await run(provider, incremental=incremental)
-    assert finish.finish_reason == expected
+    assert finish.choices[0].finish_reason == expected
 
 
 @MODES
@@ -308,7 +326,7 @@ async def test_finish_reasons_newer_than_the_sdk(
 ) -> None:
     upstream.finish_reason = gemini
     _, finish = await run(provider)
-    assert finish.finish_reason == expected
+    assert finish.choices[0].finish_reason == expected
 
 
 def test_every_finish_reason_the_sdk_knows_has_a_decision() -> None:
@@ -324,7 +342,8 @@ async def test_a_blocked_prompt_is_a_filtered_empty_answer(
     deltas, finish = await run(provider, incremental=incremental)
     assert deltas == []
     assert finish == svc.CompletionFinish(
-        finish_reason=F.FINISH_REASON_CONTENT_FILTER, usage=pb.Usage(prompt_tokens=7, total_tokens=7)
+        choices=[svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_CONTENT_FILTER)],
+        usage=pb.Usage(prompt_tokens=7, total_tokens=7),
     )
 
 
@@ -511,7 +530,7 @@ async def test_the_id_of_a_call_carries_its_thought_signature_back_to_gemini(
     base, _, signature = first.id.partition("~ts~")
     assert MINTED_ID.fullmatch(base) and signature == "-_-_c2ln"
     assert second.id == "fc-2"  # Gemini's own id, and no signature to carry
-    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_TOOL_CALLS
 
     upstream.texts, upstream.function_calls = ["Sunny in both."], []
     history = conversation(
@@ -565,7 +584,10 @@ async def test_a_history_gemini_did_not_sign_gets_the_placeholder_on_gemini_3(
         tools=[WEATHER, CLOCK],
     )
     deltas, finish = await run(provider, params, incremental=incremental)  # Gemini 3 (the fake) checks the turn
-    assert "".join(text for _, text in deltas) == "Hello, world!" and finish.finish_reason == F.FINISH_REASON_STOP
+    assert (
+        "".join(text for _, text in deltas) == "Hello, world!"
+        and finish.choices[0].finish_reason == F.FINISH_REASON_STOP
+    )
     signed = {"thoughtSignature": PLACEHOLDER_WIRE} if placeholder else {}
     [request] = upstream.requests
     assert request.body == {
@@ -687,7 +709,7 @@ async def test_structured_output(
     upstream.texts = ['{"city": ', '"Paris"}']
     deltas, finish = await run(provider, make_params(response_format=response_format), incremental=incremental)
     assert "".join(text for _, text in deltas) == '{"city": "Paris"}'  # content, finished as a stop
-    assert finish.finish_reason == F.FINISH_REASON_STOP
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_STOP
     assert upstream.requests[0].body["generationConfig"] == generation_config
 
 
@@ -754,7 +776,7 @@ async def test_a_reasoning_effort_the_model_cannot_honour_is_refused(
     options = {"api_key_env": "GEMINI_API_KEY", "base_url": upstream.url}
     provider = await backend.provider_for(make_entry(options, model=model))
     exc = await fail(provider, make_params(reasoning_effort=effort))
-    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, "reasoning_effort")
+    assert (exc.reason, exc.field) == (R.ERROR_REASON_INVALID_REQUEST, "reasoning_effort")
     assert E.Name(effort).removeprefix("REASONING_EFFORT_").lower() in exc.message
     assert upstream.requests == []
 
@@ -779,7 +801,7 @@ async def test_the_catalog_overrides_the_reasoning_effort_table(
         {"thinkingConfig": {"include_thoughts": True, "thinking_level": "LOW"}},
     ]
     exc = await fail(provider, make_params(reasoning_effort=E.REASONING_EFFORT_HIGH))
-    assert exc.param == "reasoning_effort" and len(upstream.requests) == 3
+    assert exc.field == "reasoning_effort" and len(upstream.requests) == 3
 
 
 @pytest.mark.parametrize(
@@ -792,8 +814,10 @@ async def test_the_catalog_overrides_the_reasoning_effort_table(
 async def test_log_probabilities_are_refused_before_sending(
     upstream: GeminiUpstream, provider: Provider, fields: dict[str, Any], param: str
 ) -> None:
-    exc = await fail(provider, make_params(**fields))
-    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    with pytest.raises(GatewayError) as raised:  # the core's one check, before dispatch, against the declared data
+        check_supported(make_params(**fields), provider.supported, provider="gemini")
+    exc = raised.value
+    assert (exc.reason, exc.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert upstream.requests == []
 
 
@@ -802,11 +826,11 @@ async def test_log_probabilities_are_refused_before_sending(
     [
         (
             conversation(user("q"), assistant("", ("c1", "get_weather", "{not json"))),
-            "messages[1].tool_calls[0].function.arguments",
+            "messages[1].tool_calls[0].arguments",
         ),
         (
             conversation(user("q"), assistant("", ("c1", "f", "{}"), ("c2", "f", "[1]"))),
-            "messages[1].tool_calls[1].function.arguments",
+            "messages[1].tool_calls[1].arguments",
         ),
         (conversation(user("q"), tool("c9", "result")), "messages[1].tool_call_id"),
         (
@@ -816,7 +840,7 @@ async def test_log_probabilities_are_refused_before_sending(
             "tool_choice",
         ),
         (conversation(user("q"), tool_choice=pb.ToolChoice(mode=M.TOOL_CHOICE_MODE_REQUIRED)), "tool_choice"),
-        (conversation(user("q"), tools=[pb.Tool(name="f", parameters="[]")]), "tools[0].function.parameters"),
+        (conversation(user("q"), tools=[pb.Tool(name="f", parameters="[]")]), "tools[0].parameters"),
         (
             conversation(
                 user("q"),
@@ -834,7 +858,7 @@ async def test_log_probabilities_are_refused_before_sending(
                 ),
                 user("q"),
             ),
-            "messages[0].content[0]",
+            "messages[0].parts[0]",
         ),
     ],
     ids=[
@@ -853,7 +877,7 @@ async def test_requests_gemini_cannot_take_are_refused_before_sending(
     upstream: GeminiUpstream, provider: Provider, params: pb.CompletionParams, param: str
 ) -> None:
     exc = await fail(provider, params)
-    assert (exc.reason, exc.param) == (R.ERROR_REASON_INVALID_REQUEST, param)
+    assert (exc.reason, exc.field) == (R.ERROR_REASON_INVALID_REQUEST, param)
     assert upstream.requests == []
 
 
@@ -873,7 +897,7 @@ async def test_text_then_function_calls(upstream: GeminiUpstream, provider: Prov
     assert first == svc.ToolCallDelta(index=0, id="fc-1", name="get_weather", arguments='{"city":"Zürich","unit":"C"}')
     assert MINTED_ID.fullmatch(second.id)
     assert second == svc.ToolCallDelta(index=1, id=second.id, name="get_time", arguments="{}")
-    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_TOOL_CALLS
 
 
 @pytest.mark.parametrize("parallel", [True, False])
@@ -890,7 +914,7 @@ async def test_parallel_calls_in_one_chunk(upstream: GeminiUpstream, provider: P
     assert calls == (first + [(1, "get_weather", '{"city":"Oslo"}')] if parallel else first)  # false: the first only
     assert all(MINTED_ID.fullmatch(call.id.partition("~ts~")[0]) for _, call in deltas)
     assert len({call.id for _, call in deltas}) == len(deltas)
-    assert finish.finish_reason == F.FINISH_REASON_TOOL_CALLS
+    assert finish.choices[0].finish_reason == F.FINISH_REASON_TOOL_CALLS
 
 
 @MODES
@@ -920,8 +944,11 @@ async def test_several_candidates_are_several_choices(
         1: [("reasoning", "Hmm."), ("delta", "Let me look."), ("tool_call", "0:x:get_time:{}")],
         2: [("delta", "Hel")],
     }
-    assert finish.finish_reason == F.FINISH_REASON_STOP
-    assert list(finish.additional_finish_reasons) == [F.FINISH_REASON_TOOL_CALLS, F.FINISH_REASON_LENGTH]
+    assert list(finish.choices) == [
+        svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP),
+        svc.ChoiceFinish(index=1, finish_reason=F.FINISH_REASON_TOOL_CALLS),
+        svc.ChoiceFinish(index=2, finish_reason=F.FINISH_REASON_LENGTH),
+    ]
     assert finish.usage == pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)  # one usage for all
 
 
@@ -949,8 +976,10 @@ async def test_a_blocked_prompt_filters_every_choice(
     upstream.block_reason = "SAFETY"
     events, finish = await collect(provider, make_params(choice_count=2), incremental=incremental)
     assert events == []
-    assert finish.finish_reason == F.FINISH_REASON_CONTENT_FILTER
-    assert list(finish.additional_finish_reasons) == [F.FINISH_REASON_CONTENT_FILTER]
+    assert list(finish.choices) == [
+        svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_CONTENT_FILTER),
+        svc.ChoiceFinish(index=1, finish_reason=F.FINISH_REASON_CONTENT_FILTER),
+    ]
 
 
 # --- Errors --------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from services.providers.http1 import (
+from services.providers._http1 import (
+    MAX_HEADERS,
     ConnectError,
     ConnectionBroken,
     ConnectTimeout,
@@ -414,6 +415,73 @@ async def test_an_unknown_content_encoding_is_a_protocol_error() -> None:
     async with serving(answering(response)) as (_, url), pool_for(url) as pool:
         with pytest.raises(ProtocolError, match="br"):
             await pool.post(PATH, b"{}")
+
+
+async def test_a_large_compressed_body_is_decoded_in_bounded_blocks() -> None:
+    # What one read of compressed bytes expands to is decoded a block at a time, as the reader takes them: never
+    # all at once in the loop's callback (before: one 8 MiB block here, from 30 KB on the wire).
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' * (8 * 1024 * 1024 // 58)
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n"
+    packed = gzip.compress(text)
+    async with serving(answering(head % len(packed) + packed)) as (server, url), pool_for(url) as pool:
+        for _ in range(2):  # and the connection is reused after it
+            blocks = await body_of(await pool.post(PATH, b"{}"))
+            assert b"".join(blocks) == text
+            assert max(map(len, blocks)) <= 1024 * 1024
+    assert server.accepted == 1
+
+
+@pytest.mark.parametrize("fault", ["cut-short", "corrupt"])
+@pytest.mark.parametrize("size", [1000, 4 * 1024 * 1024], ids=["small", "decoded-in-blocks"])
+async def test_a_compressed_body_cut_short_or_corrupt_is_a_protocol_error(fault: str, size: int) -> None:
+    packed = gzip.compress(b"data: x\n\n" * (size // 9))
+    if fault == "cut-short":
+        packed = packed[:-10]
+    else:
+        packed = packed[:-8] + bytes(8)  # a wrong CRC and length
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(packed)
+    async with serving(answering(head + packed)) as (_, url), pool_for(url) as pool:
+        with pytest.raises(ProtocolError):
+            await body_of(await pool.post(PATH, b"{}"))
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, gzip", b"gzip"])
+async def test_a_transfer_coding_other_than_chunked_is_refused(coding: bytes) -> None:
+    # Only chunked may be sent to a client that sent no TE header (RFC 9112 7.4); before, "gzip, chunked" gave the
+    # gzip bytes as the body, and with chunked not last the body ran to the connection's end.
+    packed = gzip.compress(b"data: hello\n\n")
+    response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: %s\r\n\r\n%s0\r\n\r\n" % (coding, chunk(packed))
+    async with serving(answering(response)) as (_, url), pool_for(url) as pool:
+        with pytest.raises(ProtocolError, match="transfer-encoding"):
+            await pool.post(PATH, b"{}")
+
+
+async def test_interim_1xx_responses_are_skipped() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+    async with serving(answering(interim + OK_HELLO)) as (server, url), pool_for(url) as pool:
+        for _ in range(2):  # and the connection is reused after it
+            response = await pool.post(PATH, b"{}")
+            assert (response.status, response.headers) == (200, {"content-type": "text/plain", "content-length": "5"})
+            assert await body_of(response) == [b"hello"]
+    assert server.accepted == 1
+
+
+async def test_a_switch_of_protocols_is_a_protocol_error() -> None:
+    response = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    async with serving(answering(response)) as (server, url), pool_for(url) as pool:
+        for _ in range(2):
+            with pytest.raises(ProtocolError, match="101"):
+                await pool.post(PATH, b"{}")
+    assert server.accepted == 2  # never pooled
+
+
+async def test_headers_up_to_the_bound_are_kept_and_repeats_joined_in_order() -> None:
+    lines = b"".join(b"x-n: %d\r\n" % n for n in range(MAX_HEADERS - 1))
+    response = b"HTTP/1.1 200 OK\r\n" + lines + b"content-length: 5\r\n\r\nhello"
+    async with serving(answering(response)) as (_, url), pool_for(url) as pool:
+        response_ = await pool.post(PATH, b"{}")
+        assert response_.headers == {"x-n": ", ".join(map(str, range(MAX_HEADERS - 1))), "content-length": "5"}
+        assert await body_of(response_) == [b"hello"]
 
 
 def held_open() -> Handler:

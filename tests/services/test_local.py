@@ -14,7 +14,9 @@ from grpc_status import rpc_status
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
-from services.providers.local import _partial_stop_length
+from services.catalog import CatalogEntry
+from services.providers import FEATURES
+from services.providers.local import LocalProvider, _partial_stop_length, create_backend
 from services.server import CoreServer
 from tests.conftest import running_core, write_catalog
 
@@ -53,7 +55,41 @@ async def test_stop_sequence_across_token_boundary(local_core: CoreServer) -> No
         request.params.stop_sequences.append(stop)
         events = [e async for e in stub.StreamCompletion(request)]
     assert "".join(e.delta.text for e in events if e.HasField("delta")) == text[: text.index(stop)]
-    assert events[-1].finish.finish_reason == pb.FinishReason.FINISH_REASON_STOP
+    assert list(events[-1].finish.choices) == [
+        svc.ChoiceFinish(index=0, finish_reason=pb.FinishReason.FINISH_REASON_STOP, stop_sequence=stop)
+    ]
+
+
+async def test_the_finish_names_the_stop_sequence_that_ended_the_answer() -> None:
+    backend = create_backend({})
+    entry = CatalogEntry(MODEL, "local", GGUF, "modelmax", {"context_length": 256}, where="test")
+    try:
+        provider = await backend.provider_for(entry)
+        params = ask("Write one sentence about the ocean.", temperature=0.0, max_tokens=30).params
+        text, finish = await _answer(provider, params)
+        [choice] = finish.choices
+        assert choice.finish_reason in (pb.FinishReason.FINISH_REASON_LENGTH, pb.FinishReason.FINISH_REASON_STOP)
+        assert choice.stop_sequence == ""  # ended by its length or the model's end of turn: no stop sequence
+        stop = text.split()[2]  # a word of the answer, which greedy decoding writes again
+        params.stop_sequences.extend(["never-written-by-the-model", stop])
+        cut, finish = await _answer(provider, params)
+    finally:
+        await backend.aclose()
+    assert cut == text[: text.index(stop)]
+    assert list(finish.choices) == [
+        svc.ChoiceFinish(index=0, finish_reason=pb.FinishReason.FINISH_REASON_STOP, stop_sequence=stop)
+    ]
+
+
+async def _answer(provider: LocalProvider, params: pb.CompletionParams) -> tuple[str, svc.CompletionFinish]:
+    events = [event async for event in provider.stream(params)]
+    assert [event.WhichOneof("event") for event in events[-1:]] == ["finish"]
+    return "".join(event.delta.text for event in events[:-1]), events[-1].finish
+
+
+def test_the_local_provider_supports_what_llama_cpp_honours() -> None:
+    assert LocalProvider.supported == {"seed", "presence_penalty", "frequency_penalty", "response_format"}
+    assert LocalProvider.supported <= set(FEATURES)
 
 
 async def test_generation_is_clamped_to_the_context_window(tmp_path: Path) -> None:
@@ -66,14 +102,14 @@ async def test_generation_is_clamped_to_the_context_window(tmp_path: Path) -> No
                       include_usage=True)  # fmt: skip
         events = [e async for e in stub.StreamCompletion(request)]
     usage = events[-1].finish.usage
-    assert events[-1].finish.finish_reason == pb.FinishReason.FINISH_REASON_LENGTH
+    assert events[-1].finish.choices[0].finish_reason == pb.FinishReason.FINISH_REASON_LENGTH
     assert usage.total_tokens == 64
 
 
 async def test_event_loop_keeps_serving_while_the_model_generates(local_core: CoreServer) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
-        call = stub.StreamCompletion(ask("Count from 1 to 1000, separated by commas.", temperature=0.0,
+        call = stub.StreamCompletion(ask("Write the numbers from 1 to 1000 separated by commas.", temperature=0.0,
                                          max_tokens=300))  # fmt: skip
         assert (await call.read()).HasField("start")
         # While ~300 tokens are being generated, other calls on the same core are answered.
@@ -96,17 +132,17 @@ async def test_concurrent_requests_to_one_model_all_complete(local_core: CoreSer
             return await stub.CreateCompletion(request, timeout=60)
 
         replies = await asyncio.gather(*(one(i) for i in range(4)))
-    assert len({reply.id for reply in replies}) == 4
+    assert [len(reply.choices) for reply in replies] == [1, 1, 1, 1]  # the core mints no ids: each is one answer
     assert all(reply.usage.completion_tokens >= 1 for reply in replies)
 
 
-def error_param(exc: grpc.aio.AioRpcError) -> str:
+def error_field(exc: grpc.aio.AioRpcError) -> str:
     status = rpc_status.from_call(exc)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     assert info.reason == "ERROR_REASON_INVALID_REQUEST" and info.metadata["provider"] == "local"
-    return info.metadata["param"]
+    return info.metadata["field"]
 
 
 PNG = pb.Image(data=b"\x89PNG\r\n\x1a\n", media_type="image/png")
@@ -114,7 +150,7 @@ CALL = pb.ToolCall(id="call_1", name="now", arguments="{}")
 
 
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    ("fields", "field"),
     [
         ({"tools": [pb.Tool(name="now")]}, "tools"),
         ({"messages": [pb.Message(role=pb.Role.ROLE_USER, content="Time?"),
@@ -123,17 +159,17 @@ CALL = pb.ToolCall(id="call_1", name="now", arguments="{}")
         ({"parallel_tool_calls": False}, "parallel_tool_calls"),
         ({"response_format": pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
                                                name="city", schema='{"type":"object"}')}, "response_format"),
-        ({"choice_count": 2}, "n"),
+        ({"choice_count": 2}, "choice_count"),
         ({"logprobs": True}, "logprobs"),
         ({"reasoning_effort": pb.ReasoningEffort.REASONING_EFFORT_LOW}, "reasoning_effort"),
         ({"messages": [pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(image=PNG)])]},
-         "messages[0].content[0]"),
+         "messages[0].parts[0]"),
     ],
     ids=["tools", "tool history", "parallel_tool_calls", "json_schema", "n", "logprobs", "reasoning_effort",
          "images"],
 )  # fmt: skip
-async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_param(
-    local_core: CoreServer, fields: dict[str, object], param: str
+async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_field(
+    local_core: CoreServer, fields: dict[str, object], field: str
 ) -> None:
     request = ask("Hi", max_tokens=3)
     request.params.MergeFrom(pb.CompletionParams(**fields))  # type: ignore[arg-type]
@@ -148,7 +184,7 @@ async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_param(
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await call
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert error_param(raised.value) == param
+            assert error_field(raised.value) == field
 
 
 async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
@@ -159,7 +195,7 @@ async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
             request = svc.CreateCompletionRequest(
                 params=ask("Tell me a story.", temperature=1.0, max_tokens=20, **fields).params
             )
-            return (await stub.CreateCompletion(request, timeout=60)).content
+            return (await stub.CreateCompletion(request, timeout=60)).choices[0].content
 
         seeded = [await story(seed=7), await story(seed=7)]
         others = {await story(seed=8), await story(seed=9), await story()}
@@ -178,7 +214,7 @@ async def test_penalties_change_greedy_output(local_core: CoreServer, prompt: st
         plain = ask(prompt, temperature=0.0, max_tokens=30).params
         penalised = ask(prompt, temperature=0.0, max_tokens=30, **{penalty: 2.0}).params
         zero = ask(prompt, temperature=0.0, max_tokens=30, **{penalty: 0.0}).params
-        texts = [(await stub.CreateCompletion(svc.CreateCompletionRequest(params=p), timeout=60)).content
+        texts = [(await stub.CreateCompletion(svc.CreateCompletionRequest(params=p), timeout=60)).choices[0].content
                  for p in (plain, penalised, zero)]  # fmt: skip
     assert texts[0] != texts[1]
     assert texts[0] == texts[2]  # zero is no penalty
@@ -193,10 +229,12 @@ async def test_json_mode_holds_the_model_to_a_json_object(local_core: CoreServer
             request = svc.CreateCompletionRequest(params=ask(prompt, temperature=0.0, **fields).params)
             return await stub.CreateCompletion(request, timeout=60)
 
-        cat = await reply("Describe a cat as JSON with keys name and age.", max_tokens=100, response_format=json_object)
+        cat = await reply(
+            "Describe a cat as a JSON object with two keys: name and age.", max_tokens=100, response_format=json_object
+        )
         story = await reply("Tell me a story.", max_tokens=10, response_format=json_object)
         plain_story = await reply("Tell me a story.", max_tokens=10)
-    assert cat.finish_reason == pb.FinishReason.FINISH_REASON_STOP
-    assert isinstance(json.loads(cat.content), dict), cat.content
+    assert cat.choices[0].finish_reason == pb.FinishReason.FINISH_REASON_STOP
+    assert isinstance(json.loads(cat.choices[0].content), dict), cat.choices[0].content
     # A prompt that does not ask for JSON still gets the start of a JSON object, where it would not without.
-    assert story.content.startswith("{") and not plain_story.content.lstrip().startswith("{")
+    assert story.choices[0].content.startswith("{") and not plain_story.choices[0].content.lstrip().startswith("{")

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, CatalogError
+from services.completion.validation import check_supported
 from services.errors import GatewayError
-from services.providers import Provider
-from services.providers.openai_compatible import OpenAICompatibleBackend, create_backend
+from services.providers import FEATURES, Provider
+from services.providers.openai import OpenAICompatibleBackend, OpenAICompatibleProvider, create_backend
 from tests.fakes.openai_upstream import SERVER_ERROR, FakeToolCall, OpenAIUpstream, serve_openai_upstream
+from tests.fakes.serve import serve
 
 R = pb.ErrorReason
 F = pb.FinishReason
@@ -105,7 +112,8 @@ async def test_streams_deltas_then_finish_and_sends_the_openai_request(
 
     assert texts == ["Hello", ", ", "world", "!"]
     assert finish == svc.CompletionFinish(
-        finish_reason=F.FINISH_REASON_STOP, usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
+        choices=[svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)],
+        usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11),
     )
     [request] = upstream.requests
     assert request.body == {
@@ -145,7 +153,7 @@ async def test_usage_wherever_the_server_sends_it(
 async def test_usage_never_sent_leaves_the_field_unset(upstream: OpenAIUpstream, provider: Provider) -> None:
     upstream.usage = None
     texts, finish = await run(provider, make_params())
-    assert texts and finish.finish_reason == F.FINISH_REASON_STOP
+    assert texts and finish.choices[0].finish_reason == F.FINISH_REASON_STOP
     assert not finish.HasField("usage")
 
 
@@ -164,7 +172,7 @@ async def test_finish_reasons(
     upstream.finish_reason = upstream_reason
     upstream.chunks = ["Hel", "lo"]
     _, finish = await run(provider, make_params(max_tokens=2))
-    assert finish.finish_reason == expected
+    assert finish.choices[0].finish_reason == expected
 
 
 async def test_an_unknown_finish_reason_is_a_protocol_error(upstream: OpenAIUpstream, provider: Provider) -> None:
@@ -378,11 +386,11 @@ def call_delta(
     )
 
 
-def finish(reason: pb.FinishReason.ValueType, *more: pb.FinishReason.ValueType) -> svc.StreamCompletionResponse:
+def finish(*reasons: pb.FinishReason.ValueType) -> svc.StreamCompletionResponse:
+    """The finish of choices 0, 1, ... with these reasons, and the fake's usage."""
     usage = pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11)
-    return svc.StreamCompletionResponse(
-        finish=svc.CompletionFinish(finish_reason=reason, additional_finish_reasons=more, usage=usage)
-    )
+    choices = [svc.ChoiceFinish(index=index, finish_reason=reason) for index, reason in enumerate(reasons)]
+    return svc.StreamCompletionResponse(finish=svc.CompletionFinish(choices=choices, usage=usage))
 
 
 async def test_every_feature_reaches_the_upstream_in_openai_shape(upstream: OpenAIUpstream, provider: Provider) -> None:
@@ -545,7 +553,7 @@ async def test_an_answer_with_tool_calls_finishes_tool_calls_unless_cut(
     upstream.chunks, upstream.finish_reason = [], upstream_reason
     upstream.tool_calls = [FakeToolCall("call_a", "now", ("{}",))]
     events = await collect(provider, make_params(tools=[WEATHER]))
-    assert events[-1].finish.finish_reason == expected
+    assert events[-1].finish.choices[0].finish_reason == expected
 
 
 async def test_calls_sent_whole_under_one_index_are_renumbered(upstream: OpenAIUpstream, provider: Provider) -> None:
@@ -618,7 +626,7 @@ async def test_reasoning_and_usage_details_are_relayed(upstream: OpenAIUpstream,
         svc.StreamCompletionResponse(delta=svc.ContentDelta(text="42")),
         svc.StreamCompletionResponse(
             finish=svc.CompletionFinish(
-                finish_reason=F.FINISH_REASON_STOP,
+                choices=[svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)],
                 usage=pb.Usage(
                     prompt_tokens=9, completion_tokens=5, total_tokens=14, cached_tokens=4, reasoning_tokens=3
                 ),
@@ -631,11 +639,90 @@ async def test_reasoning_and_usage_details_are_relayed(upstream: OpenAIUpstream,
 async def test_logprobs_are_refused_before_any_upstream_call(
     upstream: OpenAIUpstream, provider: Provider, fields: dict[str, Any]
 ) -> None:
-    with pytest.raises(GatewayError) as raised:
-        await collect(provider, make_params(**fields))
+    with pytest.raises(GatewayError) as raised:  # the core's one check, before dispatch, against the declared data
+        check_supported(make_params(**fields), provider.supported, provider="openai")
     assert raised.value.reason == R.ERROR_REASON_INVALID_REQUEST
-    assert (raised.value.param, raised.value.provider) == ("logprobs", "openai")
+    assert (raised.value.field, raised.value.provider) == ("logprobs", "openai")
     assert upstream.requests == []
+
+
+def test_every_feature_but_log_probabilities_is_supported() -> None:
+    # The core refuses log probabilities before dispatch (the test above): no proto field carries them back.
+    assert OpenAICompatibleProvider.supported == set(FEATURES) - {"logprobs"}
+
+
+# --- vLLM's stop_reason: the stop sequence that ended a choice ------------------------------------------------------
+
+
+def vllm_body(*finishes: tuple[str, str, object]) -> str:
+    """A stream as vLLM sends it: for each choice (text, finish_reason, stop_reason), its text, then a finish chunk
+    carrying `stop_reason` (the matched stop string, a stop token's id, or null), then usage and [DONE]."""
+    envelope = {"id": "chatcmpl-vllm", "object": "chat.completion.chunk", "created": 0, "model": "org/upstream-7b"}
+    chunks: list[dict[str, Any]] = []
+    for index, (text, reason, stop) in enumerate(finishes):
+        chunks.append({**envelope, "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]})
+        chunks.append(
+            {
+                **envelope,
+                "choices": [{"index": index, "delta": {"content": ""}, "finish_reason": reason, "stop_reason": stop}],
+            }
+        )
+    chunks.append(
+        {**envelope, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}}
+    )
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+
+
+@asynccontextmanager
+async def vllm_provider(body: str) -> AsyncIterator[Provider]:
+    """A provider whose upstream answers every chat completion with `body`."""
+
+    async def chat(request: Request) -> Response:
+        await request.body()
+        return Response(body, media_type="text/event-stream")
+
+    async with serve(Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])) as root:
+        backend = create_backend(ENV)
+        try:
+            yield await backend.provider_for(make_entry({"base_url": f"{root}/v1"}))
+        finally:
+            await backend.aclose()  # before the server stops
+
+
+@pytest.mark.parametrize(
+    ("finishes", "expected"),
+    [
+        ([("Hello", "stop", "END")], [(F.FINISH_REASON_STOP, "END")]),
+        ([("Hello", "stop", "\n\n")], [(F.FINISH_REASON_STOP, "\n\n")]),
+        ([("Hello", "stop", "</s>")], [(F.FINISH_REASON_STOP, "")]),  # not one of the request's: not relayed
+        ([("Hello", "stop", 2)], [(F.FINISH_REASON_STOP, "")]),  # a stop token's id
+        ([("Hello", "stop", None)], [(F.FINISH_REASON_STOP, "")]),  # the end of the answer
+        ([("Hello", "length", "END")], [(F.FINISH_REASON_LENGTH, "")]),  # a stop sequence only ends a stop
+        (
+            [("A", "length", None), ("B", "stop", "END"), ("C", "stop", None)],
+            [(F.FINISH_REASON_LENGTH, ""), (F.FINISH_REASON_STOP, "END"), (F.FINISH_REASON_STOP, "")],
+        ),
+    ],
+    ids=["matched", "matched-blank-lines", "other-string", "token-id", "null", "length", "several-choices"],
+)
+async def test_a_stop_reason_that_is_a_stop_sequence_is_relayed(
+    finishes: list[tuple[str, str, object]], expected: list[tuple[pb.FinishReason.ValueType, str]]
+) -> None:
+    async with vllm_provider(vllm_body(*finishes)) as provider:
+        events = await collect(provider, make_params(stop_sequences=["\n\n", "END"], choice_count=len(finishes)))
+    assert events[-1].finish == svc.CompletionFinish(
+        choices=[
+            svc.ChoiceFinish(index=index, finish_reason=reason, stop_sequence=stop)
+            for index, (reason, stop) in enumerate(expected)
+        ],
+        usage=pb.Usage(prompt_tokens=7, completion_tokens=4, total_tokens=11),
+    )
+
+
+async def test_a_stop_reason_is_not_relayed_when_the_request_has_no_stop_sequences() -> None:
+    async with vllm_provider(vllm_body(("Hello", "stop", "END"))) as provider:
+        events = await collect(provider, make_params())
+    assert list(events[-1].finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)]
 
 
 # --- events that arrive in one network read go out as one batch -----------------------------------------------------

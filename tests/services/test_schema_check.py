@@ -14,7 +14,7 @@ from services.errors import GatewayError
 from services.providers.schema_check import PROBLEM_LIMIT, SchemaCheck, SchemaMismatch, mismatch_error
 
 R = pb.ErrorReason
-PARAM = "response_format.json_schema.schema"
+FIELD = "response_format.schema"
 DRAFT_07 = "http://json-schema.org/draft-07/schema#"
 # What the openai SDK sends for a pydantic model with a nested one (to_strict_json_schema): $defs and local $refs.
 PYDANTIC_SCHEMA = {
@@ -36,7 +36,7 @@ PYDANTIC_SCHEMA = {
 
 
 def check(schema: dict[str, Any]) -> SchemaCheck:
-    return SchemaCheck(schema, param=PARAM, provider="bedrock")
+    return SchemaCheck(schema, field=FIELD, provider="bedrock")
 
 
 def problem(schema: dict[str, Any], text: str) -> str | None:
@@ -51,22 +51,22 @@ def problem(schema: dict[str, Any], text: str) -> str | None:
 def refusal(schema: dict[str, Any]) -> GatewayError:
     with pytest.raises(GatewayError) as raised:
         check(schema)
-    assert (raised.value.reason, raised.value.param, raised.value.provider) == (
+    assert (raised.value.reason, raised.value.field, raised.value.provider) == (
         R.ERROR_REASON_INVALID_REQUEST,
-        PARAM,
+        FIELD,
         "bedrock",
     )
-    assert raised.value.message.startswith(f"'{PARAM}' is not a valid JSON Schema (needed for strict: true): ")
+    assert raised.value.message.startswith(f"'{FIELD}' is not a valid JSON Schema (needed for strict: true): ")
     return raised.value
 
 
 def test_a_matching_answer_passes_and_a_mismatch_says_where() -> None:
     assert problem(PYDANTIC_SCHEMA, '{"city": {"name": "Paris"}, "celsius": 18.5}') is None
     assert problem(PYDANTIC_SCHEMA, '{"city": {"name": 7}, "celsius": 18.5}') == (
-        f"the structured answer does not match '{PARAM}' at $.city.name: 7 is not of type 'string'"
+        f"the structured answer does not match '{FIELD}' at $.city.name: 7 is not of type 'string'"
     )  # through the $ref
     assert problem(PYDANTIC_SCHEMA, '{"city": {"name": "Paris"}}') == (
-        f"the structured answer does not match '{PARAM}' at $: 'celsius' is a required property"
+        f"the structured answer does not match '{FIELD}' at $: 'celsius' is a required property"
     )
 
 
@@ -168,12 +168,12 @@ def test_references_to_the_published_meta_schemas_resolve_offline() -> None:
 def test_a_long_explanation_is_cut() -> None:
     said = problem({"enum": ["a"]}, json.dumps("x" * 5000))
     assert said is not None and said.endswith("...")
-    assert len(said) == len(f"the structured answer does not match '{PARAM}' at $: ") + PROBLEM_LIMIT
+    assert len(said) == len(f"the structured answer does not match '{FIELD}' at $: ") + PROBLEM_LIMIT
 
 
 def test_a_mismatch_is_the_upstreams_protocol_error() -> None:
     error = mismatch_error(SchemaMismatch("tool call 0 is not JSON text"), model="deepseek-v3.2", provider="bedrock")
-    assert (error.reason, error.provider, error.param) == (R.ERROR_REASON_UPSTREAM_PROTOCOL, "bedrock", "")
+    assert (error.reason, error.provider, error.field) == (R.ERROR_REASON_UPSTREAM_PROTOCOL, "bedrock", "")
     assert error.message == (
         "The model's answer for 'deepseek-v3.2' did not match the schema (strict: true), so it is not passed on: "
         "tool call 0 is not JSON text"

@@ -1,4 +1,4 @@
-"""A lean pooled HTTP/1.1 client on asyncio.Protocol and httptools: what the `openai` provider speaks upstream.
+"""A lean pooled HTTP/1.1 client on asyncio.Protocol and httptools: what the HTTP providers (`openai`) speak upstream.
 
 Owns the connections to one origin (scheme, host, port): opening them (TLS for https), the bound on how many are
 open, keep-alive reuse, request framing (Content-Length), response parsing (httptools), the body as it arrives (with
@@ -11,12 +11,26 @@ also holds ~8 KiB of Python objects per open stream, and this is the core's hot 
     ├── ConnectTimeout        no connection (or no free one in a full pool) within connect_timeout; a TimeoutError
     ├── ReadTimeout           no byte within read_timeout, for the head or any gap in the body; a TimeoutError
     ├── ConnectionBroken      closed or reset before the response ended
-    └── ProtocolError         a response that cannot be parsed or decoded
+    └── ProtocolError         a response that cannot be parsed or decoded, or that crosses a bound below
+
+A hostile or broken upstream costs one request, never the event loop the core shares: each bound below fails the
+response with ProtocolError (the `openai` provider answers UPSTREAM_PROTOCOL, a 502) and a warning naming the bound and
+the upstream. Each also keeps the work per network read (at most 256 KiB) small and linear in it.
+
+- MAX_HEAD_BYTES (64 KiB): the bytes before the final response head ends, interim (1xx) heads included. httptools
+  grows a header by concatenation, one read at a time, so a 64 MiB header used to take seconds of the loop.
+- MAX_HEADERS (100, as http.client): header lines of the head, repeats included; repeats are joined once, at the end.
+- MAX_DECODED_BYTES (64 MiB): what a compressed body may decode to, in all. It is decoded in steps of 256 KiB, one per
+  take by the reader (which first lets the loop run), so one read of a zip bomb is never expanded at once.
+
+Interim 1xx responses (100 Continue, 103 Early Hints) are skipped; a 101 (no upgrade is asked for) and any transfer
+coding but `chunked` (none other may be sent to a client that sends no TE header) are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import zlib
 from collections import deque
@@ -26,7 +40,13 @@ from urllib.parse import urlsplit
 
 import httptools
 
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024  # bytes before the final head ends (see the module docstring for the bounds)
+MAX_HEADERS = 100  # header lines of one head, repeats included
+MAX_DECODED_BYTES = 64 * 1024 * 1024  # bytes one compressed body may decode to
 _HIGH_WATER = 256 * 1024  # body bytes buffered unread before the socket stops being read
+_DECODE_STEP = _HIGH_WATER  # decoded bytes at most per decompress call: the loop's work per step is bounded
 # Seconds a connection may sit idle and still be reused (aiohttp's keep-alive default): a NAT or load balancer in
 # between may drop an idle connection without a FIN, and a request sent on it would wait out the read timeout.
 IDLE_SECONDS = 15.0
@@ -278,7 +298,8 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "transport", "_parser", "closed", "active", "seen", "paused", "keep", "complete", "status", "headers",
-        "_head", "_began", "_framed", "_buffer", "_size", "_error", "_waiter", "_timeout", "_decoder",
+        "_head", "_began", "_framed", "_buffer", "_size", "_error", "_waiter", "_timeout", "_decoder", "_head_size",
+        "_repeats", "_encoded", "_decoded",
     )  # fmt: skip
 
     def __init__(self, pool: Pool) -> None:
@@ -299,6 +320,10 @@ class _Connection(asyncio.Protocol):
         self._error: HTTPError | None = None
         self._decoder: zlib._Decompress | None = None
         self._timeout = timeout
+        self._head_size = 0  # bytes received before the final head ended
+        self._repeats: list[tuple[str, str]] | None = None  # repeated headers, joined once the head is in
+        self._encoded: list[bytes] | None = None  # compressed body bytes not decoded yet (b"": the decoder has more)
+        self._decoded = 0  # bytes the body has decoded to so far
 
     def send(self, request: bytes, timeout: float) -> None:
         self._reset(True, timeout)  # first: `seen` must be this request's when the send fails
@@ -316,6 +341,9 @@ class _Connection(asyncio.Protocol):
     async def take(self) -> bytes:
         """Everything buffered since the last call, joined; b"" at the body's end."""
         while not self._buffer:
+            if self._encoded:
+                await self._decode_step()
+                continue
             if self.complete:
                 return b""
             if self._error is not None:
@@ -325,7 +353,7 @@ class _Connection(asyncio.Protocol):
         buffer = self._buffer
         block = buffer[0] if len(buffer) == 1 else b"".join(buffer)
         self._buffer, self._size = [], 0
-        if self.paused:
+        if self.paused and not self._encoded:
             self.paused = False
             self.transport.resume_reading()
         return block
@@ -358,6 +386,57 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
 
+    def _refuse(self, what: str) -> ProtocolError:
+        """The response cannot be used: the error kept for its reader, and the one warning that says why."""
+        log.warning("refused a response from %s:%d: %s", self.pool._host, self.pool._port, what)
+        error = self._error = ProtocolError(what)
+        return error
+
+    def _decode(self, data: bytes) -> bytes:
+        """At most _DECODE_STEP bytes decoded from `data`; what it holds beyond waits in `_encoded`, in front."""
+        decoder = cast("zlib._Decompress", self._decoder)
+        try:
+            decoded = decoder.decompress(data, _DECODE_STEP)
+        except zlib.error as exc:
+            raise self._refuse(f"undecodable body: {exc}") from None
+        self._decoded += len(decoded)
+        if self._decoded > MAX_DECODED_BYTES:
+            raise self._refuse(f"a compressed body that decodes to over {MAX_DECODED_BYTES} bytes")
+        if len(decoded) == _DECODE_STEP:  # the step is full: input is left, or output the decoder still holds
+            encoded = self._encoded
+            if encoded is None:
+                encoded = self._encoded = []
+            encoded.insert(0, decoder.unconsumed_tail)
+            if not self.paused:  # the reader's takes decode the rest, and only then is the socket read again
+                self.paused = True
+                self.transport.pause_reading()
+        return decoded
+
+    async def _decode_step(self) -> None:
+        """Decode the next step of the body into the buffer (and check the body's end once all of it is decoded).
+
+        The loop runs first: the steps of a body that decodes to much come one loop iteration apart, as reads do."""
+        encoded = cast(list[bytes], self._encoded)
+        try:
+            await asyncio.sleep(0)
+            if decoded := self._decode(encoded.pop(0)):
+                self._buffer.append(decoded)
+                self._size += len(decoded)
+            if not encoded and self.complete:
+                self._end_decoding()
+        except BaseException:  # a body refused, a cancelled reader: the connection is not reusable
+            self.close()
+            raise
+
+    def _end_decoding(self) -> None:
+        """The body's end arrived and all of it is decoded: what the decoder still holds, and whether it ended."""
+        decoder = cast("zlib._Decompress", self._decoder)
+        if tail := decoder.flush():  # small: the last decompress call left neither input nor output behind
+            self._buffer.append(tail)
+            self._size += len(tail)
+        if not decoder.eof:
+            raise self._refuse("the compressed body ended early")
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -374,7 +453,13 @@ class _Connection(asyncio.Protocol):
             self.keep = False
             if not self.complete:
                 if self._error is None:
-                    self._error = ProtocolError(f"unparseable response: {exc}")
+                    self._refuse(f"unparseable response: {exc}")
+                self.transport.close()
+        if not self._head and self._error is None:  # checked after the read: it may have ended the head
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD_BYTES:
+                self.keep = False
+                self._refuse(f"no response head within {MAX_HEAD_BYTES} bytes")
                 self.transport.close()
         self._wake()
 
@@ -403,27 +488,58 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
         headers = self.headers
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if key not in headers:
+            headers[key] = text
+            return
+        repeats = self._repeats  # a repeat: kept aside, so that joining them all costs their length once
+        if repeats is None:
+            repeats = self._repeats = []
+        repeats.append((key, text))
+        if len(headers) + len(repeats) > MAX_HEADERS:
+            raise self._refuse(f"over {MAX_HEADERS} header lines")
 
     def on_headers_complete(self) -> None:
-        headers = self.headers
+        headers, repeats = self.headers, self._repeats
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise self._refuse("a switch of protocols (101), which no request asks for")
+            self.headers, self._repeats = {}, None  # an interim response: the final one is still to come
+            return
+        if repeats is not None:
+            if len(headers) + len(repeats) > MAX_HEADERS:
+                raise self._refuse(f"over {MAX_HEADERS} header lines")
+            joined: dict[str, list[str]] = {}
+            for key, text in repeats:
+                joined.setdefault(key, [headers[key]]).append(text)
+            for key, texts in joined.items():
+                headers[key] = ", ".join(texts)
+        elif len(headers) > MAX_HEADERS:
+            raise self._refuse(f"over {MAX_HEADERS} header lines")
         encoding = headers.get("content-encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, from the stream's own header
         elif encoding not in ("", "identity"):
-            self._error = ProtocolError(f"unsupported content-encoding {encoding!r}")
-            raise self._error
-        self._framed = "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
-        self.status = self._parser.get_status_code()
+            raise self._refuse(f"unsupported content-encoding {encoding!r}")
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise self._refuse(f"unsupported transfer-encoding {coding!r}")
+        self._framed = coding is not None or "content-length" in headers
+        self.status = status
         self._head = True
 
     def on_body(self, body: bytes) -> None:
         if self._decoder is not None:
-            try:
-                body = self._decoder.decompress(body)
-            except zlib.error as exc:
-                self._error = ProtocolError(f"undecodable body: {exc}")
-                raise self._error from None
+            encoded = self._encoded
+            if encoded or self._size > _HIGH_WATER:  # enough decoded for now: the reader's takes decode the rest
+                if encoded is None:
+                    encoded = self._encoded = []
+                encoded.append(body)
+                if not self.paused:
+                    self.paused = True
+                    self.transport.pause_reading()
+                return
+            body = self._decode(body)
             if not body:
                 return
         self._buffer.append(body)
@@ -433,12 +549,11 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        if self._decoder is not None:
-            if tail := self._decoder.flush():
-                self._buffer.append(tail)
-            if not self._decoder.eof:
-                self._error = ProtocolError("the compressed body ended early")
-                raise self._error
+        if not self._head:  # the end of an interim (1xx) response: the final one begins next
+            self._began = False
+            return
+        if self._decoder is not None and not self._encoded:  # else the reader's last decode step checks the end
+            self._end_decoding()
         parser = self._parser
         self.keep = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         self.complete = True

@@ -1,21 +1,23 @@
 """The `openai` provider: any OpenAI-compatible chat completions server (vLLM, Ollama, llama.cpp server, OpenAI).
 
-Spoken with our own HTTP/1.1 client (`http1`): one pool per (base_url, api key), the upstream always streamed
-(`stream_options.include_usage`), its server-sent events parsed here, and every upstream failure turned into a
-GatewayError by the one table below; the request body is built by `openai_translate`. No `http1` type leaves this
+Spoken with our own HTTP/1.1 client (`_http1`): one pool per (base_url, api key), the upstream always streamed
+(`stream_options.include_usage`), its server-sent events parsed by `_sse`, and every upstream failure turned into a
+GatewayError by the one table in `errors`; the request body is built by `translate`. No `_http1` type leaves this
 module. Our own client rather than aiohttp (itself chosen over httpx, ~215 us against ~700 us per call) because
 this is the core's hot path: one streamed call costs ~10 us of CPU with a raw asyncio.Protocol + httptools client
 against ~66 us with aiohttp, which also holds ~8 KiB of Python objects per open stream.
+
+Everything is passed through in OpenAI's own shape (`supported`), except log probabilities: no proto field carries
+them back, so the core refuses them before dispatch. A server that names the stop string that ended a choice (vLLM's
+`stop_reason`) has it relayed as that choice's `stop_sequence`, when it is one of the request's stop sequences.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -25,27 +27,13 @@ import orjson
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
-from services.errors import UPSTREAM_MESSAGES, GatewayError, upstream_error
-from services.providers import http1
-from services.providers.openai_translate import request_body
-from services.validation import check_supported
+from services.errors import GatewayError
+from services.providers import _http1 as http1
+from services.providers import _sse as sse
+from services.providers.openai import errors
+from services.providers.openai.translate import request_body
 
-_PROVIDER = "openai"
 _OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds", "max_connections"}
-# Everything is passed through in OpenAI's own shape, except log probabilities: no proto field carries them back.
-SUPPORTED = frozenset(
-    {
-        "tools",
-        "parallel_tool_calls",
-        "response_format",
-        "n",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "reasoning_effort",
-        "images",
-    }
-)
 _FINISH_REASONS = {
     "stop": pb.FinishReason.FINISH_REASON_STOP,
     "length": pb.FinishReason.FINISH_REASON_LENGTH,
@@ -57,35 +45,24 @@ _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body read; enough for any JSO
 _DRAIN_SECONDS = 1.0  # after [DONE], how long to wait for the body's end so the connection can be reused
 
 R = pb.ErrorReason
-# The one table of upstream failures. The HTTP status decides; error.code / error.type names (OpenAI's, and the
-# servers' own) refine a 400 and classify in-stream errors, which carry no status.
-_REASON_BY_STATUS = {
-    400: R.ERROR_REASON_INVALID_REQUEST,
-    413: R.ERROR_REASON_INVALID_REQUEST,
-    422: R.ERROR_REASON_INVALID_REQUEST,
-    401: R.ERROR_REASON_UPSTREAM_AUTH,
-    403: R.ERROR_REASON_UPSTREAM_AUTH,
-    404: R.ERROR_REASON_MODEL_NOT_FOUND,
-    408: R.ERROR_REASON_UPSTREAM_TIMEOUT,
-    429: R.ERROR_REASON_RATE_LIMITED,
-    504: R.ERROR_REASON_UPSTREAM_TIMEOUT,
-}
-_REASON_BY_NAME = {
-    "context_length_exceeded": R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,  # OpenAI error.code
-    "exceed_context_size_error": R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,  # llama.cpp server error.type
-    "invalid_request_error": R.ERROR_REASON_INVALID_REQUEST,
-    "model_not_found": R.ERROR_REASON_MODEL_NOT_FOUND,
-    "rate_limit_exceeded": R.ERROR_REASON_RATE_LIMITED,
-    "rate_limit_error": R.ERROR_REASON_RATE_LIMITED,
-    "insufficient_quota": R.ERROR_REASON_RATE_LIMITED,
-    "invalid_api_key": R.ERROR_REASON_UPSTREAM_AUTH,
-    "authentication_error": R.ERROR_REASON_UPSTREAM_AUTH,
-    "permission_error": R.ERROR_REASON_UPSTREAM_AUTH,
-}
 
 
 class OpenAICompatibleProvider:
     """Serves one catalog entry through its backend's shared client."""
+
+    supported = frozenset(
+        {
+            "tools",
+            "parallel_tool_calls",
+            "response_format",
+            "n",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "reasoning_effort",
+            "images",
+        }
+    )
 
     def __init__(
         self, pool: http1.Pool, path: str, entry: CatalogEntry, *, read_timeout: float, connect_timeout: float
@@ -99,8 +76,7 @@ class OpenAICompatibleProvider:
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        check_supported(params, SUPPORTED, provider=_PROVIDER)
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         try:
             # `async with` ties the HTTP response to this generator: a consumer that stops iterating (aclose,
             # CancelledError) closes it, which drops the upstream connection and so stops the generation.
@@ -113,17 +89,18 @@ class OpenAICompatibleProvider:
             )
             async with response:
                 if response.status != 200:
-                    code, kind, message = await _error_fields(response)
-                    error = self._error(_reason(response.status, code, kind), message)
-                    error.retry_after = _retry_after(response.headers.get("retry-after"))
+                    code, kind, message = errors.body_fields(await response.read(_ERROR_BODY_LIMIT))
+                    error = self._error(errors.error_reason(response.status, code, kind), message)
+                    error.retry_after = errors.retry_after(response.headers.get("retry-after"))
                     raise error
                 if "event-stream" not in response.headers.get("content-type", ""):
                     raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
-                relay = _Relay(self, max(params.choice_count, 1))
+                relay = _Relay(self, max(params.choice_count, 1), params.stop_sequences)
                 usage: pb.Usage | None = None
                 # The events of one network read go out together: one batch event when there are several (the
                 # core's caller then pays one gRPC message for them), the event itself when it is alone.
-                async with aclosing(_sse_data(response)) as reads:
+                parser = sse.EventStream()
+                async with aclosing(sse.read_events(response, parser)) as reads:
                     async for read in reads:
                         ready: list[svc.StreamCompletionResponse] = []
                         try:
@@ -140,6 +117,8 @@ class OpenAICompatibleProvider:
                             raise
                         if ready:
                             yield _together(ready)
+                if parser.done:  # [DONE]: the answer is complete, the body's end may still be on its way
+                    await _drain(response)
                 yield svc.StreamCompletionResponse(finish=relay.finish(usage))
         except (http1.ConnectError, http1.ConnectTimeout) as exc:  # could not connect (or no free connection)
             raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
@@ -151,9 +130,7 @@ class OpenAICompatibleProvider:
             raise self._error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE) from exc
 
     def _error(self, reason: pb.ErrorReason.ValueType, upstream_message: str = "") -> GatewayError:
-        return upstream_error(
-            reason, model=self._name, provider=_PROVIDER, templates=UPSTREAM_MESSAGES, upstream_message=upstream_message
-        )
+        return errors.error(reason, self._name, upstream_message)
 
     def _chunk(self, data: str) -> dict[str, Any]:
         try:
@@ -166,8 +143,8 @@ class OpenAICompatibleProvider:
         if not isinstance(chunk, dict):
             raise self._error(R.ERROR_REASON_UPSTREAM_PROTOCOL)
         if chunk.get("error") is not None or chunk.get("object") == "error":  # older vLLM sends the error flat
-            code, kind, message = _fields_of(chunk)
-            raise self._error(_reason(None, code, kind), message)
+            code, kind, message = errors.error_fields(chunk)
+            raise self._error(errors.error_reason(None, code, kind), message)
         return chunk
 
     def protocol_error(self) -> GatewayError:
@@ -199,13 +176,15 @@ class _Relay:
     (synthesised when the server sent none) and name, later deltas only arguments.
     """
 
-    __slots__ = ("_provider", "_count", "_reasons", "_calls")
+    __slots__ = ("_provider", "_count", "_reasons", "_calls", "_stops", "_matched")
 
-    def __init__(self, provider: OpenAICompatibleProvider, count: int) -> None:
+    def __init__(self, provider: OpenAICompatibleProvider, count: int, stops: Sequence[str]) -> None:
         self._provider = provider
         self._count = count  # choices the request asked for
         self._reasons: list[pb.FinishReason.ValueType | None] = [None] * count
         self._calls: dict[int, _Started] | None = None  # by choice; None until a tool call arrives
+        self._stops = stops  # the request's stop sequences
+        self._matched: list[str] | None = None  # by choice, the stop sequence that ended it; None until one did
 
     def events(self, choices: object) -> Iterator[svc.StreamCompletionResponse]:
         if not isinstance(choices, list):
@@ -239,6 +218,16 @@ class _Relay:
                 if reason is None:
                     raise self._provider.protocol_error()
                 self._reasons[index] = reason
+                if self._stops:
+                    self._stop_reason(index, choice.get("stop_reason"))
+
+    def _stop_reason(self, index: int, stop: object) -> None:
+        """vLLM's `stop_reason`: the stop string that ended the choice (or the id of a stop token, or null). Only one
+        of the request's own stop sequences is relayed: anything else is not what the caller asked to stop on."""
+        if isinstance(stop, str) and stop in self._stops:
+            if self._matched is None:
+                self._matched = [""] * self._count
+            self._matched[index] = stop
 
     def _tool_calls(self, choice: int, calls: object) -> Iterator[svc.StreamCompletionResponse]:
         if not isinstance(calls, list):
@@ -278,14 +267,18 @@ class _Relay:
 
     def finish(self, usage: pb.Usage | None) -> svc.CompletionFinish:
         """The finish of a complete stream: every choice finished (else the stream was cut: never a made-up stop)."""
-        reasons: list[pb.FinishReason.ValueType] = []
+        choices: list[svc.ChoiceFinish] = []
         for index, reason in enumerate(self._reasons):
             if reason is None:
                 raise self._provider.protocol_error()
-            if reason == pb.FinishReason.FINISH_REASON_STOP and self._calls and index in self._calls:
-                reason = pb.FinishReason.FINISH_REASON_TOOL_CALLS  # an answer with tool calls finishes as such
-            reasons.append(reason)
-        return svc.CompletionFinish(finish_reason=reasons[0], additional_finish_reasons=reasons[1:], usage=usage)
+            stop = ""
+            if reason == pb.FinishReason.FINISH_REASON_STOP:
+                if self._calls and index in self._calls:
+                    reason = pb.FinishReason.FINISH_REASON_TOOL_CALLS  # an answer with tool calls finishes as such
+                elif self._matched is not None:
+                    stop = self._matched[index]
+            choices.append(svc.ChoiceFinish(index=index, finish_reason=reason, stop_sequence=stop))
+        return svc.CompletionFinish(choices=choices, usage=usage)
 
 
 class _Started:
@@ -305,59 +298,6 @@ def _together(events: list[svc.StreamCompletionResponse]) -> svc.StreamCompletio
     return svc.StreamCompletionResponse(batch=svc.EventBatch(events=events))
 
 
-class _Lines:
-    """Splits a body into lines, without their line ends, as its blocks arrive. No limit on a line's length."""
-
-    __slots__ = ("_pending",)
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, block: bytes) -> list[str]:
-        """The lines this block completed (none when it completed none)."""
-        *complete, self._pending = (self._pending + block).split(b"\n")
-        return [line.removesuffix(b"\r").decode("utf-8", errors="replace") for line in complete]
-
-    def end(self) -> list[str]:
-        """The last line, when the body ended without a line end."""
-        pending, self._pending = self._pending, b""
-        return [pending.removesuffix(b"\r").decode("utf-8", errors="replace")] if pending else []
-
-
-async def _sse_data(response: http1.Response) -> AsyncIterator[list[str]]:
-    """The `data` of each server-sent event, until `[DONE]` or the end of the body.
-
-    The events that one network read completed come together, in order, as one list (never empty). One async
-    generator per response: the lines are split inline (this is the hot path), not by a generator of their own.
-    """
-    lines = _Lines()
-    data: list[str] = []
-    while True:
-        block = await response.next_block()
-        read = lines.feed(block) if block else lines.end()
-        ready: list[str] = []
-        for line in read:
-            if line.startswith("data:"):
-                data.append(line[6:] if line.startswith("data: ") else line[5:])
-                continue
-            if line or not data:  # `event:`, `id:` and `:` keep-alive comments carry nothing we use
-                continue
-            event, data = "\n".join(data), []
-            if event == "[DONE]":
-                if ready:
-                    yield ready
-                await _drain(response)
-                return
-            ready.append(event)
-        if ready:
-            yield ready
-        if not block:
-            break
-    last = "\n".join(data)  # an event the body ended without its blank line
-    if last and last != "[DONE]":
-        yield [last]
-
-
 async def _drain(response: http1.Response) -> None:
     """Read to the end of the body, so that the connection goes back to the pool instead of being closed."""
     try:
@@ -367,57 +307,6 @@ async def _drain(response: http1.Response) -> None:
                 pass
     except (TimeoutError, http1.HTTPError):
         pass  # the answer is complete; a server that lingers after [DONE] only costs us the connection
-
-
-async def _error_fields(response: http1.Response) -> tuple[object, object, str]:
-    """(error.code, error.type, error.message) of an HTTP error body; empty when it is not OpenAI's shape."""
-    body = await response.read(_ERROR_BODY_LIMIT)
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None, None, ""
-    return _fields_of(document) if isinstance(document, dict) else (None, None, "")
-
-
-def _fields_of(document: dict[str, Any]) -> tuple[object, object, str]:
-    error = document.get("error", document)  # {"error": {...}} (OpenAI, newer vLLM) or flat (older vLLM)
-    if isinstance(error, str):
-        return None, None, error
-    if not isinstance(error, dict):
-        return None, None, ""
-    message = error.get("message")
-    return error.get("code"), error.get("type"), message if isinstance(message, str) else ""
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
-
-
-def _reason(status: int | None, code: object, kind: object) -> pb.ErrorReason.ValueType:
-    """Map an upstream failure (HTTP status, error.code, error.type) through the tables above."""
-    if status is None and isinstance(code, int) and not isinstance(code, bool):
-        status = code  # vLLM and llama.cpp put the HTTP status in error.code
-    named = next((_REASON_BY_NAME[n] for n in (code, kind) if isinstance(n, str) and n in _REASON_BY_NAME), None)
-    if status is None:
-        reason = named or R.ERROR_REASON_UPSTREAM_UNAVAILABLE
-    elif status in _REASON_BY_STATUS:
-        reason = _REASON_BY_STATUS[status]
-        if reason == R.ERROR_REASON_INVALID_REQUEST and named == R.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED:
-            reason = named
-    else:
-        reason = R.ERROR_REASON_UPSTREAM_UNAVAILABLE if status >= 500 else R.ERROR_REASON_UPSTREAM_PROTOCOL
-    return reason
 
 
 class OpenAICompatibleBackend:

@@ -1,7 +1,7 @@
 """Gemini's failures as GatewayErrors, without the SDK: the one table from upstream errors (google.rpc status names,
 HTTP statuses) to ErrorReasons, the messages callers see, and the INVALID_REQUEST for a request Gemini cannot take.
 
-Every other gemini_* module raises through here, so that every error names the same provider.
+Every other module of this package raises through here, so that every error names the same provider.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _api_key_rejected(details: object) -> bool:
     return any(isinstance(entry, Mapping) and str(entry.get("reason", "")).startswith("API_KEY_") for entry in entries)
 
 
-def invalid(message: str, param: str) -> GatewayError:
-    """A 400 INVALID_REQUEST naming the OpenAI `param`, for a request refused before anything is sent."""
-    return GatewayError(R.ERROR_REASON_INVALID_REQUEST, message, param=param, provider=PROVIDER)
+def invalid(message: str, field: str) -> GatewayError:
+    """A 400 INVALID_REQUEST naming `field`, the path of the offending field of CompletionParams (proto names), for
+    a request refused before anything is sent."""
+    return GatewayError(R.ERROR_REASON_INVALID_REQUEST, message, field=field, provider=PROVIDER)

@@ -3,7 +3,10 @@ google-genai accepts (contents, systemInstruction and the generation config), an
 provider reads from each response, folded into the core's events (finish reasons, usage, several candidates).
 
 The parts with rules of their own live beside it, SDK-free too: function calling, call ids and thought signatures in
-`gemini_tools`, the reasoning_effort table in `gemini_thinking`, upstream errors in `gemini_errors`.
+`tools`, the reasoning_effort table in `thinking`, upstream errors in `errors`.
+
+Gemini never says which stop sequence ended a candidate (its finishReason is STOP either way), so a finish's
+`stop_sequence` stays empty.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.errors import GatewayError
-from services.providers import gemini_tools
-from services.providers.gemini_errors import PROVIDER, invalid
-from services.providers.gemini_thinking import Thinking, thinking_config
+from services.providers.gemini import tools as gemini_tools
+from services.providers.gemini.errors import PROVIDER, invalid
+from services.providers.gemini.thinking import Thinking, thinking_config
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +67,34 @@ UNUSABLE = {
 }
 # Words in a finish reason newer than this table that mark a policy stop.
 _FILTER_WORDS = ("SAFETY", "PROHIBITED", "BLOCK", "RECITATION")
+# CompletionParams fields sent as they are (the penalties only when not 0, the default), by their name in Gemini's
+# config; the field names are Literals so that HasField checks them.
+_SAMPLING: tuple[tuple[Literal["temperature", "top_p", "max_tokens"], str], ...] = (
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("max_tokens", "max_output_tokens"),
+)
+_PENALTIES: tuple[tuple[Literal["presence_penalty", "frequency_penalty"], str], ...] = (
+    ("presence_penalty", "presence_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+)
 
 
 # --- The request ---------------------------------------------------------------------------------------------------
 
 
 def to_request(
-    params: pb.CompletionParams, model: str, thinking: Mapping[int, Thinking], *, placeholder_signatures: bool
+    params: pb.CompletionParams,
+    model: str,
+    thinking: Mapping[pb.ReasoningEffort.ValueType, Thinking],
+    *,
+    placeholder_signatures: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(contents, config) for generate_content; `model` is the public name, `thinking` the reasoning_effort table.
 
     System messages become systemInstruction's parts, in order; user and assistant turns become user and model
     turns, tool results user turns, consecutive ones of the same role merged into one. `placeholder_signatures`
-    (for models that require thought signatures) signs the function calls Gemini did not sign: see `gemini_tools`.
+    (for models that require thought signatures) signs the function calls Gemini did not sign: see `tools`.
     """
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
@@ -103,7 +121,7 @@ def to_request(
     config: dict[str, Any] = {}
     if system:
         config["system_instruction"] = {"parts": system}
-    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "max_output_tokens")):
+    for ours, theirs in _SAMPLING:
         if params.HasField(ours):
             config[theirs] = getattr(params, ours)
     if params.stop_sequences:
@@ -114,9 +132,9 @@ def to_request(
         if not -(2**31) <= params.seed < 2**31:  # Gemini's seed is an int32
             raise invalid(f"'seed' must fit in 32 bits for '{model}', got {params.seed}", "seed")
         config["seed"] = params.seed
-    for ours, theirs in (("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
-        if params.HasField(ours) and getattr(params, ours) != 0:  # 0 is the default: not sent
-            config[theirs] = getattr(params, ours)
+    for penalty, theirs in _PENALTIES:
+        if params.HasField(penalty) and getattr(params, penalty) != 0:  # 0 is the default: not sent
+            config[theirs] = getattr(params, penalty)
     config.update(gemini_tools.tool_config(params))
     config.update(_response_format(params.response_format))
     if params.reasoning_effort != E.REASONING_EFFORT_UNSPECIFIED:
@@ -133,7 +151,7 @@ def _content(message: pb.Message, index: int, *, images: bool) -> list[dict[str,
     parts: list[dict[str, Any]] = []
     for part_index, part in enumerate(message.parts):
         if part.HasField("image"):
-            where = f"messages[{index}].content[{part_index}]"
+            where = f"messages[{index}].parts[{part_index}]"
             if not images:
                 raise invalid("Gemini takes images only in user messages.", where)
             if not part.image.data:  # the core fetches remote images before a provider sees them
@@ -303,7 +321,9 @@ class Answer:
                     f"ended its answer with finish reason {state.finish}{which}, which cannot be relayed"
                 )
             reasons.append(reason)
-        finish = svc.CompletionFinish(finish_reason=reasons[0], additional_finish_reasons=reasons[1:])
+        finish = svc.CompletionFinish(
+            choices=[svc.ChoiceFinish(index=index, finish_reason=reason) for index, reason in enumerate(reasons)]
+        )
         if self._usage is not None:
             finish.usage.CopyFrom(usage(self._usage))
         return svc.StreamCompletionResponse(finish=finish)

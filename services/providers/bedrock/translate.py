@@ -13,8 +13,11 @@ with the user, and no blank text. Shaping rules (documented in the README):
   preceded by a user message the caller never wrote.
 
 The parts with rules of their own live beside it, SDK-free too: tools, tool_choice, the toolUse and toolResult
-blocks, response_format's forced tool and `strict` in `bedrock_tools` (whose AnswerShape says how the folds here
-read an answer), upstream errors in `bedrock_errors`.
+blocks, response_format's forced tool and `strict` in `tools` (whose AnswerShape says how the folds here read an
+answer), upstream errors in `errors`.
+
+Bedrock never says which stop sequence ended an answer (messageStop carries only the stopReason `stop_sequence`),
+so a finish's `stop_sequence` stays empty.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.providers.bedrock_errors import invalid
-from services.providers.bedrock_tools import AnswerShape, tool_config, tool_result, tool_use
+from services.providers.bedrock.errors import invalid
+from services.providers.bedrock.tools import AnswerShape, tool_config, tool_result, tool_use
 from services.providers.schema_check import SchemaCheck
 
 F = pb.FinishReason
@@ -132,19 +135,19 @@ def _content(message: pb.Message, where: str, *, images: bool = True) -> list[di
         if kind == "text" and part.text.strip():
             blocks.append({"text": part.text})
         elif kind == "image":
-            param = f"{where}.content[{number}]"
+            field = f"{where}.parts[{number}]"
             if not images:
-                raise invalid("System messages cannot carry images on this model.", param)
-            blocks.append(_image(part.image, param))
+                raise invalid("System messages cannot carry images on this model.", field)
+            blocks.append(_image(part.image, field))
     return blocks
 
 
-def _image(image: pb.Image, param: str) -> dict[str, Any]:
+def _image(image: pb.Image, field: str) -> dict[str, Any]:
     image_format = IMAGE_FORMATS.get(image.media_type.lower())
     if image_format is None:
-        raise invalid(f"The image type {image.media_type!r} is not supported: use PNG, JPEG, GIF or WebP.", param)
+        raise invalid(f"The image type {image.media_type!r} is not supported: use PNG, JPEG, GIF or WebP.", field)
     if not image.data:
-        raise invalid("The image has no data.", param)
+        raise invalid("The image has no data.", field)
     # botocore base64-encodes the bytes on the wire.
     return {"image": {"format": image_format, "source": {"bytes": image.data}}}
 
@@ -292,12 +295,13 @@ class _Reader:
         if self._shape.first_call_only and self._calls:
             self._tools[block] = None
             return []
-        tool = _ToolBlock(call=self._calls, has_input=bool(arguments), check=self._shape.call_checks.get(name))
+        call = self._calls  # this call's index (the block's `call` is None only for the answer tool)
+        tool = _ToolBlock(call=call, has_input=bool(arguments), check=self._shape.call_checks.get(name))
         self._tools[block] = tool
         self._calls += 1
         if tool.check is not None:
             tool.pieces.append(arguments)
-        delta = svc.ToolCallDelta(index=tool.call, id=tool_use_id, name=name, arguments=arguments)
+        delta = svc.ToolCallDelta(index=call, id=tool_use_id, name=name, arguments=arguments)
         return [svc.StreamCompletionResponse(tool_call=delta)]
 
     def tool_input(self, block: object, piece: object) -> list[svc.StreamCompletionResponse]:
@@ -338,7 +342,9 @@ class _Reader:
             reason = F.FINISH_REASON_STOP  # the answer tool's call is the answer, relayed as content
         elif self._calls and reason == F.FINISH_REASON_STOP:
             reason = F.FINISH_REASON_TOOL_CALLS  # an answer with tool calls, whatever the model said
-        finish = svc.CompletionFinish(finish_reason=reason, usage=usage_of(usage))
+        # One choice (the core never sends Bedrock a request for several), and no stop_sequence: Bedrock does not
+        # say which one matched.
+        finish = svc.CompletionFinish(choices=[svc.ChoiceFinish(index=0, finish_reason=reason)], usage=usage_of(usage))
         events.append(svc.StreamCompletionResponse(finish=finish))
         return events
 

@@ -42,7 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
-from services.providers.gemini_errors import invalid
+from services.providers.gemini.errors import invalid
 
 # Ids the gateway synthesised for function calls Gemini sent without one; never sent back to Gemini.
 _SYNTHESISED_ID = re.compile(r"call_[0-9a-f]{24}")
@@ -108,7 +108,7 @@ def _arguments(arguments: str, where: str) -> dict[str, Any]:
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise invalid("A tool call's arguments must be the JSON text of an object.", f"{where}.function.arguments")
+        raise invalid("A tool call's arguments must be the JSON text of an object.", f"{where}.arguments")
     return value
 
 
@@ -124,7 +124,7 @@ def function_response_part(message: pb.Message, index: int, names: Mapping[str, 
     text = message.content
     for part_index, part in enumerate(message.parts):
         if part.HasField("image"):
-            raise invalid("Gemini takes images only in user messages.", f"messages[{index}].content[{part_index}]")
+            raise invalid("Gemini takes images only in user messages.", f"messages[{index}].parts[{part_index}]")
         text += part.text
     try:
         parsed = json.loads(text)
@@ -187,16 +187,16 @@ def _declaration(tool: pb.Tool, index: int) -> dict[str, Any]:
     if tool.description:
         declaration["description"] = tool.description
     if tool.parameters:
-        declaration["parameters_json_schema"] = schema(tool.parameters, f"tools[{index}].function.parameters")
+        declaration["parameters_json_schema"] = schema(tool.parameters, f"tools[{index}].parameters")
     return declaration
 
 
-def schema(text: str, param: str) -> dict[str, Any]:
+def schema(text: str, field: str) -> dict[str, Any]:
     """A JSON Schema given as text (a tool's parameters, a response format's schema), as the object Gemini wants."""
     try:
         value = json.loads(text)
     except ValueError:
         value = None
     if not isinstance(value, dict):
-        raise invalid("A JSON Schema must be the JSON text of an object.", param)
+        raise invalid("A JSON Schema must be the JSON text of an object.", field)
     return value

@@ -1,8 +1,8 @@
 """Bedrock's failures as GatewayErrors, without the SDK: the one table from AWS error codes (and bare HTTP statuses)
 to ErrorReasons, the messages callers see, and the INVALID_REQUEST for a request Converse cannot take.
 
-Every other bedrock_* module raises through here, so that every error names the same provider. Which botocore
-exception carries which code is bedrock.py's business, the only module that knows the SDK.
+Every other module of this package raises through here, so that every error names the same provider. Which
+botocore exception carries which code is adapter.py's business, the only module that knows the SDK.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def error_reason(code: str, message: str) -> pb.ErrorReason.ValueType | None:
     return reason
 
 
-def invalid(message: str, param: str) -> GatewayError:
-    """A 400 INVALID_REQUEST naming the OpenAI `param`, for a request refused before anything is sent."""
-    return GatewayError(R.ERROR_REASON_INVALID_REQUEST, message, param=param, provider=PROVIDER)
+def invalid(message: str, field: str) -> GatewayError:
+    """A 400 INVALID_REQUEST naming `field`, the path of the offending field of CompletionParams (proto names), for
+    a request refused before anything is sent."""
+    return GatewayError(R.ERROR_REASON_INVALID_REQUEST, message, field=field, provider=PROVIDER)

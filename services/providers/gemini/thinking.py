@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
-from services.providers.gemini_errors import invalid
+from services.providers.gemini.errors import invalid
 
 E = pb.ReasoningEffort
 
@@ -40,7 +40,7 @@ FAMILIES: tuple[tuple[str, tuple[Thinking, ...]], ...] = (
 EFFORTS = {name: E.Value(f"REASONING_EFFORT_{name.upper()}") for name in _ORDER}
 
 
-def thinking_table(model: str, overrides: Mapping[str, Thinking]) -> dict[int, Thinking]:
+def thinking_table(model: str, overrides: Mapping[str, Thinking]) -> dict[pb.ReasoningEffort.ValueType, Thinking]:
     """The reasoning_effort table for the upstream `model` (such as "models/gemini-2.5-pro"), with the catalog's
     `overrides` (effort name -> level, budget or None) applied on top."""
     family = model.rpartition("/")[2].lower()
@@ -51,7 +51,9 @@ def thinking_table(model: str, overrides: Mapping[str, Thinking]) -> dict[int, T
     return table
 
 
-def thinking_config(effort: pb.ReasoningEffort.ValueType, table: Mapping[int, Thinking], model: str) -> dict[str, Any]:
+def thinking_config(
+    effort: pb.ReasoningEffort.ValueType, table: Mapping[pb.ReasoningEffort.ValueType, Thinking], model: str
+) -> dict[str, Any]:
     """thinkingConfig's level or budget for `effort`, from the model's `table`; `model` is the public name."""
     value = table.get(effort)
     if value is None:

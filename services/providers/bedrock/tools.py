@@ -1,6 +1,6 @@
 """Tools on Bedrock's Converse, without the SDK: tools and tool_choice as toolConfig, tool calls and tool results in
 the history as toolUse and toolResult blocks, response_format as a forced tool, and the schemas `strict` asks the
-gateway to enforce. Its AnswerShape tells bedrock_translate's answer folds how to read the answer.
+gateway to enforce. Its AnswerShape tells the answer folds of `translate` how to read the answer.
 
 - `tools` become `toolConfig.tools[].toolSpec`. `tool_choice` auto / required / a function becomes toolChoice
   auto / any / tool, sent only when the caller set it (Converse's default is auto; some models refuse toolChoice);
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelmax.v1 import completion_pb2 as pb
-from services.providers.bedrock_errors import PROVIDER, invalid
+from services.providers.bedrock.errors import PROVIDER, invalid
 from services.providers.schema_check import SchemaCheck
 
 TC = pb.ToolChoiceMode
@@ -54,16 +54,16 @@ def tool_use(call: pb.ToolCall, where: str) -> dict[str, Any]:
     if not call.id:
         raise invalid("A tool call needs its 'id'.", f"{where}.id")
     if not call.name:
-        raise invalid("A tool call needs its function's 'name'.", f"{where}.function.name")
-    arguments = _json_object(call.arguments, f"{where}.function.arguments")
+        raise invalid("A tool call needs its function's 'name'.", f"{where}.name")
+    arguments = _json_object(call.arguments, f"{where}.arguments")
     return {"toolUse": {"toolUseId": call.id, "name": call.name, "input": arguments}}
 
 
 def tool_result(
     message: pb.Message, where: str, content: Callable[[pb.Message, str], list[dict[str, Any]]]
 ) -> dict[str, Any]:
-    """A tool message as a toolResult block, its text and images shaped by `content` (bedrock_translate's, passed
-    in so that this module does not import it). Blank text is left out of it, but never the block: the call it
+    """A tool message as a toolResult block, its text and images shaped by `content` (translate's, passed in so
+    that this module does not import it). Blank text is left out of it, but never the block: the call it
     answers would be left unanswered."""
     if not message.tool_call_id:
         raise invalid("A tool message needs the 'tool_call_id' of the call it answers.", f"{where}.tool_call_id")
@@ -134,11 +134,11 @@ def _strict_checks(
     for number, (tool, spec) in enumerate(zip(params.tools, specs, strict=False)):
         if tool.strict and tool.name not in calls:
             schema = spec["toolSpec"]["inputSchema"]["json"]
-            calls[tool.name] = SchemaCheck(schema, param=f"tools[{number}].function.parameters", provider=PROVIDER)
+            calls[tool.name] = SchemaCheck(schema, field=f"tools[{number}].parameters", provider=PROVIDER)
     if answer is None or not params.response_format.strict:
         return None, calls
     schema = answer["toolSpec"]["inputSchema"]["json"]
-    return SchemaCheck(schema, param="response_format.json_schema.schema", provider=PROVIDER), calls
+    return SchemaCheck(schema, field="response_format.schema", provider=PROVIDER), calls
 
 
 def _tool_spec(tool: pb.Tool, where: str) -> dict[str, Any]:
@@ -146,7 +146,7 @@ def _tool_spec(tool: pb.Tool, where: str) -> dict[str, Any]:
     if tool.description:  # Converse refuses an empty description
         spec["description"] = tool.description
     if tool.parameters:
-        schema = _json_object(tool.parameters, f"{where}.function.parameters")
+        schema = _json_object(tool.parameters, f"{where}.parameters")
     else:  # a function without parameters: Converse requires a schema, of an object
         schema = {"type": "object", "properties": {}}
     spec["inputSchema"] = {"json": schema}
@@ -164,20 +164,20 @@ def _answer_tool(response_format: pb.ResponseFormat) -> dict[str, Any] | None:
             spec["description"] = response_format.description
         schema = {"type": "object"}
         if response_format.schema:
-            schema = _json_object(response_format.schema, "response_format.json_schema.schema")
+            schema = _json_object(response_format.schema, "response_format.schema")
     else:
         return None
     return {"toolSpec": {**spec, "inputSchema": {"json": schema}}}
 
 
-def _json_object(text: str, param: str) -> dict[str, Any]:
-    """JSON text that must hold an object, parsed; anything else is the caller's mistake, a 400 naming `param`."""
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    """JSON text that must hold an object, parsed; anything else is the caller's mistake, a 400 naming `field`."""
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         value = None
     if not isinstance(value, dict):
-        raise invalid(f"'{param}' must be the JSON text of an object.", param)
+        raise invalid(f"'{field}' must be the JSON text of an object.", field)
     return value
 
 

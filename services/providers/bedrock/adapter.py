@@ -4,21 +4,22 @@ One bedrock-runtime client per distinct client configuration (region, endpoint_u
 once while the catalog is loaded and shared by every entry that names it. The SDK's own retries are off (the
 gateway owns retries) and its timeouts come from the catalog. Credentials come from the standard AWS chain only
 (environment, shared profile, web identity / IRSA, container and instance metadata), never from the catalog.
-Every AWS failure becomes a GatewayError through the one table in bedrock_errors.py; no botocore type leaves this
-module. The request and answer shapes are in bedrock_translate.py, the tools' in bedrock_tools.py.
+Every AWS failure becomes a GatewayError through the one table in errors.py; no botocore type leaves this module.
+The request and answer shapes are in translate.py, the tools' in tools.py.
 
-Honoured: tools (tool_choice, tool calls and results in the history), parallel_tool_calls=false (by relaying only
-the first call), response_format (a forced tool), images, and `strict` on a tool or a json_schema: Converse has no
-such switch, so the gateway validates the final JSON against the schema (schema_check.py) and answers a mismatch
-with an UPSTREAM_PROTOCOL error (a 502), never as if it matched. Refused with a 400 naming the param: n, seed,
-non-zero penalties, logprobs and reasoning_effort. Converse's inferenceConfig has no field for any of them, and the
-only way to pass them, additionalModelRequestFields, is model-specific and refused by models that do not know one.
+Honoured (`supported`): tools (tool_choice, tool calls and results in the history), parallel_tool_calls=false (by
+relaying only the first call), response_format (a forced tool), images, and `strict` on a tool or a json_schema:
+Converse has no such switch, so the gateway validates the final JSON against the schema (schema_check.py) and
+answers a mismatch with an UPSTREAM_PROTOCOL error (a 502), never as if it matched. Not supported, so refused by the
+core before dispatch: n, seed, non-zero penalties, logprobs and reasoning_effort. Converse's inferenceConfig has no
+field for any of them, and the only way to pass them, additionalModelRequestFields, is model-specific and refused by
+models that do not know one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
@@ -46,15 +47,12 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, MissingSecret
 from services.errors import GatewayError
-from services.providers.bedrock_errors import PROVIDER, error, error_reason
-from services.providers.bedrock_translate import StreamFold, UnusableAnswer, converse_events, converse_request
+from services.providers.bedrock.errors import PROVIDER, error, error_reason
+from services.providers.bedrock.translate import StreamFold, UnusableAnswer, converse_events, converse_request
 from services.providers.schema_check import SchemaMismatch, mismatch_error
-from services.validation import check_supported
 
 log = logging.getLogger(__name__)
 
-# The optional features (services.validation.FEATURES) this provider honours; any other one is refused.
-SUPPORTED = frozenset({"tools", "parallel_tool_calls", "response_format", "images"})
 _OPTIONS = {"region", "endpoint_url", "connect_timeout_seconds", "read_timeout_seconds", "profile"}
 # Connections per client, so concurrent streams per client. botocore's default of 10 would queue the eleventh
 # concurrent stream behind a pool slot, silently, for as long as the first ten take.
@@ -74,6 +72,8 @@ _CREDENTIAL_ERRORS = (
 class BedrockProvider:
     """Serves one catalog entry through its backend's shared client."""
 
+    supported = frozenset({"tools", "parallel_tool_calls", "response_format", "images"})
+
     def __init__(self, client: Any, entry: CatalogEntry) -> None:
         self._client = client
         self._name = entry.name
@@ -81,8 +81,7 @@ class BedrockProvider:
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        check_supported(params, SUPPORTED, provider=PROVIDER)
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         request, shape = converse_request(self._model, params)
         request_id = ""  # AWS's id for this call, for the log; exception frames mid-stream carry none of their own
         try:

@@ -4,13 +4,14 @@ One `genai.Client` per credential set, shared by every entry that names it and c
 retries are off (the gateway owns retries, and it also drops the SDK's hidden 1-10 s sleep before retrying a
 refused connection). All clients send through one aiohttp session that the backend owns, so that a caller who goes
 away closes the upstream connection at once (see `_OPENED`). No SDK type or error leaves this module; the
-SDK-free parts live beside it: `gemini_translate` (requests and the answer fold), `gemini_tools` (function calling,
-call ids and thought signatures, with the placeholder signature for calls Gemini did not make), `gemini_thinking`
-(the reasoning_effort table) and `gemini_errors` (the upstream error table).
+SDK-free parts live beside it: `translate` (requests and the answer fold), `tools` (function calling, call ids and
+thought signatures, with the placeholder signature for calls Gemini did not make), `thinking` (the reasoning_effort
+table) and `errors` (the upstream error table).
 
-Honoured: tools and tool_choice, parallel_tool_calls=false (only each candidate's first call is relayed),
-response_format, n (candidateCount), seed, presence and frequency penalties, reasoning_effort (where the model's
-family has a setting for it), images. Refused with a 400: logprobs, which no proto field carries back.
+Honoured (`supported`): tools and tool_choice, parallel_tool_calls=false (only each candidate's first call is
+relayed), response_format, n (candidateCount), seed, presence and frequency penalties, reasoning_effort (where the
+model's family has a setting for it; a 400 naming it where not), images. Not supported, so refused by the core before
+dispatch: logprobs, which no proto field carries back.
 
 google-genai sends what it copies as SDK objects (function declarations, inline data, thinking config) with their
 Python field names (`parameters_json_schema`, `mime_type`, `thinking_level`); Google's JSON parsing accepts both
@@ -21,11 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from contextlib import aclosing
 from contextvars import ContextVar
 from enum import Enum
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import aiohttp
 import pydantic
@@ -38,9 +39,10 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError
-from services.providers import gemini_errors, gemini_thinking, gemini_tools
-from services.providers import gemini_translate as tr
-from services.validation import check_supported
+from services.providers.gemini import errors as gemini_errors
+from services.providers.gemini import thinking as gemini_thinking
+from services.providers.gemini import tools as gemini_tools
+from services.providers.gemini import translate as tr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,19 +59,6 @@ _OPTIONS = {
     "include_thoughts",
     "reasoning_effort",
 }
-SUPPORTED = frozenset(
-    {
-        "tools",
-        "parallel_tool_calls",
-        "response_format",
-        "n",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "reasoning_effort",
-        "images",
-    }
-)
 _LEVELS = {level.value for level in types.ThinkingLevel} - {"THINKING_LEVEL_UNSPECIFIED"}
 _API_VERSION = {False: "v1beta", True: "v1beta1"}  # the defaults, Gemini API and Vertex AI; always sent explicitly
 _READ_BUFFER = 2**22  # what google-genai's own session uses: an SSE event is one line, of any length
@@ -101,12 +90,26 @@ async def _tracked(call: Awaitable[T], opened: list[aiohttp.ClientResponse]) -> 
 class GeminiProvider:
     """Serves one catalog entry through its backend's shared client."""
 
+    supported = frozenset(
+        {
+            "tools",
+            "parallel_tool_calls",
+            "response_format",
+            "n",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "reasoning_effort",
+            "images",
+        }
+    )
+
     def __init__(
         self,
         client: genai.Client,
         entry: CatalogEntry,
         include_thoughts: bool,
-        thinking: Mapping[int, gemini_thinking.Thinking],
+        thinking: Mapping[pb.ReasoningEffort.ValueType, gemini_thinking.Thinking],
     ) -> None:
         self._models = client.aio.models
         self._name = entry.name
@@ -117,8 +120,7 @@ class GeminiProvider:
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
-    ) -> AsyncIterator[svc.StreamCompletionResponse]:
-        check_supported(params, SUPPORTED, provider=gemini_errors.PROVIDER)
+    ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         contents, fields = tr.to_request(
             params, self._name, self._thinking, placeholder_signatures=self._placeholder_signatures
         )
@@ -134,7 +136,12 @@ class GeminiProvider:
         opened: list[aiohttp.ClientResponse] = []
         try:
             if incremental:
-                chunks = await self._models.generate_content_stream(model=self._model, contents=contents, config=config)
+                # The SDK annotates this AsyncIterator, but it returns an async generator (its stream_generator()):
+                # typed as what it is, so aclosing can close it.
+                chunks = cast(
+                    "AsyncGenerator[types.GenerateContentResponse, None]",
+                    await self._models.generate_content_stream(model=self._model, contents=contents, config=config),
+                )
                 async with aclosing(chunks):
                     # An HTTP error status surfaces on the first chunk, before anything was yielded: the caller
                     # sees it exactly like an error before the stream.
@@ -160,8 +167,8 @@ class GeminiProvider:
         except (genai_errors.UnknownApiResponseError, json.JSONDecodeError, pydantic.ValidationError) as exc:
             raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name) from exc
         finally:
-            for response in opened:
-                response.close()  # a no-op once the SDK has read it to the end
+            for http_response in opened:
+                http_response.close()  # a no-op once the SDK has read it to the end
 
     def _api_error(self, exc: genai_errors.APIError) -> GatewayError:
         reason = gemini_errors.error_reason(exc.code, exc.status, exc.details)
