@@ -29,12 +29,15 @@ from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"]*)"')
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
+_STOP = pb.FinishReason.FINISH_REASON_STOP
 _ANSWER = svc.CreateCompletionResponse(
-    id="chatcmpl-floor", model="chunks-1", content="tok ", finish_reason=pb.FinishReason.FINISH_REASON_STOP
+    model="chunks-1", choices=[svc.Choice(index=0, content="tok ", finish_reason=_STOP)]
 )
 _HI = pb.Message(role=pb.Role.ROLE_USER, content="hi")  # a valid request, for a real core behind this bridge
 _DELTA = svc.StreamCompletionResponse(delta=svc.ContentDelta(text="tok "))
-_FINISH = svc.StreamCompletionResponse(finish=svc.CompletionFinish(finish_reason=pb.FinishReason.FINISH_REASON_STOP))
+_FINISH = svc.StreamCompletionResponse(
+    finish=svc.CompletionFinish(choices=[svc.ChoiceFinish(index=0, finish_reason=_STOP)])
+)
 _JSON = (
     b'{"id":"chatcmpl-floor","object":"chat.completion","created":0,"model":"chunks-1","choices":[{"index":0,'
     b'"message":{"role":"assistant","content":"tok "},"finish_reason":"stop"}]}'

@@ -1,4 +1,17 @@
-"""GatewayError, the one error type the core reports, and its single mapping to google.rpc.Status (AIP-193)."""
+"""GatewayError, the one error type the core reports, and its single mapping to google.rpc.Status (AIP-193).
+
+    Exception
+    ├── GatewayError(reason)      a failure the caller should see; `reason` picks the gRPC code (GRPC_CODE)
+    │     ├── the caller's        INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED, MODEL_NOT_FOUND (`field` names the
+    │     │                       CompletionParams field by its proto path)
+    │     ├── the upstream's      RATE_LIMITED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, UPSTREAM_AUTH,
+    │     │                       UPSTREAM_PROTOCOL (raised by a provider: `provider` is set)
+    │     └── the gateway's       OVERLOADED, INTERNAL
+    └── anything else             a bug: the servicer logs it once and answers INTERNAL
+
+Providers translate their SDK's errors into GatewayError at their own boundary (each provider's `errors.py`); the
+servicer turns a GatewayError into a status once; each dialect of the bridge maps the status once more.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +27,9 @@ from modelmax.v1.completion_pb2 import ErrorReason
 
 ERROR_DOMAIN = "modelmax.v1"
 
-# The only table from ErrorReason to a gRPC status code. The bridge maps the reason back once (bridge/errors.py).
-GRPC_CODE: dict[int, grpc.StatusCode] = {
+# The only table from ErrorReason to a gRPC status code. The bridge maps the reason back once per dialect
+# (bridge/openai/errors.py).
+GRPC_CODE: dict[ErrorReason.ValueType, grpc.StatusCode] = {
     ErrorReason.ERROR_REASON_INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorReason.ERROR_REASON_MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
@@ -37,20 +51,20 @@ class GatewayError(Exception):
         reason: ErrorReason.ValueType,
         message: str,
         *,
-        param: str = "",
+        field: str = "",
         provider: str = "",
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
-        self.param = param
+        self.field = field  # the offending CompletionParams field, as a proto path ("tools[0].name"); "" if none
         self.provider = provider
         self.retry_after = retry_after  # seconds, when the upstream (or a cooldown) said when to come back
 
     def to_status(self) -> grpc.Status:
         """This error as a grpc.Status carrying ErrorInfo{reason, domain, metadata}."""
-        metadata = {k: v for k, v in (("param", self.param), ("provider", self.provider)) if v}
+        metadata = {k: v for k, v in (("field", self.field), ("provider", self.provider)) if v}
         if self.retry_after is not None:
             metadata["retry_after"] = f"{self.retry_after:.3f}"
         detail = any_pb2.Any()
@@ -66,7 +80,7 @@ class GatewayError(Exception):
 # (INVALID_REQUEST, CONTEXT_LENGTH_EXCEEDED) forward the upstream's words; the rest would leak upstream details, and
 # a credentials failure is the gateway's, never the caller's. Read-only, since providers share it: one that needs
 # another entry extends it in a table of its own (`{**UPSTREAM_MESSAGES, ...}`).
-UPSTREAM_MESSAGES: Mapping[int, str] = MappingProxyType(
+UPSTREAM_MESSAGES: Mapping[ErrorReason.ValueType, str] = MappingProxyType(
     {
         ErrorReason.ERROR_REASON_UPSTREAM_AUTH: "The upstream serving '{model}' rejected the gateway's credentials.",
         ErrorReason.ERROR_REASON_MODEL_NOT_FOUND: "The upstream serving '{model}' does not know its model.",
@@ -86,7 +100,7 @@ def upstream_error(
     *,
     model: str,
     provider: str,
-    templates: Mapping[int, str],
+    templates: Mapping[ErrorReason.ValueType, str],
     upstream_message: str = "",
     refused: str = "The upstream serving '{model}' refused the request.",
 ) -> GatewayError:
@@ -101,10 +115,10 @@ def upstream_error(
         message = template.format(model=model)
     else:
         message = upstream_message[:UPSTREAM_MESSAGE_LIMIT] or refused.format(model=model)
-    param = "messages" if reason == ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
-    return GatewayError(reason, message, param=param, provider=provider)
+    field = "messages" if reason == ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED else ""
+    return GatewayError(reason, message, field=field, provider=provider)
 
 
-def invalid_request(message: str, *, param: str = "") -> GatewayError:
-    """Shorthand for the most common error: a bad parameter, named by `param`."""
-    return GatewayError(ErrorReason.ERROR_REASON_INVALID_REQUEST, message, param=param)
+def invalid_request(message: str, *, field: str = "") -> GatewayError:
+    """Shorthand for the most common error: a bad field of CompletionParams, named by its proto path."""
+    return GatewayError(ErrorReason.ERROR_REASON_INVALID_REQUEST, message, field=field)

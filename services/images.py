@@ -5,7 +5,7 @@ Fetching a URL the caller chose is a server-side request on the caller's behalf 
 catalog's `remote_images:` section enables it, and then bounded: http(s) only, optionally only `allowed_hosts` (checked
 on every redirect too), one time limit for the whole fetch, a size limit enforced while the body streams in (never
 buffering past it), no compressed bodies, and one of the four image media types. Every failure is the caller's 400
-naming the content part (`messages[i].content[j]`), never an upstream error: the image is part of the request.
+naming the content part (`messages[i].parts[j]`), never an upstream error: the image is part of the request.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import aiohttp
 
 from modelmax.v1 import completion_pb2 as pb
 from services.catalog import RemoteImages
+from services.completion.validation import IMAGE_MEDIA_TYPES
 from services.errors import GatewayError, invalid_request
-from services.validation import IMAGE_MEDIA_TYPES
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -26,14 +26,14 @@ _CHUNK_BYTES = 64 * 1024
 
 
 def remote_images(params: pb.CompletionParams) -> list[tuple[str, pb.Image]]:
-    """(param, image) of every image part that still has only a URL, in message order; usually empty, cheaply."""
+    """(field, image) of every image part that still has only a URL, in message order; usually empty, cheaply."""
     wanted: list[tuple[str, pb.Image]] = []
     for index, message in enumerate(params.messages):
         if not message.parts:
             continue
         for part_index, part in enumerate(message.parts):
             if part.HasField("image") and part.image.url and not part.image.data:
-                wanted.append((f"messages[{index}].content[{part_index}]", part.image))
+                wanted.append((f"messages[{index}].parts[{part_index}]", part.image))
     return wanted
 
 
@@ -56,7 +56,7 @@ class ImageFetcher:
             raise invalid_request(
                 f"Invalid '{param}': remote image URLs are disabled on this gateway; send the image inline as a "
                 "data: URL (data:image/png;base64,...).",
-                param=param,
+                field=param,
             )
         fetches = (self._fetch(image.url, param) for param, image in wanted)
         results = await asyncio.gather(*fetches, return_exceptions=True)
@@ -81,11 +81,11 @@ class ImageFetcher:
             raise invalid_request(
                 f"Invalid '{param}': the image at this URL did not arrive within "
                 f"{self._policy.timeout_seconds:g} seconds.",
-                param=param,
+                field=param,
             ) from None
         except (aiohttp.ClientError, ValueError) as exc:  # could not connect, broke off, malformed URL or response
             # Deliberately vague: telling "refused" from "no route" would help map the gateway's network.
-            raise invalid_request(f"Invalid '{param}': the image URL could not be fetched.", param=param) from exc
+            raise invalid_request(f"Invalid '{param}': the image URL could not be fetched.", field=param) from exc
 
     async def _follow(self, url: str, param: str) -> tuple[bytes, str]:
         """GET `url`, following up to MAX_REDIRECTS redirects ourselves so each hop's scheme and host are checked."""
@@ -97,23 +97,23 @@ class ImageFetcher:
                     url = urljoin(url, response.headers["location"])
                     continue
                 return await self._read(response, param)
-        raise invalid_request(f"Invalid '{param}': the image URL redirects too many times.", param=param)
+        raise invalid_request(f"Invalid '{param}': the image URL redirects too many times.", field=param)
 
     async def _read(self, response: aiohttp.ClientResponse, param: str) -> tuple[bytes, str]:
         if response.status != 200:
             raise invalid_request(
-                f"Invalid '{param}': fetching the image URL failed with HTTP status {response.status}.", param=param
+                f"Invalid '{param}': fetching the image URL failed with HTTP status {response.status}.", field=param
             )
         media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type not in IMAGE_MEDIA_TYPES:
             raise invalid_request(
                 f"Invalid '{param}': the URL's content type {media_type or 'none'!r} is not a supported image type; "
                 "use image/png, image/jpeg, image/gif or image/webp.",
-                param=param,
+                field=param,
             )
         if response.headers.get("content-encoding", "identity").strip().lower() != "identity":
             # We asked for identity: a compressed body would hide its real size until decompressed.
-            raise invalid_request(f"Invalid '{param}': the image URL answered with a compressed body.", param=param)
+            raise invalid_request(f"Invalid '{param}': the image URL answered with a compressed body.", field=param)
         limit = self._policy.max_bytes
         if (response.content_length or 0) > limit:
             raise _too_big(param, limit)
@@ -123,20 +123,20 @@ class ImageFetcher:
             if len(body) > limit:
                 raise _too_big(param, limit)  # leaving the block drops the connection: the rest is never read
         if not body:
-            raise invalid_request(f"Invalid '{param}': the image URL returned an empty body.", param=param)
+            raise invalid_request(f"Invalid '{param}': the image URL returned an empty body.", field=param)
         return bytes(body), media_type
 
     def _check_url(self, url: str, param: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise invalid_request(
-                f"Invalid '{param}': an image URL must be an http(s) URL or a data: URL.", param=param
+                f"Invalid '{param}': an image URL must be an http(s) URL or a data: URL.", field=param
             )
         allowed = self._policy.allowed_hosts
         if allowed is not None and parts.hostname.lower() not in allowed:
             raise invalid_request(
                 f"Invalid '{param}': the host '{parts.hostname}' is not allowed for remote images on this gateway.",
-                param=param,
+                field=param,
             )
 
     def _client(self) -> aiohttp.ClientSession:
@@ -148,4 +148,4 @@ class ImageFetcher:
 
 
 def _too_big(param: str, limit: int) -> GatewayError:
-    return invalid_request(f"Invalid '{param}': the image at this URL is larger than {limit} bytes.", param=param)
+    return invalid_request(f"Invalid '{param}': the image at this URL is larger than {limit} bytes.", field=param)

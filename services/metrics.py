@@ -21,7 +21,7 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
 
-def status_of(reason: int | None) -> str:
+def status_of(reason: pb.ErrorReason.ValueType | None) -> str:
     """The `status` label: "ok", "cancelled", or the ErrorReason without its prefix, in lower case."""
     if reason is None:
         return "ok"
@@ -87,17 +87,34 @@ class CoreMetrics:
 
 @dataclass(slots=True)
 class Measurement:
-    """One completion's timings and counts, recorded once when it ends."""
+    """One completion's timings and counts, and the deployment that served it; recorded once when it ends.
+
+    `provider` starts as the route's first deployment's kind and follows each try (`serving`), so a completion that
+    fell back from Bedrock to Gemini is counted, in flight and at the end, as Gemini's: never the first one's.
+    """
 
     model: str
     provider: str
+    metrics: CoreMetrics
     started: float = field(default_factory=time.perf_counter)
     provider_wait: float = 0.0
     first_token: float | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    deployment: str = ""  # the deployment that served, once one started
+    deployment: str = ""  # the deployment tried last, or serving once one started
     attempts: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics.inflight_of(self.model, self.provider).inc()
+
+    def serving(self, deployment: str, provider: str, attempts: int) -> None:
+        """The completion is now being tried on (or served by) `deployment`, of provider kind `provider`."""
+        self.deployment, self.attempts = deployment, attempts
+        if provider != self.provider:
+            inflight = self.metrics.inflight_of
+            inflight(self.model, self.provider).dec()
+            inflight(self.model, provider).inc()
+            self.provider = provider
 
     def token(self) -> None:
         if self.first_token is None:
@@ -106,11 +123,13 @@ class Measurement:
     def overhead(self) -> float:
         return max(0.0, time.perf_counter() - self.started - self.provider_wait)
 
-    def record(self, metrics: CoreMetrics, status: str, upstream_reason: str | None) -> float:
-        """Record into `metrics`; returns the total duration in seconds."""
+    def record(self, status: str, upstream_reason: str | None) -> float:
+        """Record into the metrics (and leave the in-flight gauge); returns the total duration in seconds."""
+        metrics = self.metrics
         now = time.perf_counter()
         total = now - self.started
         model, provider = self.model, self.provider
+        metrics.inflight_of(model, provider).dec()
         metrics.request_duration_of(model, provider, status).observe(total)
         metrics.requests_of(model, provider, status).inc()
         metrics.overhead_of(model, provider).observe(max(0.0, total - self.provider_wait))

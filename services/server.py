@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,14 +15,23 @@ from prometheus_client import start_http_server
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.catalog import load_catalog
+from services.completion.servicer import create_servicer
 from services.metrics import CoreMetrics
 from services.providers import build_registry
-from services.servicer import CompletionServicer
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["CompletionService"].full_name
+
+
+class AioHealthServicer(Protocol):
+    """What the core uses of grpcio-health-checking's asyncio servicer (`grpc_health.v1.health.aio`), which
+    grpc-stubs 1.53 does not declare (its `health` stub has only the sync servicer, whose methods are not async)."""
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None: ...
+
+    async def enter_graceful_shutdown(self) -> None: ...
 
 
 class CoreServer:
@@ -31,7 +41,7 @@ class CoreServer:
         self,
         server: grpc.aio.Server,
         port: int,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: AioHealthServicer,
         stack: AsyncExitStack,
         metrics: CoreMetrics,
         metrics_port: int | None,
@@ -63,10 +73,11 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         registry = await build_registry(catalog, env, stack)
         metrics = CoreMetrics()
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        servicer = CompletionServicer(registry, metrics, settings.max_concurrent_requests)
+        servicer = create_servicer(registry, metrics, settings.max_concurrent_requests)
         stack.push_async_callback(servicer.aclose)
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
+        # grpc-stubs 1.53's grpc_health.v1.health stub has no `aio` (grpcio-health-checking's asyncio servicer).
+        health_servicer: AioHealthServicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")

@@ -50,10 +50,11 @@ async def test_stream_is_start_deltas_then_one_finish(channel: grpc.aio.Channel)
     kinds = [event.WhichOneof("event") for event in events]
     assert kinds[0] == "start" and kinds[-1] == "finish"
     assert set(kinds[1:-1]) == {"delta"} and len(kinds) >= 4
-    assert events[0].start.id.startswith("chatcmpl-") and events[0].start.model == MODEL
+    assert events[0].start.model == MODEL  # the id is the dialect's to mint, at the edge
     assert events[0].start.created > 1_700_000_000
     finish = events[-1].finish
-    assert finish.finish_reason in (pb.FinishReason.FINISH_REASON_STOP, pb.FinishReason.FINISH_REASON_LENGTH)
+    assert [choice.index for choice in finish.choices] == [0]
+    assert finish.choices[0].finish_reason in (pb.FinishReason.FINISH_REASON_STOP, pb.FinishReason.FINISH_REASON_LENGTH)
     assert finish.HasField("usage") and finish.usage.completion_tokens == len(kinds) - 2
 
 
@@ -67,9 +68,10 @@ async def test_unary_equals_the_folded_stream(channel: grpc.aio.Channel) -> None
     stub = svc_grpc.CompletionServiceStub(channel)
     whole = await stub.CreateCompletion(svc.CreateCompletionRequest(params=params()))
     events = [e async for e in stub.StreamCompletion(svc.StreamCompletionRequest(params=params()))]
-    assert whole.content == "".join(e.delta.text for e in events if e.HasField("delta"))
-    assert whole.finish_reason == events[-1].finish.finish_reason
-    assert whole.id.startswith("chatcmpl-") and whole.model == MODEL
+    [choice] = whole.choices
+    assert choice.content == "".join(e.delta.text for e in events if e.HasField("delta"))
+    assert choice.finish_reason == events[-1].finish.choices[0].finish_reason
+    assert whole.model == MODEL
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens > 0
 
 
@@ -93,7 +95,7 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 
 
 @pytest.mark.parametrize(
-    ("bad", "code", "reason", "param"),
+    ("bad", "code", "reason", "field"),
     [
         (params(model="nope"), grpc.StatusCode.NOT_FOUND, "ERROR_REASON_MODEL_NOT_FOUND", "model"),
         (params(model=""), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "model"),
@@ -107,23 +109,23 @@ def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
         (params(top_p=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "top_p"),
         (params(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "max_tokens"),
         (params(stop_sequences=["a", "b", "c", "d", "e"]), grpc.StatusCode.INVALID_ARGUMENT,
-         "ERROR_REASON_INVALID_REQUEST", "stop"),
+         "ERROR_REASON_INVALID_REQUEST", "stop_sequences"),
         (params(messages=[pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_1", content="42")]),
          grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "messages[0].role"),
         (params(tools=[pb.Tool(name="no spaces allowed")]), grpc.StatusCode.INVALID_ARGUMENT,
-         "ERROR_REASON_INVALID_REQUEST", "tools[0].function.name"),
-        (params(choice_count=9), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "n"),
+         "ERROR_REASON_INVALID_REQUEST", "tools[0].name"),
+        (params(choice_count=9), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "choice_count"),
         (params(top_logprobs=3), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "top_logprobs"),
         (params(messages=[pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(text="What is it?"),
                 pb.ContentPart(image=pb.Image(url="https://example.com/cat.png"))])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "messages[0].content[1]"),
+         grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_REQUEST", "messages[0].parts[1]"),
     ],
     ids=["unknown model", "empty model", "no messages", "no role", "temperature", "nan", "top_p", "max_tokens",
          "five stops", "tool without call", "tool name", "n", "top_logprobs without logprobs",
          "remote image disabled"],
 )  # fmt: skip
 async def test_errors_carry_error_info(
-    channel: grpc.aio.Channel, bad: pb.CompletionParams, code: grpc.StatusCode, reason: str, param: str
+    channel: grpc.aio.Channel, bad: pb.CompletionParams, code: grpc.StatusCode, reason: str, field: str
 ) -> None:
     stub = svc_grpc.CompletionServiceStub(channel)
     for call in (
@@ -135,7 +137,7 @@ async def test_errors_carry_error_info(
         assert raised.value.code() == code
         info = error_info(raised.value)
         assert info.reason == reason
-        assert info.metadata["param"] == param
+        assert info.metadata["field"] == field  # a proto path: each dialect maps it to its own names
 
 
 async def test_context_too_long_is_context_length_exceeded(channel: grpc.aio.Channel) -> None:
@@ -181,7 +183,7 @@ async def test_readme_grpcurl_example_works(local_core: CoreServer) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    assert reply["content"] and 0 < reply["usage"]["completion_tokens"] <= 5
+    assert reply["choices"][0]["content"] and 0 < reply["usage"]["completion_tokens"] <= 5
 
 
 async def test_trailing_metadata_names_the_deployment_and_attempts(channel: grpc.aio.Channel) -> None:
@@ -225,13 +227,13 @@ async def test_unary_folds_parallel_tool_calls(
         FakeToolCall("call_b", "get_weather", ('{"city":"Ro', 'me"}')),
     ]
     reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params()))
-    assert reply.content == "Checking both."
-    assert list(reply.tool_calls) == [
+    [choice] = reply.choices
+    assert choice.content == "Checking both."
+    assert list(choice.tool_calls) == [
         pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}'),
         pb.ToolCall(id="call_b", name="get_weather", arguments='{"city":"Rome"}'),
     ]
-    assert reply.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
-    assert not reply.additional_choices
+    assert choice.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
 
 
 async def test_stream_relays_tool_call_deltas_between_start_and_finish(
@@ -244,7 +246,7 @@ async def test_stream_relays_tool_call_deltas_between_start_and_finish(
     assert [e.WhichOneof("event") for e in events] == ["start", "tool_call", "tool_call", "finish"]
     assert events[1].tool_call == svc.ToolCallDelta(index=0, id="call_a", name="get_weather", arguments='{"city":')
     assert events[2].tool_call == svc.ToolCallDelta(index=0, arguments='"Paris"}')
-    assert events[3].finish.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
+    assert events[3].finish.choices[0].finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS
 
 
 async def test_unary_folds_several_choices(remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream]) -> None:
@@ -256,10 +258,11 @@ async def test_unary_folds_several_choices(remote: tuple[svc_grpc.CompletionServ
     upstream.tool_calls = [FakeToolCall("call_a", "get_weather", ('{"city":"Paris"}',))]
     reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params(choice_count=3)))
     assert upstream.requests[0].body["n"] == 3
-    assert (reply.content, reply.reasoning_content) == ("Paris it is", "Hmm.")
-    assert list(reply.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]
-    assert reply.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS  # stop, but it called a tool
-    assert list(reply.additional_choices) == [
+    first, *others = reply.choices
+    assert (first.index, first.content, first.reasoning) == (0, "Paris it is", "Hmm.")
+    assert list(first.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]
+    assert first.finish_reason == pb.FinishReason.FINISH_REASON_TOOL_CALLS  # stop, but it called a tool
+    assert others == [
         svc.Choice(index=1, content="Lyon", finish_reason=pb.FinishReason.FINISH_REASON_LENGTH),
         svc.Choice(index=2, content="Nice!", finish_reason=pb.FinishReason.FINISH_REASON_CONTENT_FILTER),
     ]
@@ -280,6 +283,19 @@ async def test_the_request_log_line_names_the_end_user_and_nothing_of_the_prompt
     assert (line.user, line.status, line.model) == ("end-user-42", "ok", REMOTE)  # type: ignore[attr-defined]
     assert secret not in line.getMessage() + repr(vars(line))
     assert upstream.requests[0].body["user"] == "end-user-42"
+
+
+async def test_the_request_log_line_names_the_callers_identity_from_metadata(
+    remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge passes the caller's identity (the key's public id and name) in metadata; the core logs it."""
+    stub, _ = remote
+    caplog.set_level(logging.INFO, logger="services.requests")
+    metadata = (("x-request-id", "req-7"), ("x-modelmax-key-id", "static-0123abcd"), ("x-modelmax-key-name", "ci"))
+    await stub.CreateCompletion(svc.CreateCompletionRequest(params=params(model=REMOTE)), metadata=metadata)
+    [line] = [r for r in caplog.records if r.name == "services.requests"]
+    fields = vars(line)
+    assert (fields["request_id"], fields["key_id"], fields["key_name"]) == ("req-7", "static-0123abcd", "ci")
 
 
 async def test_a_burst_is_batched_only_for_a_caller_that_accepts_batches(
@@ -307,5 +323,6 @@ async def test_a_burst_is_batched_only_for_a_caller_that_accepts_batches(
     assert unpacked == single[1:-1] and len(unpacked) == 7  # 1 reasoning, 4 deltas, 2 tool-call pieces
     assert batched[-1] == single[-1] and batched[-1].finish.usage.total_tokens == 11
     whole = await stub.CreateCompletion(svc.CreateCompletionRequest(params=remote_params()))
-    assert (whole.content, whole.reasoning_content) == ("Paris is the capital.", "Hmm.")
-    assert list(whole.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]
+    [choice] = whole.choices
+    assert (choice.content, choice.reasoning) == ("Paris is the capital.", "Hmm.")
+    assert list(choice.tool_calls) == [pb.ToolCall(id="call_a", name="get_weather", arguments='{"city":"Paris"}')]

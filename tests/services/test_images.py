@@ -25,11 +25,11 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.catalog import CatalogError, RemoteImages, load_catalog
+from services.completion.servicer import create_servicer
 from services.errors import GatewayError
 from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics
 from services.providers import build_registry
-from services.servicer import CompletionServicer
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
 from tests.fakes.serve import serve
 
@@ -119,7 +119,7 @@ async def refusal(fetch: ImageFetcher, url: str) -> GatewayError:
     with pytest.raises(GatewayError) as raised:
         await fetch.resolve(remote_images(with_images(url)))
     assert raised.value.reason == pb.ErrorReason.ERROR_REASON_INVALID_REQUEST
-    assert raised.value.param == "messages[1].content[1]"
+    assert raised.value.field == "messages[1].parts[1]"
     return raised.value
 
 
@@ -261,7 +261,7 @@ async def core(catalog_path: Path) -> AsyncIterator[svc_grpc.CompletionServiceSt
     """The core's servicer on a real grpc.aio server, closed (servicer included) at the end."""
     async with AsyncExitStack() as stack:
         registry = await build_registry(load_catalog(catalog_path), {}, stack)
-        servicer = CompletionServicer(registry, CoreMetrics())
+        servicer = create_servicer(registry, CoreMetrics())
         stack.push_async_callback(servicer.aclose)
         server = grpc.aio.server()
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
@@ -297,7 +297,7 @@ async def test_the_provider_gets_bytes_fetched_once_across_retries(
     upstream.error_status, upstream.error_times = 503, 1  # the first try fails: the route retries
     async with core(remote_catalog(tmp_path, upstream, {"enabled": True})) as stub:
         reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=with_images(f"{images.url}/cat.png")))
-    assert reply.content == "Hello, world!" and reply.attempts == 2
+    assert reply.choices[0].content == "Hello, world!" and reply.attempts == 2
     assert images.hits == {"cat.png": 1}
     expected = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}
     for request in upstream.requests:
@@ -315,7 +315,7 @@ async def test_a_failed_fetch_is_a_400_before_any_upstream_call(
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
-    assert (info.reason, info.metadata["param"]) == ("ERROR_REASON_INVALID_REQUEST", "messages[1].content[1]")
+    assert (info.reason, info.metadata["field"]) == ("ERROR_REASON_INVALID_REQUEST", "messages[1].parts[1]")
     assert f"larger than {LIMIT} bytes" in (raised.value.details() or "")
     assert upstream.requests == []
 

@@ -1,4 +1,4 @@
-"""The core's request checks: each rule is a 400 (INVALID_REQUEST) naming the OpenAI param; valid requests pass."""
+"""The core's request checks: each rule is a 400 (INVALID_REQUEST) naming its field's proto path; valid ones pass."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from modelmax.v1 import completion_pb2 as pb
+from services.completion.validation import check_params, check_supported, requested_features
 from services.errors import GatewayError
-from services.validation import check_params, check_supported, requested_features
 
 R = pb.Role
 WEATHER = pb.Tool(name="get_weather", description="Weather in a city", parameters='{"type":"object"}')
@@ -87,7 +87,7 @@ def test_valid_requests_pass(params: pb.CompletionParams) -> None:
 REQUIRED = pb.ToolChoice(mode=pb.ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED)
 SCHEMA = pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
 INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
-    # name: (params, the param named, a piece of the message)
+    # name: (params, the field named (its proto path), a piece of the message)
     "unknown role": (edited(lambda p: setattr(p.messages[0], "role", 9)), "messages[0].role", "'tool'"),
     "tool message without id": (
         base(messages=[*tool_loop()[:2], pb.Message(role=R.ROLE_TOOL, content="x")]),
@@ -116,7 +116,7 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
     ),
     "tool call without name": (
         base(messages=[user(), pb.Message(role=R.ROLE_ASSISTANT, tool_calls=[CALL, pb.ToolCall(id="c2")])]),
-        "messages[1].tool_calls[1].function.name",
+        "messages[1].tool_calls[1].name",
         "Missing required parameter",
     ),
     "tool calls on a user message": (
@@ -131,46 +131,46 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
     ),
     "empty part": (
         base(messages=[pb.Message(role=R.ROLE_USER, parts=[pb.ContentPart(text="a"), pb.ContentPart()])]),
-        "messages[0].content[1]",
+        "messages[0].parts[1]",
         "neither text nor an image",
     ),
     "image with data and url": (
         base(messages=[pb.Message(role=R.ROLE_USER, parts=[image_part(data=b"x", media_type="image/png", url="h:/")])]),
-        "messages[0].content[0]",
+        "messages[0].parts[0]",
         "exactly one",
     ),
     "image with neither": (
         base(messages=[pb.Message(role=R.ROLE_USER, parts=[image_part(media_type="image/png")])]),
-        "messages[0].content[0]",
+        "messages[0].parts[0]",
         "exactly one",
     ),
     "image of another type": (
         base(messages=[pb.Message(role=R.ROLE_USER, parts=[image_part(data=b"x", media_type="image/svg+xml")])]),
-        "messages[0].content[0]",
+        "messages[0].parts[0]",
         "'image/svg+xml' is not supported",
     ),
     "image in a system message": (
         base(messages=[pb.Message(role=R.ROLE_SYSTEM, parts=[pb.ContentPart(image=PNG)]), user()]),
-        "messages[0].content[0]",
+        "messages[0].parts[0]",
         "only allowed for messages with role 'user'",
     ),
     "129 tools": (base(tools=[pb.Tool(name=f"f{i}") for i in range(129)]), "tools", "maximum length 128"),
     "tool name with a space": (
         base(tools=[WEATHER, pb.Tool(name="get weather")]),
-        "tools[1].function.name",
+        "tools[1].name",
         "does not match pattern",
     ),
-    "tool name too long": (base(tools=[pb.Tool(name="f" * 65)]), "tools[0].function.name", "maximum length 64"),
-    "empty tool name": (base(tools=[pb.Tool(name="")]), "tools[0].function.name", "empty string"),
-    "duplicate tool names": (base(tools=[WEATHER, WEATHER]), "tools[1].function.name", "more than once"),
+    "tool name too long": (base(tools=[pb.Tool(name="f" * 65)]), "tools[0].name", "maximum length 64"),
+    "empty tool name": (base(tools=[pb.Tool(name="")]), "tools[0].name", "empty string"),
+    "duplicate tool names": (base(tools=[WEATHER, WEATHER]), "tools[1].name", "more than once"),
     "tool parameters not an object": (
         base(tools=[pb.Tool(name="f", parameters="[1]")]),
-        "tools[0].function.parameters",
+        "tools[0].parameters",
         "JSON Schema object",
     ),
     "tool parameters not JSON": (
         base(tools=[pb.Tool(name="f", parameters="{")]),
-        "tools[0].function.parameters",
+        "tools[0].parameters",
         "JSON Schema object",
     ),
     "required without tools": (base(tool_choice=REQUIRED), "tool_choice", "only allowed when 'tools' are specified"),
@@ -187,8 +187,8 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
     "unknown tool choice mode": (
         edited(lambda p: (p.tools.append(WEATHER), setattr(p.tool_choice, "mode", 7))), "tool_choice", "supported"
     ),
-    "n zero": (base(choice_count=0), "n", "Expected a value >= 1, but got 0"),
-    "n nine": (base(choice_count=9), "n", "Expected a value <= 8, but got 9"),
+    "n zero": (base(choice_count=0), "choice_count", "Expected a value >= 1, but got 0"),
+    "n nine": (base(choice_count=9), "choice_count", "Expected a value <= 8, but got 9"),
     "presence penalty": (base(presence_penalty=2.5), "presence_penalty", "[-2, 2]"),
     "frequency penalty": (base(frequency_penalty=-2.01), "frequency_penalty", "[-2, 2]"),
     "nan penalty": (base(frequency_penalty=float("nan")), "frequency_penalty", "[-2, 2]"),
@@ -197,22 +197,22 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
     "top_logprobs without logprobs": (base(top_logprobs=2), "top_logprobs", "'logprobs' must be set to true"),
     "schema without name": (
         base(response_format=pb.ResponseFormat(type=SCHEMA, schema="{}")),
-        "response_format.json_schema.name",
+        "response_format.name",
         "empty string",
     ),
     "schema with a bad name": (
         base(response_format=pb.ResponseFormat(type=SCHEMA, name="my schema", schema="{}")),
-        "response_format.json_schema.name",
+        "response_format.name",
         "does not match pattern",
     ),
     "schema missing": (
         base(response_format=pb.ResponseFormat(type=SCHEMA, name="s")),
-        "response_format.json_schema.schema",
+        "response_format.schema",
         "Missing required parameter",
     ),
     "schema not an object": (
         base(response_format=pb.ResponseFormat(type=SCHEMA, name="s", schema='"string"')),
-        "response_format.json_schema.schema",
+        "response_format.schema",
         "JSON Schema object",
     ),
     "unknown response format": (
@@ -223,11 +223,11 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
 
 
 @pytest.mark.parametrize(("params", "param", "words"), INVALID.values(), ids=INVALID.keys())
-def test_each_rule_names_its_param(params: pb.CompletionParams, param: str, words: str) -> None:
+def test_each_rule_names_its_field(params: pb.CompletionParams, param: str, words: str) -> None:
     with pytest.raises(GatewayError) as raised:
         check_params(params)
     assert raised.value.reason == pb.ErrorReason.ERROR_REASON_INVALID_REQUEST
-    assert raised.value.param == param
+    assert raised.value.field == param
     assert words in raised.value.message
 
 
@@ -235,7 +235,7 @@ def test_deeply_nested_schema_text_is_a_400_not_a_crash() -> None:
     deep = "[" * 100_000 + "]" * 100_000
     with pytest.raises(GatewayError) as raised:
         check_params(base(tools=[pb.Tool(name="f", parameters=deep)]))
-    assert raised.value.param == "tools[0].function.parameters"
+    assert raised.value.field == "tools[0].parameters"
 
 
 @pytest.mark.parametrize(
@@ -244,18 +244,18 @@ def test_deeply_nested_schema_text_is_a_400_not_a_crash() -> None:
         (base(tools=[WEATHER]), "tools", "tools"),
         (base(messages=tool_loop()), "tools", "messages[1]"),
         (base(parallel_tool_calls=False), "parallel_tool_calls", "parallel_tool_calls"),
-        (base(choice_count=2), "n", "n"),
+        (base(choice_count=2), "n", "choice_count"),
         (base(seed=0), "seed", "seed"),
         (base(logprobs=True), "logprobs", "logprobs"),
         (base(messages=[user(), pb.Message(role=R.ROLE_USER, parts=[pb.ContentPart(image=PNG)])]), "images",
-         "messages[1].content[0]"),
+         "messages[1].parts[0]"),
     ],
 )  # fmt: skip
 def test_check_supported_refuses_what_a_provider_lacks(params: pb.CompletionParams, feature: str, param: str) -> None:
     assert requested_features(params)[feature] == param
     with pytest.raises(GatewayError) as raised:
         check_supported(params, frozenset(), provider="local")
-    assert (raised.value.param, raised.value.provider) == (param, "local")
+    assert (raised.value.field, raised.value.provider) == (param, "local")
     check_supported(params, frozenset({feature}), provider="local")
 
 

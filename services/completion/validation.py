@@ -1,8 +1,11 @@
 """Checks every CompletionParams before a provider sees it; internal gRPC callers get the same rules as HTTP.
 
-Each refusal is a GatewayError(INVALID_REQUEST) whose `param` names the OpenAI parameter (`messages[2].tool_call_id`,
-`tools[0].function.name`), worded as OpenAI words it where we know the wording, so a client sees the same 400 from
-the gateway as from OpenAI. The common request (a few text messages, no tools) takes one cheap pass.
+Each refusal is a GatewayError(INVALID_REQUEST) whose `field` names the offending field by its proto path
+(`messages[2].tool_call_id`, `tools[0].name`, `stop_sequences`), and whose message quotes that path ('tools[0].name').
+Each dialect at the edge maps the path to its own parameter names, in the field and in the message, so an OpenAI
+client sees the same 400 from the gateway as from OpenAI. The common request (a few text messages, no tools) takes
+one cheap pass. Which optional features a provider honours is data (`Provider.supported`); `check_supported` refuses
+the rest, once, before dispatch.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 
 from modelmax.v1 import completion_pb2 as pb
 from services.errors import GatewayError, invalid_request
+from services.providers import FEATURES
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOOLS = 128  # OpenAI's limit
@@ -34,63 +39,64 @@ _REASONING_EFFORTS = frozenset(pb.ReasoningEffort.values())
 
 
 def check_params(params: pb.CompletionParams) -> None:
-    """Raise GatewayError(INVALID_REQUEST) naming the offending OpenAI parameter."""
+    """Raise GatewayError(INVALID_REQUEST) naming the offending field by its proto path."""
     if not params.model:
-        raise invalid_request("you must provide a model parameter", param="model")
+        raise invalid_request("you must provide a model parameter", field="model")
     if not params.messages:
-        raise invalid_request("'messages' must contain at least one message", param="messages")
+        raise invalid_request("'messages' must contain at least one message", field="messages")
     _check_messages(params.messages)
     if params.HasField("temperature") and not (0.0 <= params.temperature <= 2.0):
-        raise invalid_request(f"{params.temperature} is not in [0, 2]", param="temperature")
+        raise invalid_request(f"{params.temperature} is not in [0, 2]", field="temperature")
     if params.HasField("top_p") and not (0.0 <= params.top_p <= 1.0):
-        raise invalid_request(f"{params.top_p} is not in [0, 1]", param="top_p")
+        raise invalid_request(f"{params.top_p} is not in [0, 1]", field="top_p")
     if params.HasField("temperature") and math.isnan(params.temperature):
-        raise invalid_request("temperature must be a number", param="temperature")
+        raise invalid_request("temperature must be a number", field="temperature")
     if params.HasField("top_p") and math.isnan(params.top_p):
-        raise invalid_request("top_p must be a number", param="top_p")
+        raise invalid_request("top_p must be a number", field="top_p")
     if params.HasField("max_tokens") and params.max_tokens < 1:
-        raise invalid_request(f"max_tokens must be at least 1, got {params.max_tokens}", param="max_tokens")
+        raise invalid_request(f"max_tokens must be at least 1, got {params.max_tokens}", field="max_tokens")
     if len(params.stop_sequences) > MAX_STOP_SEQUENCES:
         raise invalid_request(
-            f"'stop' accepts at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop_sequences)}", param="stop"
+            f"'stop_sequences' accepts at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop_sequences)}",
+            field="stop_sequences",
         )
     if any(not stop for stop in params.stop_sequences):
-        raise invalid_request("stop sequences must not be empty", param="stop")
+        raise invalid_request("stop sequences must not be empty", field="stop_sequences")
     if params.tools or params.HasField("tool_choice"):
         _check_tools(params)
     if params.HasField("response_format"):
         _check_response_format(params.response_format)
     if params.HasField("choice_count"):
-        _check_range("n", params.choice_count, 1, MAX_CHOICES)
+        _check_range("choice_count", params.choice_count, 1, MAX_CHOICES)
     for name in ("presence_penalty", "frequency_penalty"):
         if params.HasField(name):
             value = getattr(params, name)
             if math.isnan(value) or not (-2.0 <= value <= 2.0):
-                raise invalid_request(f"Invalid '{name}': {value} is not a number in [-2, 2].", param=name)
+                raise invalid_request(f"Invalid '{name}': {value} is not a number in [-2, 2].", field=name)
     if params.HasField("top_logprobs"):
         _check_range("top_logprobs", params.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if not params.logprobs:
             raise invalid_request(
                 "Invalid value for 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is used.",
-                param="top_logprobs",
+                field="top_logprobs",
             )
     if params.reasoning_effort not in _REASONING_EFFORTS:
         raise invalid_request(
             "Invalid value for 'reasoning_effort': supported values are 'none', 'minimal', 'low', 'medium', "
             "'high' and 'xhigh'.",
-            param="reasoning_effort",
+            field="reasoning_effort",
         )
 
 
-def _check_messages(messages: object) -> None:
+def _check_messages(messages: Sequence[pb.Message]) -> None:
     """Roles, content shapes, images, and the tool-call conversation rules, in one pass over the messages."""
     answerable: set[str] | None = None  # ids of the tool calls the following tool messages may answer
-    for index, message in enumerate(messages):  # type: ignore[call-overload]
+    for index, message in enumerate(messages):
         role = message.role
         if role not in _ROLES:
             raise invalid_request(
                 "Invalid value for 'role': supported values are 'system', 'user', 'assistant' and 'tool'.",
-                param=f"messages[{index}].role",
+                field=f"messages[{index}].role",
             )
         if message.parts:
             _check_parts(message, index)
@@ -98,7 +104,7 @@ def _check_messages(messages: object) -> None:
             if role != _ASSISTANT:
                 raise invalid_request(
                     "Invalid parameter: only messages with role 'assistant' can have 'tool_calls'.",
-                    param=f"messages[{index}].tool_calls",
+                    field=f"messages[{index}].tool_calls",
                 )
             answerable = _tool_call_ids(message.tool_calls, index)
         elif role == _TOOL:
@@ -111,42 +117,40 @@ def _check_parts(message: pb.Message, index: int) -> None:
     if message.content:
         raise invalid_request(
             "Invalid message: set either 'content' as text or 'content' as a list of parts, not both.",
-            param=f"messages[{index}].content",
+            field=f"messages[{index}].content",
         )
     for part_index, part in enumerate(message.parts):
-        param = f"messages[{index}].content[{part_index}]"
+        param = f"messages[{index}].parts[{part_index}]"
         kind = part.WhichOneof("kind")
         if kind is None:
-            raise invalid_request("Invalid content part: it holds neither text nor an image.", param=param)
+            raise invalid_request("Invalid content part: it holds neither text nor an image.", field=param)
         if kind == "text":
             continue
         if message.role != pb.Role.ROLE_USER:
             raise invalid_request(
                 "Image URLs are only allowed for messages with role 'user', but this message with role "
                 f"'{pb.Role.Name(message.role).removeprefix('ROLE_').lower()}' contains an image URL.",
-                param=param,
+                field=param,
             )
         image = part.image
         if bool(image.data) == bool(image.url):
-            raise invalid_request("Invalid image: give exactly one of its bytes (data) or a URL.", param=param)
+            raise invalid_request("Invalid image: give exactly one of its bytes (data) or a URL.", field=param)
         if image.data and image.media_type not in IMAGE_MEDIA_TYPES:
             raise invalid_request(
                 f"Invalid image: the media type {image.media_type!r} is not supported; use one of "
                 "'image/png', 'image/jpeg', 'image/gif' or 'image/webp'.",
-                param=param,
+                field=param,
             )
 
 
-def _tool_call_ids(calls: object, index: int) -> set[str]:
+def _tool_call_ids(calls: Sequence[pb.ToolCall], index: int) -> set[str]:
     ids: set[str] = set()
-    for call_index, call in enumerate(calls):  # type: ignore[call-overload]
+    for call_index, call in enumerate(calls):
         param = f"messages[{index}].tool_calls[{call_index}]"
         if not call.id:
-            raise invalid_request(f"Missing required parameter: '{param}.id'.", param=f"{param}.id")
+            raise invalid_request(f"Missing required parameter: '{param}.id'.", field=f"{param}.id")
         if not call.name:
-            raise invalid_request(
-                f"Missing required parameter: '{param}.function.name'.", param=f"{param}.function.name"
-            )
+            raise invalid_request(f"Missing required parameter: '{param}.name'.", field=f"{param}.name")
         ids.add(call.id)
     return ids
 
@@ -154,18 +158,18 @@ def _tool_call_ids(calls: object, index: int) -> set[str]:
 def _check_tool_message(message: pb.Message, index: int, answerable: set[str] | None) -> None:
     if not message.tool_call_id:
         raise invalid_request(
-            f"Missing required parameter: 'messages[{index}].tool_call_id'.", param=f"messages[{index}].tool_call_id"
+            f"Missing required parameter: 'messages[{index}].tool_call_id'.", field=f"messages[{index}].tool_call_id"
         )
     if answerable is None:
         raise invalid_request(
             "Invalid parameter: messages with role 'tool' must be a response to a preceding message with 'tool_calls'.",
-            param=f"messages[{index}].role",
+            field=f"messages[{index}].role",
         )
     if message.tool_call_id not in answerable:
         raise invalid_request(
             f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found in 'tool_calls' of previous "
             "message.",
-            param=f"messages[{index}].tool_call_id",
+            field=f"messages[{index}].tool_call_id",
         )
 
 
@@ -174,28 +178,28 @@ def _check_tools(params: pb.CompletionParams) -> None:
         raise invalid_request(
             f"Invalid 'tools': array too long. Expected an array with maximum length {MAX_TOOLS}, but got an array "
             f"with length {len(params.tools)} instead.",
-            param="tools",
+            field="tools",
         )
     names: set[str] = set()
     for index, tool in enumerate(params.tools):
-        param = f"tools[{index}].function.name"
+        param = f"tools[{index}].name"
         _check_name(tool.name, param)
         if tool.name in names:
             raise invalid_request(
                 f"Invalid 'tools': the function name '{tool.name}' is declared more than once; names must be unique.",
-                param=param,
+                field=param,
             )
         names.add(tool.name)
         if tool.parameters and not _is_json_object(tool.parameters):
             raise invalid_request(
-                f"Invalid 'tools[{index}].function.parameters': expected a JSON Schema object.",
-                param=f"tools[{index}].function.parameters",
+                f"Invalid 'tools[{index}].parameters': expected a JSON Schema object.",
+                field=f"tools[{index}].parameters",
             )
     choice = params.tool_choice
     if choice.mode not in _TOOL_CHOICE_MODES:
         raise invalid_request(
             "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' or a named function.",
-            param="tool_choice",
+            field="tool_choice",
         )
     needs_tools = choice.mode in (
         pb.ToolChoiceMode.TOOL_CHOICE_MODE_REQUIRED,
@@ -204,18 +208,18 @@ def _check_tools(params: pb.CompletionParams) -> None:
     if needs_tools and not params.tools:
         raise invalid_request(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
-            param="tool_choice",
+            field="tool_choice",
         )
     if choice.mode == pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION:
         if choice.name not in names:
             raise invalid_request(
                 f"Invalid value for 'tool_choice': the function '{choice.name}' is not one of the request's 'tools'.",
-                param="tool_choice",
+                field="tool_choice",
             )
     elif choice.name:
         raise invalid_request(
             "Invalid value for 'tool_choice': a function name goes only with a named function choice.",
-            param="tool_choice",
+            field="tool_choice",
         )
 
 
@@ -224,20 +228,20 @@ def _check_response_format(response_format: pb.ResponseFormat) -> None:
     if kind not in _RESPONSE_FORMAT_TYPES:
         raise invalid_request(
             "Invalid value for 'response_format.type': supported values are 'text', 'json_object' and 'json_schema'.",
-            param="response_format.type",
+            field="response_format.type",
         )
     if kind != pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         return
-    _check_name(response_format.name, "response_format.json_schema.name")
+    _check_name(response_format.name, "response_format.name")
     if not response_format.schema:
         raise invalid_request(
-            "Missing required parameter: 'response_format.json_schema.schema'.",
-            param="response_format.json_schema.schema",
+            "Missing required parameter: 'response_format.schema'.",
+            field="response_format.schema",
         )
     if not _is_json_object(response_format.schema):
         raise invalid_request(
-            "Invalid 'response_format.json_schema.schema': expected a JSON Schema object.",
-            param="response_format.json_schema.schema",
+            "Invalid 'response_format.schema': expected a JSON Schema object.",
+            field="response_format.schema",
         )
 
 
@@ -247,19 +251,19 @@ def _check_name(name: str, param: str) -> None:
         raise invalid_request(
             f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty string "
             "instead.",
-            param=param,
+            field=param,
         )
     if len(name) > 64:
         raise invalid_request(
             f"Invalid '{param}': string too long. Expected a string with maximum length 64, but got a string with "
             f"length {len(name)} instead.",
-            param=param,
+            field=param,
         )
     if not FUNCTION_NAME.match(name):
         raise invalid_request(
             f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
             "'^[a-zA-Z0-9_-]+$'.",
-            param=param,
+            field=param,
         )
 
 
@@ -267,12 +271,12 @@ def _check_range(param: str, value: int, low: int, high: int) -> None:
     if value < low:
         raise invalid_request(
             f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got {value} instead.",
-            param=param,
+            field=param,
         )
     if value > high:
         raise invalid_request(
             f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got {value} instead.",
-            param=param,
+            field=param,
         )
 
 
@@ -283,24 +287,8 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-# The optional features of a request, by the OpenAI parameter that asks for each. A provider declares the ones it
-# honours; any other one a request uses is refused with a 400 naming it (check_supported), never silently dropped.
-FEATURES = (
-    "tools",  # tools, tool_choice, tool calls and tool results in the history
-    "parallel_tool_calls",  # parallel_tool_calls=false (true is every tool-calling provider's default)
-    "response_format",  # json_object / json_schema
-    "n",  # more than one choice
-    "seed",
-    "presence_penalty",  # non-zero (zero is the default: honoured everywhere)
-    "frequency_penalty",  # non-zero
-    "logprobs",  # logprobs=true or top_logprobs
-    "reasoning_effort",
-    "images",  # image content parts
-)
-
-
 def requested_features(params: pb.CompletionParams) -> dict[str, str]:
-    """The optional features this request uses: feature name -> the `param` a refusal names."""
+    """The optional features (services.providers.FEATURES) this request uses: feature -> the field a refusal names."""
     used: dict[str, str] = {}
     if params.tools or params.HasField("tool_choice"):
         used["tools"] = "tools"
@@ -310,14 +298,14 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
         if "images" not in used:
             for part_index, part in enumerate(message.parts):
                 if part.HasField("image"):
-                    used["images"] = f"messages[{index}].content[{part_index}]"
+                    used["images"] = f"messages[{index}].parts[{part_index}]"
                     break
     if params.HasField("parallel_tool_calls") and not params.parallel_tool_calls:
         used["parallel_tool_calls"] = "parallel_tool_calls"
     if params.response_format.type in _STRUCTURED:
         used["response_format"] = "response_format"
     if params.HasField("choice_count") and params.choice_count > 1:
-        used["n"] = "n"
+        used["n"] = "choice_count"
     if params.HasField("seed"):
         used["seed"] = "seed"
     for name in ("presence_penalty", "frequency_penalty"):
@@ -331,16 +319,18 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
 
 
 def check_supported(params: pb.CompletionParams, supported: frozenset[str], *, provider: str) -> None:
-    """Refuse (400, INVALID_REQUEST naming the param) the first feature the request uses that `supported` lacks.
+    """Refuse (400, INVALID_REQUEST naming the field) the first feature the request uses that `supported` lacks.
 
-    `supported` holds names from FEATURES; `provider` is the provider kind, for the error's metadata.
+    `supported` holds names from services.providers.FEATURES (what every deployment of the route honours);
+    `provider` is the route's provider kind, for the error's metadata. Called once per request, before dispatch:
+    providers never check their own features.
     """
-    for feature, param in requested_features(params).items():
+    for feature, field in requested_features(params).items():
         if feature not in supported:
             raise GatewayError(
                 pb.ErrorReason.ERROR_REASON_INVALID_REQUEST,
-                f"'{param}' ({_FEATURE_WORDS[feature]}) is not supported by the model '{params.model}'.",
-                param=param,
+                f"'{field}' ({_FEATURE_WORDS[feature]}) is not supported by the model '{params.model}'.",
+                field=field,
                 provider=provider,
             )
 
@@ -357,3 +347,4 @@ _FEATURE_WORDS = {
     "reasoning_effort": "a reasoning effort",
     "images": "image input",
 }
+assert set(_FEATURE_WORDS) == set(FEATURES), "every feature a provider can declare has its words here"

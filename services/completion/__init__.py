@@ -1,0 +1,1 @@
+"""The CompletionService: the servicer, its request checks, the event contract and the unary fold."""
