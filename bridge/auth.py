@@ -1,33 +1,48 @@
-"""API-key authentication: `Authorization: Bearer <key>` against the configured keys, in constant time."""
+"""Authentication: `Authorization: Bearer <key>` against the configured keys, in constant time, to an Identity."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from starlette.requests import Request
+from bridge.dialect import Refusal, Refused
 
-from bridge.errors import OpenAIError
+STATIC = "static"  # the name of every key from the bridge's own settings (MODELMAX_API_KEY(S), the keys file)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling. Both fields are safe to log and to send to the core; the key itself never leaves here."""
+
+    key_id: str  # stable and non-secret: the same key always has the same id
+    name: str
+
+
+def static_key_id(key: str) -> str:
+    """A configured key's id: a short fingerprint, stable across restarts, that does not reveal the key."""
+    return "static-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class KeyChecker:
-    """Holds the configured keys as bytes and checks every one of them, so timing says nothing about which matched."""
+    """Holds the configured keys as bytes and compares against every one, so timing says nothing about which
+    matched (or whether one did)."""
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = tuple(key.encode() for key in keys)
+    def __init__(self, keys: Iterable[str]) -> None:
+        # One Identity per key, made once: authenticating a request allocates nothing.
+        self._keys = tuple((key.encode(), Identity(static_key_id(key), STATIC)) for key in keys)
 
-    def check(self, request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+    def authenticate(self, header: str) -> Identity:
+        """The identity of the key in an Authorization header; raises Refused (MISSING_KEY or INVALID_KEY)."""
         if not header:
-            raise OpenAIError(
-                401,
-                "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                code="missing_api_key",
-            )
+            raise Refused(Refusal.MISSING_KEY)
+        scheme, _, token = header.partition(" ")
         presented = token.strip().encode()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        if scheme.lower() != "bearer" or not matched:
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        found: Identity | None = None
+        for key, identity in self._keys:  # no early exit
+            if hmac.compare_digest(presented, key):
+                found = identity
+        if found is None or scheme.lower() != "bearer":
+            raise Refused(Refusal.INVALID_KEY)
+        return found

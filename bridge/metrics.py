@@ -71,10 +71,12 @@ def request_id_from(header: str | None) -> str:
 
 @dataclass(slots=True)
 class Observation:
-    """One chat completion request: timings, then one record of metrics and one log line when it ends."""
+    """One request: timings, then (on a metered route) one record of metrics and one log line when it ends."""
 
     metrics: BridgeMetrics
     request_id: str
+    metered: bool = True  # counted in the metrics and logged: the chat-completion routes
+    key_id: str = ""  # the caller's Identity.key_id once authenticated; never the key
     model: str = ""
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
@@ -97,6 +99,8 @@ class Observation:
         if self.done:
             return
         self.done = True
+        if not self.metered:
+            return
         now = time.perf_counter()
         model = self.metrics.label(self.model, status)
         self.metrics.requests_of(model, str(status)).inc()
@@ -110,6 +114,7 @@ class Observation:
             "request",
             extra={
                 "request_id": self.request_id,
+                "key_id": self.key_id,
                 "model": model,
                 "stream": self.stream,
                 "status": status,

@@ -251,7 +251,7 @@ async def client(local_core: CoreServer) -> AsyncIterator[httpx.AsyncClient]:
 def assert_openai_error(response: httpx.Response, status: int, kind: str, param: str | None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
+    error: dict[str, Any] = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == kind
     assert error["param"] == param

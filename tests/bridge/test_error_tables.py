@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.errors import HTTP_ERROR
+from bridge.openai.errors import HTTP_ERROR
 from modelmax.v1.completion_pb2 import ErrorReason
 from services.errors import GRPC_CODE
 

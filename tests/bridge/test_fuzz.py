@@ -12,12 +12,12 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.errors import OpenAIError
-from bridge.openai_request import parse_chat_request
-from bridge.translate import to_params
+from bridge.openai.chat.request import parse_chat_request
+from bridge.openai.chat.translate import to_params
+from bridge.openai.errors import OpenAIError
 from modelmax.v1.completion_pb2 import ErrorReason
+from services.completion.validation import check_params
 from services.errors import GatewayError
-from services.validation import check_params
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

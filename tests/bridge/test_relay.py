@@ -6,6 +6,7 @@ bridge's own side of the contract: what the core must receive, and what the SDK 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,19 +15,24 @@ import httpx
 import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import (
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+    ChatCompletionToolUnionParam,
+)
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from tests.conftest import API_KEY, running_bridge
 
-START = svc.StreamCompletionResponse(start=svc.CompletionStart(id="chatcmpl-9", model="m", created=1700000000))
-TOOLS = [
+START = svc.StreamCompletionResponse(start=svc.CompletionStart(model="m", created=1700000000))
+TOOLS: list[ChatCompletionToolUnionParam] = [
     {"type": "function", "function": {"name": "weather", "description": "Weather in a city",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
     {"type": "function", "function": {"name": "time", "parameters": {"type": "object"}}},
 ]  # fmt: skip
-QUESTION = [{"role": "user", "content": "Weather and time in Paris?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather and time in Paris?"}]
 
 
 def tool_call(index: int, arguments: str, call_id: str = "", name: str = "", choice: int = 0) -> Any:
@@ -38,10 +44,12 @@ def content(text: str, choice: int = 0) -> Any:
     return svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text, choice_index=choice))
 
 
-def finish(reason: int, *more: int, usage: pb.Usage | None = None) -> Any:
-    return svc.StreamCompletionResponse(
-        finish=svc.CompletionFinish(finish_reason=reason, additional_finish_reasons=more, usage=usage)
-    )
+def finish(reason: pb.FinishReason.ValueType, *more: pb.FinishReason.ValueType, usage: pb.Usage | None = None) -> Any:
+    choices = [svc.ChoiceFinish(index=index, finish_reason=r) for index, r in enumerate((reason, *more))]
+    return svc.StreamCompletionResponse(finish=svc.CompletionFinish(choices=choices, usage=usage))
+
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ScriptedCore(svc_grpc.CompletionServiceServicer):
@@ -54,7 +62,7 @@ class ScriptedCore(svc_grpc.CompletionServiceServicer):
         self.received: list[pb.CompletionParams] = []
         self.accepted_batches: list[bool] = []  # accept_batches of every StreamCompletion request
 
-    async def StreamCompletion(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+    async def StreamCompletion(self, request: Any, context: Context) -> AsyncIterator[Any]:  # noqa: N802
         self.received.append(request.params)
         self.accepted_batches.append(request.accept_batches)
         for event in self.events:
@@ -62,11 +70,11 @@ class ScriptedCore(svc_grpc.CompletionServiceServicer):
         if self.error:
             await context.abort(grpc.StatusCode.INTERNAL, self.error)
 
-    async def CreateCompletion(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def CreateCompletion(self, request: Any, context: Context) -> Any:  # noqa: N802
         self.received.append(request.params)
         return self.response
 
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def ListModels(self, request: Any, context: Context) -> Any:  # noqa: N802
         return svc.ListModelsResponse(models=[svc.ModelInfo(id="m", provider="openai", owned_by="x")])
 
 
@@ -138,10 +146,10 @@ async def test_two_parallel_tool_calls_stream_as_openai_does(core: ScriptedCore,
 async def test_an_agent_loop_sends_the_sdks_own_message_back(core: ScriptedCore, client: openai.AsyncOpenAI) -> None:
     """Call, tool results, final answer: the assistant message the SDK parsed goes back as the SDK serialises it."""
     core.response = svc.CreateCompletionResponse(
-        id="chatcmpl-1", model="m", created=1, reasoning_content="Two tools.",
+        model="m", created=1, choices=[svc.Choice(reasoning="Two tools.",
         finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS,
         tool_calls=[pb.ToolCall(id="call_a", name="weather", arguments='{"city":"Paris"}'),
-                    pb.ToolCall(id="call_b", name="time", arguments="{}")],
+                    pb.ToolCall(id="call_b", name="time", arguments="{}")])],
     )  # fmt: skip
     first = await client.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS)
     history: list[Any] = [
@@ -151,8 +159,9 @@ async def test_an_agent_loop_sends_the_sdks_own_message_back(core: ScriptedCore,
         {"role": "tool", "tool_call_id": "call_b", "content": [{"type": "text", "text": "12:00"}]},
     ]
     core.response = svc.CreateCompletionResponse(
-        id="chatcmpl-2", model="m", created=1, content="18C and noon.", finish_reason=pb.FinishReason.FINISH_REASON_STOP
-    )
+        model="m", created=1,
+        choices=[svc.Choice(content="18C and noon.", finish_reason=pb.FinishReason.FINISH_REASON_STOP)],
+    )  # fmt: skip
     answer = await client.chat.completions.create(model="m", messages=history, tools=TOOLS)
     assert answer.choices[0].message.content == "18C and noon."
     assert answer.choices[0].message.tool_calls is None
@@ -168,16 +177,19 @@ async def test_an_agent_loop_sends_the_sdks_own_message_back(core: ScriptedCore,
 
 async def test_tool_calls_without_streaming(core: ScriptedCore, client: openai.AsyncOpenAI) -> None:
     core.response = svc.CreateCompletionResponse(
-        id="chatcmpl-3", model="m", created=1, finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS,
+        model="m", created=1, choices=[svc.Choice(finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS,
         tool_calls=[pb.ToolCall(id="call_a", name="weather", arguments='{"city":"Paris"}'),
-                    pb.ToolCall(id="call_b", name="time", arguments="{}")],
+                    pb.ToolCall(id="call_b", name="time", arguments="{}")])],
         usage=pb.Usage(prompt_tokens=20, completion_tokens=9, total_tokens=29),
     )  # fmt: skip
     answer = await client.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS)
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
-    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == [
+    calls = [
+        call for call in choice.message.tool_calls or [] if isinstance(call, ChatCompletionMessageFunctionToolCall)
+    ]
+    assert [(c.id, c.type, c.function.name, c.function.arguments) for c in calls] == [
         ("call_a", "function", "weather", '{"city":"Paris"}'),
         ("call_b", "function", "time", "{}"),
     ]
@@ -214,8 +226,9 @@ async def test_several_choices_stream_with_their_indexes(core: ScriptedCore, cli
 
 async def test_several_choices_without_streaming(core: ScriptedCore, client: openai.AsyncOpenAI) -> None:
     core.response = svc.CreateCompletionResponse(
-        id="chatcmpl-4", model="m", created=1, content="Hello", finish_reason=pb.FinishReason.FINISH_REASON_STOP,
-        additional_choices=[svc.Choice(index=1, content="Bonjour", finish_reason=pb.FinishReason.FINISH_REASON_LENGTH)],
+        model="m", created=1,
+        choices=[svc.Choice(index=0, content="Hello", finish_reason=pb.FinishReason.FINISH_REASON_STOP),
+                 svc.Choice(index=1, content="Bonjour", finish_reason=pb.FinishReason.FINISH_REASON_LENGTH)],
     )  # fmt: skip
     answer = await client.chat.completions.create(model="m", messages=QUESTION, n=2, seed=42)
     assert [(c.index, c.message.content, c.finish_reason) for c in answer.choices] == [
@@ -266,7 +279,8 @@ async def test_a_batch_is_relayed_as_the_bytes_of_its_events(
         async with httpx.AsyncClient(headers={"authorization": f"Bearer {API_KEY}"}) as http:
             response = await http.post(f"{base_url}/chat/completions", json=body)
         assert response.status_code == 200
-        return response.content
+        (completion_id,) = set(re.findall(rb'"id":"(chatcmpl-[^"]*)"', response.content))  # one id, every chunk
+        return response.content.replace(completion_id, b"chatcmpl-X")  # the bridge mints a new one per request
 
     single = await relayed(middle)
     batched = await relayed([batch(*middle[:2]), batch(*middle[2:])])
@@ -275,3 +289,18 @@ async def test_a_batch_is_relayed_as_the_bytes_of_its_events(
     assert single.count(b"data: ") == 2 + 5 + (0 if error else 3) + (1 if error else 0) + 1  # roles, pieces, ...
     assert single.endswith(b"data: [DONE]\n\n") and (b'"error"' in single) == bool(error)
     assert core.accepted_batches == [True, True, True]  # the bridge takes batches
+
+
+async def test_the_bridge_mints_one_openai_id_per_completion(core: ScriptedCore, client: openai.AsyncOpenAI) -> None:
+    """`chatcmpl-<uuid4 hex>`, the same on every chunk of a stream, a new one for every completion."""
+    core.response = svc.CreateCompletionResponse(
+        model="m", created=1, choices=[svc.Choice(content="hi", finish_reason=pb.FinishReason.FINISH_REASON_STOP)]
+    )
+    core.events = [START, content("hi"), finish(pb.FinishReason.FINISH_REASON_STOP)]
+    whole = [await client.chat.completions.create(model="m", messages=QUESTION) for _ in range(2)]
+    streams = [await client.chat.completions.create(model="m", messages=QUESTION, stream=True) for _ in range(2)]
+    streamed = [{chunk.id async for chunk in stream} for stream in streams]
+    assert all(len(ids) == 1 for ids in streamed)
+    ids = [completion.id for completion in whole] + [ids.pop() for ids in streamed]
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{32}", completion_id) for completion_id in ids), ids
+    assert len(set(ids)) == 4

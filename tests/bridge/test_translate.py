@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
-from bridge.errors import OpenAIError
-from bridge.openai_request import parse_chat_request
-from bridge.translate import ChunkEncoder, completion_json, to_params, usage_json
+from bridge.openai.chat.request import parse_chat_request
+from bridge.openai.chat.sse import ChunkEncoder
+from bridge.openai.chat.translate import completion_json, to_params, usage_json
+from bridge.openai.errors import OpenAIError
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 
-START = svc.CompletionStart(id="chatcmpl-1", model="m", created=1700000000)
+ID = "chatcmpl-1"
+START = svc.CompletionStart(model="m", created=1700000000)
 USER = [{"role": "user", "content": "hi"}]
 PNG_BYTES = b"\x89PNG\r\n\x1a\n"
 PNG = base64.b64encode(PNG_BYTES).decode()
@@ -27,18 +30,25 @@ def chunk(choice: int, delta: str, finish: str = "null", *, usage: bool) -> byte
     return f'data: {head},"system_fingerprint":null,{choices}{usage_null}}}\n\n'.encode()
 
 
-def decode(frame: bytes) -> dict[str, object]:
+def finished(*reasons: pb.FinishReason.ValueType) -> svc.CompletionFinish:
+    """A finish event: one ChoiceFinish per reason, choices 0, 1, ... in order."""
+    return svc.CompletionFinish(
+        choices=[svc.ChoiceFinish(index=index, finish_reason=reason) for index, reason in enumerate(reasons)]
+    )
+
+
+def decode(frame: bytes) -> dict[str, Any]:
     text = frame.decode()
     assert text.startswith("data: ") and text.endswith("\n\n")
-    return json.loads(text[6:])
+    chunk: dict[str, Any] = json.loads(text[6:])
+    return chunk
 
 
 def test_chunks_are_openai_json_and_escape_text() -> None:
-    encoder = ChunkEncoder(START, include_usage=True)
+    encoder = ChunkEncoder(ID, START, include_usage=True)
     tricky = 'quote " backslash \\ newline \n unicode é 🙂 </script>'
     chunks = [decode(f) for f in (encoder.role(), encoder.content(tricky), encoder.reasoning("think"),
-                                  encoder.finish(svc.CompletionFinish(
-                                      finish_reason=pb.FinishReason.FINISH_REASON_LENGTH)))]  # fmt: skip
+                                  encoder.finish(finished(pb.FinishReason.FINISH_REASON_LENGTH)))]  # fmt: skip
     for chunk in chunks:
         assert chunk["id"] == "chatcmpl-1" and chunk["object"] == "chat.completion.chunk"
         assert chunk["created"] == 1700000000 and chunk["model"] == "m" and chunk["usage"] is None
@@ -51,7 +61,7 @@ def test_chunks_are_openai_json_and_escape_text() -> None:
 
 
 def test_chunks_without_include_usage_have_no_usage_key() -> None:
-    assert "usage" not in decode(ChunkEncoder(START, include_usage=False).content("x"))
+    assert "usage" not in decode(ChunkEncoder(ID, START, include_usage=False).content("x"))
 
 
 def test_usage_details_only_when_reported() -> None:
@@ -64,11 +74,11 @@ def test_usage_details_only_when_reported() -> None:
 
 def test_completion_carries_reasoning_only_when_present() -> None:
     plain = svc.CreateCompletionResponse(
-        id="c", model="m", content="hi", finish_reason=pb.FinishReason.FINISH_REASON_STOP
+        model="m", choices=[svc.Choice(content="hi", finish_reason=pb.FinishReason.FINISH_REASON_STOP)]
     )
-    assert "reasoning_content" not in completion_json(plain)["choices"][0]["message"]
-    plain.reasoning_content = "because"
-    assert completion_json(plain)["choices"][0]["message"]["reasoning_content"] == "because"
+    assert "reasoning_content" not in completion_json(plain, "c")["choices"][0]["message"]
+    plain.choices[0].reasoning = "because"
+    assert completion_json(plain, "c")["choices"][0]["message"]["reasoning_content"] == "because"
 
 
 def params_of(**fields: object) -> pb.CompletionParams:
@@ -197,7 +207,7 @@ def test_a_lone_surrogate_is_a_400_not_a_crash() -> None:
 
 
 def test_tool_call_chunks_are_exactly_openais() -> None:
-    encoder = ChunkEncoder(START, include_usage=False)
+    encoder = ChunkEncoder(ID, START, include_usage=False)
 
     def frame(choice: int, delta: str, finish: str = "null") -> bytes:
         return chunk(choice, delta, finish, usage=False)
@@ -211,13 +221,11 @@ def test_tool_call_chunks_are_exactly_openais() -> None:
     second = svc.ToolCallDelta(index=1, id="call_2", name="time", arguments="{}")
     assert encoder.tool_call(second) == frame(0, '{"tool_calls":[{"index":1,"id":"call_2","type":"function",'
                                                  '"function":{"name":"time","arguments":"{}"}}]}')  # fmt: skip
-    assert encoder.finish(svc.CompletionFinish(finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS)) == frame(
-        0, "{}", '"tool_calls"'
-    )
+    assert encoder.finish(finished(pb.FinishReason.FINISH_REASON_TOOL_CALLS)) == frame(0, "{}", '"tool_calls"')
 
 
 def test_several_choices_have_their_own_role_deltas_and_finish() -> None:
-    encoder = ChunkEncoder(START, include_usage=True, choices=3)
+    encoder = ChunkEncoder(ID, START, include_usage=True, choices=3)
 
     def frame(choice: int, delta: str, finish: str = "null") -> bytes:
         return chunk(choice, delta, finish, usage=True)
@@ -230,9 +238,10 @@ def test_several_choices_have_their_own_role_deltas_and_finish() -> None:
     assert encoder.tool_call(call) == frame(
         1, '{"tool_calls":[{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":"{"}}]}'
     )
-    finish = svc.CompletionFinish(
-        finish_reason=pb.FinishReason.FINISH_REASON_STOP,
-        additional_finish_reasons=[pb.FinishReason.FINISH_REASON_TOOL_CALLS, pb.FinishReason.FINISH_REASON_LENGTH],
+    finish = finished(
+        pb.FinishReason.FINISH_REASON_STOP,
+        pb.FinishReason.FINISH_REASON_TOOL_CALLS,
+        pb.FinishReason.FINISH_REASON_LENGTH,
     )
     assert encoder.finish(finish) == (
         frame(0, "{}", '"stop"') + frame(1, "{}", '"tool_calls"') + frame(2, "{}", '"length"')
@@ -240,19 +249,19 @@ def test_several_choices_have_their_own_role_deltas_and_finish() -> None:
 
 
 def test_one_choice_streams_exactly_as_before() -> None:
-    encoder = ChunkEncoder(START, include_usage=False, choices=0)  # choice_count unset
+    encoder = ChunkEncoder(ID, START, include_usage=False, choices=0)  # choice_count unset
     assert encoder.role() == chunk(0, '{"role":"assistant","content":""}', usage=False)
     assert encoder.content("hi") == chunk(0, '{"content":"hi"}', usage=False)
 
 
 def test_completion_with_tool_calls_has_null_content() -> None:
     response = svc.CreateCompletionResponse(
-        id="c", model="m", created=1, finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS,
+        model="m", created=1, choices=[svc.Choice(finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS,
         tool_calls=[pb.ToolCall(id="call_1", name="weather", arguments='{"city":"Paris"}'),
-                    pb.ToolCall(id="call_2", name="time", arguments="{}")],
+                    pb.ToolCall(id="call_2", name="time", arguments="{}")])],
         usage=pb.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
     )  # fmt: skip
-    assert completion_json(response)["choices"] == [
+    assert completion_json(response, "c")["choices"] == [
         {
             "index": 0,
             "message": {
@@ -272,21 +281,22 @@ def test_completion_with_tool_calls_has_null_content() -> None:
             "finish_reason": "tool_calls",
         }
     ]
-    response.content = "Let me check."
-    assert completion_json(response)["choices"][0]["message"]["content"] == "Let me check."
+    response.choices[0].content = "Let me check."
+    assert completion_json(response, "c")["choices"][0]["message"]["content"] == "Let me check."
 
 
 def test_completion_with_several_choices() -> None:
     response = svc.CreateCompletionResponse(
-        id="c", model="m", created=1, content="a", finish_reason=pb.FinishReason.FINISH_REASON_STOP,
-        additional_choices=[
-            svc.Choice(index=1, content="b", reasoning_content="hm",
+        model="m", created=1,
+        choices=[
+            svc.Choice(index=0, content="a", finish_reason=pb.FinishReason.FINISH_REASON_STOP),
+            svc.Choice(index=1, content="b", reasoning="hm",
                        finish_reason=pb.FinishReason.FINISH_REASON_LENGTH),
             svc.Choice(index=2, tool_calls=[pb.ToolCall(id="x", name="f", arguments="{}")],
                        finish_reason=pb.FinishReason.FINISH_REASON_TOOL_CALLS),
         ],
     )  # fmt: skip
-    choices = completion_json(response)["choices"]
+    choices = completion_json(response, "c")["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2]
     assert [c["finish_reason"] for c in choices] == ["stop", "length", "tool_calls"]
     assert choices[0]["message"] == {"role": "assistant", "content": "a", "refusal": None}

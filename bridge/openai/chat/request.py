@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.errors import OpenAIError, bad_request
+from bridge.openai.errors import OpenAIError, bad_request
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,12 @@
-"""Pure translation between OpenAI shapes and the core's proto messages, including the wire bytes of chunks."""
+"""Pure translation between OpenAI chat shapes and the core's proto: the request to CompletionParams, and a whole
+completion to its `chat.completion` JSON."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from typing import Any
 
-from bridge.errors import bad_request
-from bridge.openai_request import ChatRequest, Image, Message, ResponseFormat, Tool
+from bridge.openai.chat.request import ChatRequest, Image, Message, ResponseFormat, Tool
+from bridge.openai.errors import bad_request
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 
@@ -42,7 +41,6 @@ FINISH_REASON: dict[int, str] = {
     pb.FinishReason.FINISH_REASON_CONTENT_FILTER: "content_filter",
     pb.FinishReason.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def to_params(request: ChatRequest) -> pb.CompletionParams:
@@ -137,110 +135,30 @@ def usage_json(usage: pb.Usage) -> dict[str, Any]:
     return out
 
 
-def completion_json(response: svc.CreateCompletionResponse) -> dict[str, Any]:
+def completion_json(response: svc.CreateCompletionResponse, completion_id: str) -> dict[str, Any]:
     """A `chat.completion` object, exactly the fields OpenAI sends; one choice per choice the core returned."""
-    choices = [
-        _choice_json(0, response.content, response.reasoning_content, response.tool_calls, response.finish_reason)
-    ]
-    for choice in response.additional_choices:
-        choices.append(
-            _choice_json(
-                choice.index, choice.content, choice.reasoning_content, choice.tool_calls, choice.finish_reason
-            )
-        )
     return {
-        "id": response.id,
+        "id": completion_id,
         "object": "chat.completion",
         "created": response.created,
         "model": response.model,
-        "choices": choices,
+        "choices": [_choice_json(choice) for choice in response.choices],
         "usage": usage_json(response.usage),
         "system_fingerprint": None,
     }
 
 
-def _choice_json(
-    index: int, content: str, reasoning: str, tool_calls: Sequence[pb.ToolCall], finish_reason: int
-) -> dict[str, Any]:
+def _choice_json(choice: svc.Choice) -> dict[str, Any]:
+    tool_calls = choice.tool_calls
     # OpenAI's content is null on a message that only called tools.
-    message: dict[str, Any] = {"role": "assistant", "content": content or (None if tool_calls else ""), "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": choice.content or (None if tool_calls else ""),
+                               "refusal": None}  # fmt: skip
     if tool_calls:
         message["tool_calls"] = [
             {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
             for call in tool_calls
         ]
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": FINISH_REASON[finish_reason]}
-
-
-def model_json(model: svc.ModelInfo) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": 0, "owned_by": model.owned_by}
-
-
-class ChunkEncoder:
-    """Encodes one stream's `chat.completion.chunk` events as SSE bytes.
-
-    The bytes shared by every chunk of a choice (id, created, model, the choice's index) are serialised once per
-    stream, so each token costs one JSON-encoded string and a few concatenations. With several choices (`n`), each
-    choice has its own role chunk first and its own finish chunk last, as OpenAI streams them.
-    """
-
-    def __init__(self, start: svc.CompletionStart, include_usage: bool, choices: int = 1) -> None:
-        """`choices` is the request's choice_count; 0 (unset) means one."""
-        head = _dumps({"id": start.id, "object": "chat.completion.chunk", "created": start.created,
-                       "model": start.model, "system_fingerprint": None})  # fmt: skip
-        self._head = head[:-1]  # without the closing brace
-        self._usage_null = ',"usage":null' if include_usage else ""
-        self._tail = self._ending("null")
-        self._opening = [self._open(index) for index in range(max(1, choices))]
-
-    def _open(self, index: int) -> str:
-        return f'data: {self._head},"choices":[{{"index":{index},"delta":'
-
-    def _ending(self, finish_reason: str) -> str:
-        return f',"logprobs":null,"finish_reason":{finish_reason}}}]{self._usage_null}}}\n\n'
-
-    def _delta(self, choice: int, delta: str) -> bytes:
-        opening = self._opening[choice] if 0 <= choice < len(self._opening) else self._open(choice)
-        return (opening + delta + self._tail).encode()
-
-    def role(self) -> bytes:
-        """The first chunk of every choice."""
-        return b"".join(self._delta(index, '{"role":"assistant","content":""}') for index in range(len(self._opening)))
-
-    def content(self, text: str, choice: int = 0) -> bytes:
-        return self._delta(choice, '{"content":' + _dumps(text) + "}")
-
-    def reasoning(self, text: str, choice: int = 0) -> bytes:
-        return self._delta(choice, '{"reasoning_content":' + _dumps(text) + "}")
-
-    def tool_call(self, delta: svc.ToolCallDelta) -> bytes:
-        """A piece of a tool call: the first names the call (id, type, name), later ones only add arguments."""
-        if delta.id or delta.name:
-            call = (f'{{"index":{delta.index},"id":{_dumps(delta.id)},"type":"function","function":'
-                    f'{{"name":{_dumps(delta.name)},"arguments":{_dumps(delta.arguments)}}}}}')  # fmt: skip
-        else:
-            call = f'{{"index":{delta.index},"function":{{"arguments":{_dumps(delta.arguments)}}}}}'
-        return self._delta(delta.choice_index, '{"tool_calls":[' + call + "]}")
-
-    def finish(self, finish: svc.CompletionFinish) -> bytes:
-        """The last chunk of every choice: choice 0's reason, then those of choices 1, 2, ..."""
-        chunk = self._finish(0, finish.finish_reason)
-        for index, reason in enumerate(finish.additional_finish_reasons, 1):
-            chunk += self._finish(index, reason)
-        return chunk
-
-    def _finish(self, choice: int, reason: int) -> bytes:
-        opening = self._opening[choice] if choice < len(self._opening) else self._open(choice)
-        return (opening + "{}" + self._ending(f'"{FINISH_REASON[reason]}"')).encode()
-
-    def usage(self, usage: pb.Usage) -> bytes:
-        return f'data: {self._head},"choices":[],"usage":{_dumps(usage_json(usage))}}}\n\n'.encode()
-
-
-def sse_data(payload: dict[str, Any]) -> bytes:
-    return b"data: " + _dumps(payload).encode() + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
+    if choice.reasoning:
+        message["reasoning_content"] = choice.reasoning
+    return {"index": choice.index, "message": message, "logprobs": None,
+            "finish_reason": FINISH_REASON[choice.finish_reason]}  # fmt: skip
