@@ -13,12 +13,15 @@ ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 # ---- stubs: the gRPC/protobuf modules generated from proto/, as `make proto` does; never committed ----
 FROM ${PYTHON_IMAGE} AS stubs
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN pip install grpcio-tools==1.85.1
+RUN pip install grpcio-tools==1.85.1 'mypy-protobuf==5.1.*'
 WORKDIR /src
 COPY proto ./proto
 RUN mkdir -p /app/gen \
- && python -m grpc_tools.protoc -Iproto --python_out=/app/gen --grpc_python_out=/app/gen --pyi_out=/app/gen \
+ && python -m grpc_tools.protoc -Iproto --python_out=/app/gen --grpc_python_out=/app/gen \
+      --mypy_out=/app/gen --mypy_grpc_out=/app/gen \
+      --plugin=protoc-gen-mypy=/usr/local/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=/usr/local/bin/protoc-gen-mypy_grpc \
       proto/modelmax/v1/*.proto \
+ && touch /app/gen/modelmax/v1/py.typed \
  && python -m compileall -q /app/gen
 
 # ---- core-build: the core's virtualenv; llama-cpp-python has no wheel on PyPI and is compiled here ----

@@ -13,7 +13,7 @@ export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -25,45 +25,54 @@ $(VENV)/.installed: pyproject.toml
 
 proto: gen/.generated
 
-# Stubs are generated from the .proto files at build time and never committed, so they cannot drift.
+# Stubs are generated from the .proto files at build time and never committed, so they cannot drift; mypy-protobuf
+# writes typed .pyi for the messages and the gRPC stubs. setup.py runs the same line when it builds a wheel.
 gen/.generated: $(PROTOS) proto/buf.yaml $(VENV)/.installed
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
 	rm -rf gen && mkdir -p gen
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
-	touch $@
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc $(PROTOS)
+	touch gen/modelmax/v1/py.typed $@
 
 proto-lint: $(VENV)/.installed
 	cd proto && ../$(BIN)/buf lint && ../$(BIN)/buf format -d --exit-code
 
 run: proto
-	bash scripts/run-local.sh
+	$(BIN)/modelmax run
 
 run-core: proto
-	$(BIN)/python -m services
+	$(BIN)/modelmax core
 
 run-bridge: proto
-	$(BIN)/python -m bridge
+	$(BIN)/modelmax bridge
 
 tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
 # promtool lints the metrics expositions in tests; Debian's prometheus package is the one offline source of it.
+# PostgreSQL 15 (Debian) backs the tenant store's tests: the fixtures start a private server on 127.0.0.1.
 tools:
 	command -v promtool >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15; }
 
 test: lint tools tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
+# buf breaking compares the protos with main's: since the one breaking change (`repeated Choice`), the contract
+# cannot break by accident. mypy --strict reads its paths and settings from pyproject.toml.
 lint: proto
-	$(BIN)/ruff format --check services bridge startup tests bench
-	$(BIN)/ruff check services bridge startup tests bench
+	$(BIN)/ruff format --check services bridge startup tests bench setup.py
+	$(BIN)/ruff check services bridge startup tests bench setup.py
 	$(BIN)/lint-imports
+	cd proto && ../$(BIN)/buf breaking --against '../.git#branch=main,subdir=proto'
+	$(BIN)/mypy
 
 check: lint test
 
 clean:
-	rm -rf gen $(VENV) tests/node/node_modules
+	rm -rf gen build dist modelmax.egg-info $(VENV) tests/node/node_modules
 
 # Container images (one Dockerfile, two targets); needs a Docker engine, which CI does not have.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)

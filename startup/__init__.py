@@ -1,6 +1,7 @@
 """Process start-up shared by the core and the bridge: log format and the open-file limit.
 
-The two components never import each other; what both processes need before serving lives here instead.
+The two components never import each other; what both processes need before serving lives here instead. The
+`modelmax` command (`startup.cli`) is the one module that knows both; nothing here imports it.
 """
 
 from __future__ import annotations
