@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
-from services.catalog import CooldownPolicy, RetryPolicy, TimeoutPolicy
+from services.catalog import CatalogEntry, CooldownPolicy, RetryPolicy, TimeoutPolicy
 from services.errors import GatewayError
 from services.metrics import CoreMetrics, Measurement
 from services.providers import Provider, ProviderRegistry
@@ -36,15 +36,27 @@ Events = AsyncGenerator[svc.StreamCompletionResponse, None]
 
 @dataclass(slots=True)
 class Deployment:
-    """One provider deployment of a route: the provider that serves it, its limits, and its failure count."""
+    """One deployment of a route at run time: its catalog configuration, the provider serving it, its failures."""
 
-    label: str  # "1:bedrock:deepseek.v3.2": catalog position, provider kind, upstream model
-    kind: str  # the provider kind ("bedrock"), a metrics label
+    config: CatalogEntry  # the catalog's deployment: provider kind, upstream model, options, weight, timeouts
     provider: Provider
-    weight: float | None = None  # share of traffic; None: tried in list order
-    timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)
+    label: str  # "1:bedrock:deepseek.v3.2": catalog position, provider kind, upstream model
     failures: int = 0
     cooled_until: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        """The provider kind ("bedrock"), a metrics label."""
+        return self.config.provider
+
+    @property
+    def weight(self) -> float | None:
+        """The share of traffic; None: tried in list order."""
+        return self.config.weight
+
+    @property
+    def timeouts(self) -> TimeoutPolicy:
+        return self.config.timeouts
 
     def available(self, now: float) -> bool:
         return now >= self.cooled_until
@@ -127,14 +139,12 @@ class Started:
 
 
 def build_routes(registry: ProviderRegistry) -> dict[str, Route]:
-    """One Route per catalog entry, its deployments in catalog order."""
+    """One Route per catalog entry, its deployments in catalog order, each paired with its provider."""
     routes: dict[str, Route] = {}
     for entry in registry.catalog.entries:
         deployments = [
-            Deployment(
-                f"{index}:{config.provider}:{config.model}", config.provider, provider, config.weight, config.timeouts
-            )
-            for index, (config, provider) in enumerate(registry.deployments[entry.name])
+            Deployment(config, provider, f"{index}:{config.provider}:{config.model}")
+            for index, (config, provider) in enumerate(zip(entry.routes(), registry.providers[entry.name], strict=True))
         ]
         routes[entry.name] = Route(entry.name, deployments, entry.retry, entry.cooldown)
     return routes

@@ -80,18 +80,20 @@ class Backend(Protocol):
 
 
 class ProviderRegistry:
-    """Public model name -> its deployments (catalog entry and provider, in catalog order), plus the catalog."""
+    """The catalog, and the provider of each of its deployments: `providers[name][i]` serves
+    `entry.routes()[i]` of the entry called `name` (the core's dispatch pairs them into its Deployments)."""
 
-    def __init__(self, catalog: Catalog, deployments: Mapping[str, list[tuple[CatalogEntry, Provider]]]) -> None:
+    def __init__(self, catalog: Catalog, providers: Mapping[str, tuple[Provider, ...]]) -> None:
         self.catalog = catalog
-        self.deployments = dict(deployments)
+        self.providers = dict(providers)
 
 
 async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncExitStack) -> ProviderRegistry:
-    """Create every backend the catalog needs, once, and one provider per entry. `stack` closes the backends."""
+    """Create every backend the catalog needs, once, and one provider per deployment. `stack` closes the backends."""
     backends: dict[str, Backend] = {}
-    deployments: dict[str, list[tuple[CatalogEntry, Provider]]] = {}
+    providers: dict[str, tuple[Provider, ...]] = {}
     for entry in catalog.entries:
+        made: list[Provider] = []
         for deployment in entry.routes():
             module_name = _MODULES.get(deployment.provider)
             if module_name is None:
@@ -109,8 +111,9 @@ async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncE
                 # each request with an error that says what to set, instead of the whole gateway refusing to start.
                 log.warning("%s; requests for %r will fail until it is set", exc, entry.name)
                 provider = UnavailableProvider(entry.name, str(exc).partition(": ")[2])
-            deployments.setdefault(entry.name, []).append((deployment, provider))
-    return ProviderRegistry(catalog, deployments)
+            made.append(provider)
+        providers[entry.name] = tuple(made)
+    return ProviderRegistry(catalog, providers)
 
 
 class UnavailableProvider:
