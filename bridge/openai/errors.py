@@ -180,10 +180,12 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
 
 
 def _seconds(value: str | None) -> float | None:
+    """A finite, non-negative delay in seconds, or None: the Retry-After header is made of it (math.ceil)."""
     try:
-        return None if value is None else float(value)
+        seconds = None if value is None else float(value)
     except ValueError:
         return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
