@@ -23,6 +23,7 @@ class Refusal(enum.Enum):
 
     MISSING_KEY = enum.auto()  # 401: no Authorization header
     INVALID_KEY = enum.auto()  # 401: a header, but not a configured key
+    DUPLICATE_HEADER = enum.auto()  # 400: detail "header", a header that must come once came more than once
     OVERLOADED = enum.auto()  # 503: every slot is taken (Retry-After)
     UNSUPPORTED_MEDIA_TYPE = enum.auto()  # 415: the route takes JSON
     BODY_TOO_LARGE = enum.auto()  # 413: detail "limit", the limit in bytes

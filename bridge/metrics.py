@@ -63,8 +63,11 @@ class BridgeMetrics:
 
 
 def request_id_from(header: str | None) -> str:
-    """The caller's X-Request-Id when it is a sane token, else a new one."""
-    if header and len(header) <= _MAX_REQUEST_ID and header.isprintable() and " " not in header:
+    """The caller's X-Request-Id when it is a sane token (printable ASCII, no space), else a new one.
+
+    ASCII only: the header arrives decoded as latin-1, where bytes 0xA1-0xFF are printable characters, but the id
+    goes to the core as gRPC metadata, which takes printable ASCII alone."""
+    if header and len(header) <= _MAX_REQUEST_ID and header.isascii() and header.isprintable() and " " not in header:
         return header
     return uuid.uuid4().hex
 

@@ -139,6 +139,9 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
         try:
             identity = None
             if not route.public:
+                # Two Authorization headers would let the first silently win: which credential is meant is unclear.
+                if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
+                    raise Refused(Refusal.DUPLICATE_HEADER, {"header": "Authorization"})
                 identity = gateway.keys.authenticate(headers.get("authorization", ""))
                 seen.key_id = identity.key_id
                 gateway.admit()

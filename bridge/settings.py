@@ -44,7 +44,8 @@ class Settings:
                 lines = Path(keys_file).read_text(encoding="utf-8").splitlines()
             except OSError as exc:
                 raise SettingsError(f"MODELMAX_API_KEYS_FILE={keys_file!r} cannot be read: {exc.strerror}") from None
-            keys.extend(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+            stripped = (line.strip() for line in lines)  # an indented "# ..." is a comment too, not a key
+            keys.extend(line for line in stripped if line and not line.startswith("#"))
         if not keys:
             raise SettingsError(
                 "no API key configured: set MODELMAX_API_KEY (one key), MODELMAX_API_KEYS (comma-separated) "

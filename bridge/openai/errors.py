@@ -75,6 +75,12 @@ _REFUSALS: dict[Refusal, tuple[int, str, str, str | None]] = {
         "missing_api_key",
     ),
     Refusal.INVALID_KEY: (401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    Refusal.DUPLICATE_HEADER: (
+        400,
+        "The {header} header was sent more than once; send it once.",
+        "invalid_request_error",
+        "duplicate_header",
+    ),
     Refusal.OVERLOADED: (503, "The gateway is overloaded; retry shortly.", "api_error", "overloaded"),
     Refusal.UNSUPPORTED_MEDIA_TYPE: (
         415,
