@@ -18,7 +18,7 @@ from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.completion.fold import Fold
 from services.completion.relay import relay
-from services.completion.validation import check_params, check_supported
+from services.completion.validation import MAX_USER, check_params, check_supported, shown
 from services.dispatch import Dispatcher, Route, build_routes
 from services.errors import GatewayError
 from services.images import ImageFetcher, remote_images
@@ -184,7 +184,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                         "provider": measurement.provider,
                         "deployment": measurement.deployment,
                         "attempts": measurement.attempts,
-                        "user": params.user,  # the caller's id for its end user, as given (never prompts or keys)
+                        # the caller's id for its end user, as given (never prompts or keys); cut if it was refused
+                        "user": params.user if len(params.user) <= MAX_USER else shown(params.user),
                         "stream": stream,
                         "status": status,
                         "duration_ms": round(duration * 1000, 3),

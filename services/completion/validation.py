@@ -20,6 +20,10 @@ from services.errors import GatewayError, invalid_request
 from services.providers import FEATURES
 
 MAX_STOP_SEQUENCES = 4
+MAX_MODEL_NAME = 256  # characters; the catalog's names are at most 128, and a name is echoed nowhere past this
+MAX_USER = 256  # characters: OpenAI's `user` is a short id for the caller's end user (it goes into the log line)
+MAX_STOP_LENGTH = 512  # characters of one stop sequence
+SHOWN_CHARS = 64  # characters of a caller's string an error message quotes; longer ones are cut (see `shown`)
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_CHOICES = 8  # the gateway's own bound on `n` (OpenAI allows 128; eight answers is already eight times the cost)
 MAX_TOP_LOGPROBS = 20
@@ -40,8 +44,12 @@ _REASONING_EFFORTS = frozenset(pb.ReasoningEffort.values())
 
 def check_params(params: pb.CompletionParams) -> None:
     """Raise GatewayError(INVALID_REQUEST) naming the offending field by its proto path."""
+    if len(params.model) > MAX_MODEL_NAME:  # first: nothing after this may quote an over-long name
+        raise invalid_request(_too_long("model", len(params.model), MAX_MODEL_NAME), field="model")
     if not params.model:
         raise invalid_request("you must provide a model parameter", field="model")
+    if len(params.user) > MAX_USER:
+        raise invalid_request(_too_long("user", len(params.user), MAX_USER), field="user")
     if not params.messages:
         raise invalid_request("'messages' must contain at least one message", field="messages")
     _check_messages(params.messages)
@@ -60,8 +68,11 @@ def check_params(params: pb.CompletionParams) -> None:
             f"'stop_sequences' accepts at most {MAX_STOP_SEQUENCES} sequences, got {len(params.stop_sequences)}",
             field="stop_sequences",
         )
-    if any(not stop for stop in params.stop_sequences):
-        raise invalid_request("stop sequences must not be empty", field="stop_sequences")
+    for stop in params.stop_sequences:
+        if not stop:
+            raise invalid_request("stop sequences must not be empty", field="stop_sequences")
+        if len(stop) > MAX_STOP_LENGTH:
+            raise invalid_request(_too_long("stop_sequences", len(stop), MAX_STOP_LENGTH), field="stop_sequences")
     if params.tools or params.HasField("tool_choice"):
         _check_tools(params)
     if params.HasField("response_format"):
@@ -137,7 +148,7 @@ def _check_parts(message: pb.Message, index: int) -> None:
             raise invalid_request("Invalid image: give exactly one of its bytes (data) or a URL.", field=param)
         if image.data and image.media_type not in IMAGE_MEDIA_TYPES:
             raise invalid_request(
-                f"Invalid image: the media type {image.media_type!r} is not supported; use one of "
+                f"Invalid image: the media type {shown(image.media_type)!r} is not supported; use one of "
                 "'image/png', 'image/jpeg', 'image/gif' or 'image/webp'.",
                 field=param,
             )
@@ -167,8 +178,8 @@ def _check_tool_message(message: pb.Message, index: int, answerable: set[str] | 
         )
     if message.tool_call_id not in answerable:
         raise invalid_request(
-            f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found in 'tool_calls' of previous "
-            "message.",
+            f"Invalid parameter: 'tool_call_id' of '{shown(message.tool_call_id)}' not found in 'tool_calls' of "
+            "previous message.",
             field=f"messages[{index}].tool_call_id",
         )
 
@@ -213,7 +224,8 @@ def _check_tools(params: pb.CompletionParams) -> None:
     if choice.mode == pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION:
         if choice.name not in names:
             raise invalid_request(
-                f"Invalid value for 'tool_choice': the function '{choice.name}' is not one of the request's 'tools'.",
+                f"Invalid value for 'tool_choice': the function '{shown(choice.name)}' is not one of the request's "
+                "'tools'.",
                 field="tool_choice",
             )
     elif choice.name:
@@ -265,6 +277,21 @@ def _check_name(name: str, param: str) -> None:
             "'^[a-zA-Z0-9_-]+$'.",
             field=param,
         )
+
+
+def shown(text: str) -> str:
+    """A caller's string as an error message may quote it: whole up to SHOWN_CHARS characters, else cut with "…".
+
+    A status message travels in gRPC metadata, whose size is bounded: an echoed 5 KB string broke the status itself.
+    """
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}…"
+
+
+def _too_long(param: str, length: int, limit: int) -> str:
+    return (
+        f"Invalid '{param}': string too long. Expected a string with maximum length {limit}, but got a string with "
+        f"length {length} instead."
+    )
 
 
 def _check_range(param: str, value: int, low: int, high: int) -> None:

@@ -76,6 +76,7 @@ VALID = {
     "top_logprobs with logprobs": base(logprobs=True, top_logprobs=20),
     "every reasoning effort": base(reasoning_effort=pb.ReasoningEffort.REASONING_EFFORT_XHIGH),
     "seed and user": base(seed=-(2**63), user="end-user-42"),
+    "model, user and stop at their length bounds": base(model="m" * 256, user="u" * 256, stop_sequences=["s" * 512]),
 }
 
 
@@ -219,6 +220,12 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
         edited(lambda p: setattr(p.response_format, "type", 9)), "response_format.type", "json_schema"
     ),
     "unknown reasoning effort": (edited(lambda p: setattr(p, "reasoning_effort", 42)), "reasoning_effort", "'minimal'"),
+    "model name too long": (base(model="m" * 257), "model", "maximum length 256, but got a string with length 257"),
+    "model name too long, no messages either": (base(model="m" * 100_000, messages=[]), "model", "maximum length 256"),
+    "user too long": (base(user="u" * 257), "user", "maximum length 256, but got a string with length 257"),
+    "stop sequence too long": (
+        base(stop_sequences=["ok", "s" * 513]), "stop_sequences", "maximum length 512, but got a string with length 513"
+    ),
 }  # fmt: skip
 
 
@@ -229,6 +236,24 @@ def test_each_rule_names_its_field(params: pb.CompletionParams, param: str, word
     assert raised.value.reason == pb.ErrorReason.ERROR_REASON_INVALID_REQUEST
     assert raised.value.field == param
     assert words in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        base(model="m" * 100_000),
+        base(messages=[*tool_loop()[:2], pb.Message(role=R.ROLE_TOOL, tool_call_id="c" * 100_000, content="x")]),
+        base(tools=[WEATHER],
+             tool_choice=pb.ToolChoice(mode=pb.ToolChoiceMode.TOOL_CHOICE_MODE_FUNCTION, name="f" * 100_000)),
+        base(messages=[pb.Message(role=R.ROLE_USER, parts=[image_part(data=b"x", media_type="t" * 100_000)])]),
+    ],
+    ids=["model", "tool_call_id", "tool_choice name", "image media type"],
+)  # fmt: skip
+def test_no_message_quotes_a_long_string_whole(params: pb.CompletionParams) -> None:
+    """A status message travels in gRPC metadata: a long echoed string broke the status (a 500 or a 413)."""
+    with pytest.raises(GatewayError) as raised:
+        check_params(params)
+    assert len(raised.value.message) < 300
 
 
 def test_deeply_nested_schema_text_is_a_400_not_a_crash() -> None:
