@@ -5,15 +5,22 @@ requests queue for it in order, and the event loop never waits on generation. To
 `call_soon_threadsafe`; a consumer that goes away sets a flag the worker checks before every token, so a cancelled
 request stops generating at once and the next one starts. The provider matches the stop sequences itself, so a
 finish names the one that ended the answer.
+
+The queue is bounded: a request finding `max_queue` jobs already waiting for the engine, or waiting longer than
+`max_queue_wait_seconds` for the worker, is refused as OVERLOADED with a Retry-After, and nothing is generated for it.
+A conversation that cannot fit the context (more messages than tokens, or more characters than the longest token
+times the context) is refused on the event loop, before it is queued for the tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import importlib.util
 import threading
-from collections.abc import AsyncGenerator, Callable, Mapping
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +36,14 @@ from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry
 from services.errors import GatewayError
 
-_OPTIONS = {"threads", "context_length", "default_max_tokens", "seed"}
+_OPTIONS = {"threads", "context_length", "default_max_tokens", "seed", "max_queue", "max_queue_wait_seconds"}
 _PACKAGE_PREFIX = "pkg:"
 _ROLE_NAMES: dict[pb.Role.ValueType, Literal["system", "user", "assistant"]] = {
     pb.Role.ROLE_SYSTEM: "system",
     pb.Role.ROLE_USER: "user",
     pb.Role.ROLE_ASSISTANT: "assistant",
 }
+_RETRY_AFTER = 1.0  # seconds, in an OVERLOADED refusal: a job ahead is likely done by then
 _SEEDS = 0xFFFFFFFF  # llama.cpp seeds are uint32, and 0xFFFFFFFF (LLAMA_DEFAULT_SEED) itself means "random"
 
 
@@ -60,7 +68,7 @@ def _chat_message(message: pb.Message) -> ChatCompletionRequestMessage:
     return {"role": "assistant", "content": message.content}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # eq=False: hashed by identity, for the engine's set of waiting jobs
 class _Job:
     """One generation, as the worker thread sees it."""
 
@@ -75,6 +83,7 @@ class _Job:
     json: bool  # response_format json_object: sample only what llama.cpp's JSON grammar allows
     cancelled: threading.Event
     emit: Callable[[tuple[Any, ...]], object]  # what it returns is ignored
+    deadline: float = float("inf")  # time.monotonic() after which the worker must not start it
 
 
 class _Engine:
@@ -101,15 +110,62 @@ class _Engine:
         self._context_length = min(context_length, self._llm.n_ctx())
         self._seed = seed or llama_cpp.LLAMA_DEFAULT_SEED  # as Llama() reads it: 0 also means random
         self._json = LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # a JSON object, llama.cpp's own grammar
+        self._longest_token = self._longest_token_bytes()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{path.stem}")
+        self._lock = threading.Lock()  # guards _waiting, shared by the event loop and the worker
+        self._waiting: set[_Job] = set()  # submitted, not yet taken by the worker nor withdrawn
+
+    def _longest_token_bytes(self) -> int:
+        """The most bytes any one token stands for: a prompt of n bytes is at least n / this many tokens."""
+        vocab = self._llm._model.vocab
+        buffer = ctypes.create_string_buffer(1024)
+        longest = 1
+        for token in range(self._llm.n_vocab()):
+            size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+            longest = max(longest, abs(size))  # negative: the piece needs that many bytes (more than the buffer)
+        return longest
+
+    def check_fits(self, messages: Sequence[pb.Message]) -> None:
+        """Refuse, cheaply and before tokenizing, a conversation that cannot fit the context: every message is at
+        least one token, and every token at most `_longest_token` bytes (so characters). The worker still counts the
+        tokens exactly."""
+        if len(messages) < self._context_length:
+            characters = sum(len(message.content) for message in messages)
+            if -(-characters // self._longest_token) < self._context_length:
+                return
+            why = f"{characters} characters"
+        else:
+            why = f"{len(messages)} messages"
+        raise GatewayError(
+            pb.ErrorReason.ERROR_REASON_CONTEXT_LENGTH_EXCEEDED,
+            f"This model's maximum context length is {self._context_length} tokens; the messages ({why}) cannot fit.",
+            field="messages",
+        )
 
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
-    def submit(self, job: _Job) -> asyncio.Future[None]:
-        return asyncio.wrap_future(self._executor.submit(self._run, job))
+    def submit(self, job: _Job, max_queue: int) -> asyncio.Future[None]:
+        """Queue `job` for the worker, unless `max_queue` jobs already wait for it."""
+        with self._lock:
+            if len(self._waiting) >= max_queue:
+                raise _overloaded(f"{len(self._waiting)} requests are already waiting for this model")
+            self._waiting.add(job)
+        try:
+            return asyncio.wrap_future(self._executor.submit(self._run, job))
+        except BaseException:
+            self.withdraw(job)
+            raise
+
+    def withdraw(self, job: _Job) -> bool:
+        """Take `job` back if the worker has not taken it yet; True if it had not (it will never run)."""
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                return True
+            return False
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -117,7 +173,10 @@ class _Engine:
 
     def _run(self, job: _Job) -> None:
         """Worker thread: template, tokenize, sample token by token until EOG, a stop sequence or a limit."""
-        if job.cancelled.is_set():
+        if not self.withdraw(job) or job.cancelled.is_set():
+            return  # withdrawn by its request (it waited too long) or abandoned by its caller
+        if time.monotonic() > job.deadline:
+            job.emit(("error", _overloaded("the request waited too long for this model")))
             return
         try:
             self._generate(job)
@@ -202,6 +261,15 @@ def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def _overloaded(why: str) -> GatewayError:
+    return GatewayError(
+        pb.ErrorReason.ERROR_REASON_OVERLOADED,
+        f"The local model is overloaded ({why}); retry later.",
+        provider="local",
+        retry_after=_RETRY_AFTER,
+    )
+
+
 class LocalProvider:
     """Serves one catalog entry from a shared engine."""
 
@@ -210,15 +278,20 @@ class LocalProvider:
     # choices, log probabilities and reasoning effort have no honest mapping onto a small chat model here.
     supported = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format"})
 
-    def __init__(self, engine: _Engine, default_max_tokens: int | None) -> None:
+    def __init__(
+        self, engine: _Engine, default_max_tokens: int | None, *, max_queue: int = 16, max_queue_wait: float = 30.0
+    ) -> None:
         self._engine = engine
         self._default_max_tokens = default_max_tokens
+        self._max_queue = max_queue  # jobs waiting for the engine (its running one aside), counted per engine
+        self._max_queue_wait = max_queue_wait  # seconds a job may wait for the worker to take it
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
     ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         if params.response_format.type == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
             _refuse_json_schema(params.model)
+        self._engine.check_fits(params.messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()  # bounded by the context length
         job = _Job(
@@ -233,12 +306,24 @@ class LocalProvider:
             json=params.response_format.type == pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
             cancelled=threading.Event(),
             emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            deadline=time.monotonic() + self._max_queue_wait,
         )
-        done = self._engine.submit(job)
+        done = self._engine.submit(job, self._max_queue)
         done.add_done_callback(lambda _: queue.put_nowait(("exit",)))
+        waiting = True  # until the first item: the worker may not have taken the job yet
         try:
             while True:
-                item = await queue.get()
+                if waiting:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), max(0.0, job.deadline - time.monotonic()))
+                    except TimeoutError:
+                        if self._engine.withdraw(job):
+                            raise _overloaded("the request waited too long for this model") from None
+                        waiting = False  # the worker took it just now: wait for its answer
+                        continue
+                    waiting = False
+                else:
+                    item = await queue.get()
                 kind = item[0]
                 if kind == "text":
                     yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text=item[1]))
@@ -259,6 +344,7 @@ class LocalProvider:
                     raise RuntimeError("local generation ended without a finish")
         finally:
             job.cancelled.set()  # stops the worker before its next token if we were cancelled or failed
+            self._engine.withdraw(job)  # a caller gone while waiting frees its place in the queue at once
 
 
 def _refuse_json_schema(model: str) -> None:
@@ -285,8 +371,12 @@ class LocalBackend:
         context_length = entry.option("context_length", int, 2048)
         seed = entry.option("seed", int, llama_cpp.LLAMA_DEFAULT_SEED)
         default_max_tokens = entry.option("default_max_tokens", int, 0)
+        max_queue = entry.option("max_queue", int, 16)
+        max_queue_wait = entry.option("max_queue_wait_seconds", float, 30.0)
         if threads < 1 or context_length < 16 or default_max_tokens < 0:
             raise entry.problem("options 'threads' must be >= 1, 'context_length' >= 16 and 'default_max_tokens' >= 0")
+        if max_queue < 1 or not max_queue_wait > 0:
+            raise entry.problem("options 'max_queue' must be >= 1 and 'max_queue_wait_seconds' > 0")
         if not entry.model:
             raise entry.problem("'model' must be a GGUF path or pkg:<package>/<file>.gguf")
         try:
@@ -301,7 +391,9 @@ class LocalBackend:
                 self._engines[key] = _Engine(path, threads, context_length, seed)
             except ValueError as exc:
                 raise entry.problem(f"cannot load {str(path)!r}: {exc}") from exc
-        return LocalProvider(self._engines[key], default_max_tokens or None)
+        return LocalProvider(
+            self._engines[key], default_max_tokens or None, max_queue=max_queue, max_queue_wait=max_queue_wait
+        )
 
     async def aclose(self) -> None:
         for engine in self._engines.values():

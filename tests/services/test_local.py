@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
-from services.catalog import CatalogEntry
+from services.catalog import CatalogEntry, CatalogError
 from services.providers import FEATURES
 from services.providers.local import LocalProvider, _partial_stop_length, create_backend
 from services.server import CoreServer
@@ -238,3 +238,114 @@ async def test_json_mode_holds_the_model_to_a_json_object(local_core: CoreServer
     assert isinstance(json.loads(cat.choices[0].content), dict), cat.choices[0].content
     # A prompt that does not ask for JSON still gets the start of a JSON object, where it would not without.
     assert story.choices[0].content.startswith("{") and not plain_story.choices[0].content.lstrip().startswith("{")
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(exc)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+def assert_overloaded(exc: grpc.aio.AioRpcError) -> None:
+    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    info = error_info(exc)
+    assert info.reason == "ERROR_REASON_OVERLOADED"
+    assert float(info.metadata["retry_after"]) == 1.0
+
+
+LONG = "Write the numbers from 1 to 1000 separated by commas."
+
+
+async def started(stub: svc_grpc.CompletionServiceStub, max_tokens: int) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+    """A long greedy generation, once the worker is generating it (the core sends `start` with its first output)."""
+    call = stub.StreamCompletion(ask(LONG, temperature=0.0, max_tokens=max_tokens))
+    assert (await call.read()).HasField("start")
+    return call
+
+
+async def drain(call: grpc.aio.UnaryStreamCall) -> list[svc.StreamCompletionResponse]:  # type: ignore[type-arg]
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+    return events
+
+
+def local_catalog(tmp_path: Path, **options: object) -> str:
+    return write_catalog(tmp_path, [{"name": MODEL, "provider": "local", "model": GGUF, "options": options}])
+
+
+async def test_a_request_beyond_max_queue_is_refused_overloaded_at_once(tmp_path: Path) -> None:
+    async with (
+        running_core(local_catalog(tmp_path, max_queue=1)) as core,
+        grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel,
+    ):
+        stub = svc_grpc.CompletionServiceStub(channel)
+        running = await started(stub, max_tokens=200)  # ~3 s of generation
+        waiting = asyncio.ensure_future(drain(stub.StreamCompletion(ask("Say hi.", max_tokens=3))))
+        await asyncio.sleep(0.3)  # the second request is queued behind the first
+        clock = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.CreateCompletion(svc.CreateCompletionRequest(params=ask("Say hello.", max_tokens=3).params))
+        assert asyncio.get_running_loop().time() - clock < 1.0
+        assert_overloaded(raised.value)
+        assert not waiting.done()  # still waiting: the refusal did not wait for the queue
+        assert (await drain(running))[-1].HasField("finish")
+        assert (await waiting)[-1].HasField("finish")  # the queued one was served once the first was done
+
+
+async def test_a_request_that_waited_past_max_queue_wait_is_refused_and_never_generated(tmp_path: Path) -> None:
+    async with (
+        running_core(local_catalog(tmp_path, max_queue_wait_seconds=0.2)) as core,
+        grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel,
+    ):
+        stub = svc_grpc.CompletionServiceStub(channel)
+        running = await started(stub, max_tokens=150)  # ~2 s of generation
+        clock = asyncio.get_running_loop().time()
+        refused = stub.CreateCompletion(svc.CreateCompletionRequest(params=ask(LONG, max_tokens=300).params))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await refused
+        assert asyncio.get_running_loop().time() - clock < 1.0  # refused after its 0.2 s, not after the first
+        assert_overloaded(raised.value)
+        assert (await drain(running))[-1].HasField("finish")
+        # Had the worker generated the refused request's 300 tokens (~4 s), this one would wait behind them.
+        clock = asyncio.get_running_loop().time()
+        reply = await stub.CreateCompletion(svc.CreateCompletionRequest(params=ask("Hi", max_tokens=1).params))
+        assert asyncio.get_running_loop().time() - clock < 1.0
+        assert reply.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[pb.Message(role=pb.Role.ROLE_USER, content="hi")] * 10_000,
+     [pb.Message(role=pb.Role.ROLE_USER, content="x" * 200_000)]],
+    ids=["10k messages", "200k characters"],
+)  # fmt: skip
+async def test_a_conversation_that_cannot_fit_is_refused_before_the_queue(
+    local_core: CoreServer, messages: list[pb.Message]
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+        running = await started(stub, max_tokens=150)  # the worker is busy for ~2 s: the check must not queue
+        params = pb.CompletionParams(model=MODEL, messages=messages, max_tokens=3)
+        clock = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.CreateCompletion(svc.CreateCompletionRequest(params=params))
+        assert asyncio.get_running_loop().time() - clock < 0.5
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(raised.value)
+        assert info.reason == "ERROR_REASON_CONTEXT_LENGTH_EXCEEDED" and info.metadata["field"] == "messages"
+        assert "2048 tokens" in (raised.value.details() or "")
+        running.cancel()
+
+
+async def test_queue_options_are_checked() -> None:
+    backend = create_backend({})
+    try:
+        for options in ({"max_queue": 0}, {"max_queue_wait_seconds": 0}, {"max_queue": "many"}):
+            entry = CatalogEntry(MODEL, "local", GGUF, "modelmax", options, where="test")
+            with pytest.raises(CatalogError, match="max_queue.* must be"):
+                await backend.provider_for(entry)
+    finally:
+        await backend.aclose()
