@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import cache
-from typing import Any
 
 import pytest
 
@@ -29,6 +27,7 @@ from services.providers._http1 import MAX_DECODED_BYTES, MAX_HEAD_BYTES, MAX_HEA
 from services.providers._sse import MAX_EVENT_BYTES
 from services.providers.openai import create_backend
 from services.providers.openai.errors import RETRY_AFTER_LIMIT, retry_after
+from tests.services.test_http1 import no_loop_errors as no_loop_errors  # noqa: F401 (autouse, shared)
 
 R = pb.ErrorReason
 PATH = "/v1/chat/completions"
@@ -147,17 +146,6 @@ async def fails(provider: Provider) -> GatewayError:
             async for _ in provider.stream(params):
                 pass
     return raised.value
-
-
-@pytest.fixture(autouse=True)
-async def no_loop_errors() -> AsyncIterator[None]:
-    """Nothing reaches the loop's exception handler: no 'Task exception was never retrieved', no callback error."""
-    loop = asyncio.get_running_loop()
-    seen: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _, context: seen.append(context))
-    yield
-    gc.collect()
-    assert seen == []
 
 
 # The hostile upstreams. Each writes its response to any request, then keeps the connection as it is.
