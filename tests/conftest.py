@@ -17,6 +17,7 @@ from services.server import CoreServer, start_core
 from services.settings import DEFAULT_CATALOG
 from services.settings import Settings as CoreSettings
 from tests.fakes.serve import serve
+from tests.policy_stores import backend, pg_dsn, postgres_server, store  # noqa: F401 (fixtures for every test)
 
 API_KEY = "mm-test-key-0123456789abcdef"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,7 @@ class SQLiteStore:
             # isolation_level=None: no implicit transactions; each write below says BEGIN IMMEDIATE itself
             conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            _enable_wal(conn, busy_timeout)  # readers never block the writer, nor it them
             conn.execute("PRAGMA synchronous=NORMAL")  # safe in WAL: a power cut loses the last commits, never the file
             conn.execute("PRAGMA foreign_keys=ON")
             try:
@@ -250,6 +251,21 @@ def _write(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Switch the file to WAL. The switch needs the file to itself and SQLite answers "database is locked" at once,
+    without its busy handler, while another process opens it too (replicas starting together): retry until
+    `busy_timeout`."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

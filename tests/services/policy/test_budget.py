@@ -11,7 +11,7 @@ import pytest
 
 from services.policy.keys import Budget, KeySpec
 from services.policy.store import Reservation, Store
-from tests.services.policy.conftest import Backend
+from tests.policy_stores import Backend
 
 WINDOW = datetime(2026, 7, 1, tzinfo=UTC)
 

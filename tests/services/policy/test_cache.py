@@ -11,7 +11,7 @@ import pytest
 from services.policy.cache import KeyCache, KeyRefused
 from services.policy.keys import KeyRecord, KeySpec, parse_key
 from services.policy.store import KeyChanges, Store
-from tests.services.policy.conftest import Backend
+from tests.policy_stores import Backend
 
 
 class Clock:

@@ -6,7 +6,7 @@ import glob
 
 import pytest
 
-from tests.services.policy import conftest
+from tests import policy_stores as conftest
 
 
 def test_missing_postgresql_fails_loudly_with_the_install_line(monkeypatch: pytest.MonkeyPatch) -> None:

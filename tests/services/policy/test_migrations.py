@@ -10,7 +10,7 @@ import pytest
 from services.policy import migrations
 from services.policy.migrations import Migration
 from services.policy.store import MigrationError
-from tests.services.policy.conftest import Backend
+from tests.policy_stores import Backend
 
 EXTRA_SQL = "CREATE TABLE extra_table (x integer);\nINSERT INTO extra_table VALUES (1);\n"  # fails if run twice
 

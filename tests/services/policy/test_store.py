@@ -13,7 +13,7 @@ from services.policy.postgres import PostgresStore
 from services.policy.sqlite import SQLiteStore
 from services.policy.store import KeyChanges, KeyNotFound, KeyRevoked, Store
 from services.policy.usage import UsageRecord
-from tests.services.policy.conftest import Backend
+from tests.policy_stores import Backend
 
 DAY1 = datetime(2026, 5, 1, 9, 30, tzinfo=UTC)
 DAY2 = datetime(2026, 5, 2, 23, 59, 59, 999999, tzinfo=UTC)

@@ -11,7 +11,7 @@ import pytest
 
 from services.policy.store import Store
 from services.policy.usage import UsageBufferFull, UsageRecord, UsageWriter
-from tests.services.policy.conftest import Backend
+from tests.policy_stores import Backend
 
 T0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""Real policy stores: a private PostgreSQL server for the session with a fresh database per test, and SQLite files.
+"""Real policy stores for any test: a private PostgreSQL server per session, a fresh schema per test, SQLite files.
 
 PostgreSQL refuses to run as root, so when the tests run as root the server's files belong to the `postgres` user
 and its commands run through `runuser`. A missing PostgreSQL fails the tests that need it, loudly: a skipped
