@@ -117,7 +117,7 @@ async def hold_streams(host: str, port: int, request: bytes, count: int) -> list
     return connections
 
 
-async def grpc_load(target: str, model: str, seconds: float, limit: int) -> Samples:
+async def grpc_load(target: str, model: str, seconds: float, limit: int, key: str) -> Samples:
     """CreateCompletion on the core, one call at a time, through the generated stubs."""
     import grpc
 
@@ -131,12 +131,13 @@ async def grpc_load(target: str, model: str, seconds: float, limit: int) -> Samp
     samples = Samples()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
-        await stub.CreateCompletion(request)
+        metadata = (("authorization", f"Bearer {key}"),)
+        await stub.CreateCompletion(request, metadata=metadata)
         started = time.perf_counter()
         deadline = started + seconds
         while time.perf_counter() < deadline and len(samples.latencies) < limit:
             t = time.perf_counter()
-            await stub.CreateCompletion(request)
+            await stub.CreateCompletion(request, metadata=metadata)
             samples.latencies.append(time.perf_counter() - t)
         samples.elapsed = time.perf_counter() - started
     return samples

@@ -60,10 +60,10 @@ async def _measure(which: str, streams: int) -> None:
 
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "bridge"], cwd=ROOT,
-                env={**env, "MODELMAX_API_KEY": KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}",
+                env={**env, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}",
                      "MODELMAX_BRIDGE_PORT": str(bridge), "MODELMAX_BRIDGE_METRICS_PORT": "off"},
             ))  # fmt: skip
-            server = await start_core(CoreSettings(catalog_path=str(catalog), port=core), {})
+            server = await start_core(CoreSettings(catalog_path=str(catalog), port=core, api_keys=(KEY,)), {})
             stop = server.stop
         else:
             import uvicorn
@@ -74,10 +74,10 @@ async def _measure(which: str, streams: int) -> None:
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "services"], cwd=ROOT,
                 env={**env, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core),
-                     "MODELMAX_CORE_METRICS_PORT": "off"},
+                     "MODELMAX_CORE_METRICS_PORT": "off", "MODELMAX_API_KEY": KEY},
             ))  # fmt: skip
             await asyncio.sleep(3)  # the core's start-up
-            app = create_app(BridgeSettings(api_keys=(KEY,), core_target=f"127.0.0.1:{core}", port=bridge))
+            app = create_app(BridgeSettings(core_target=f"127.0.0.1:{core}", port=bridge))
             config = uvicorn.Config(app, host="127.0.0.1", port=bridge, log_level="warning", loop="none")
             uvi = uvicorn.Server(config)
             serving = asyncio.create_task(uvi.serve())

@@ -69,8 +69,12 @@ def rss_kib(pid: int) -> int:
 class Stack:
     """The fake upstream, the core and the bridge as pinned subprocesses, and the floor's pair pinned alike."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, keys: str = "static") -> None:
         self.upstream_port, self.core_port, self.bridge_port = free_port(), free_port(), free_port()
+        # "static": the core checks a key from its settings; "database": a key of a SQLite policy store, every
+        # request metered into it (the tenants issue's cost, measured against the static keys' run)
+        self.keys = keys
+        self.key = KEY
         self.floor_core_port, self.floor_bridge_port = free_port(), free_port()
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -86,14 +90,16 @@ class Stack:
         env = {**os.environ, "MODELMAX_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{ROOT / 'gen'}:{ROOT}"}
         gateway_cpu, other_cpu = cpus()
         self._spawn("upstream", [sys.executable, "-m", "bench.upstream", str(self.upstream_port)], env, other_cpu)
-        self._spawn(
-            "core",
-            [sys.executable, "-m", "services"],
-            {**env, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(self.core_port)},
-            gateway_cpu,
-        )
+        core_env = {**env, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(self.core_port)}
+        if self.keys == "database":
+            url = f"sqlite:///{self.workdir / 'policy.sqlite3'}"
+            self.key = asyncio.run(_database_key(url))
+            core_env["MODELMAX_DATABASE_URL"] = url
+        else:
+            core_env["MODELMAX_API_KEY"] = KEY
+        self._spawn("core", [sys.executable, "-m", "services"], core_env, gateway_cpu)
         self._spawn("bridge", [sys.executable, "-m", "bridge"],
-                    {**env, "MODELMAX_API_KEY": KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{self.core_port}",
+                    {**env, "MODELMAX_CORE_TARGET": f"127.0.0.1:{self.core_port}",
                      "MODELMAX_BRIDGE_PORT": str(self.bridge_port)}, gateway_cpu)  # fmt: skip
         floor = [sys.executable, "-m", "bench.floor"]
         self._spawn("floor_core", [*floor, "core", str(self.floor_core_port), str(self.upstream_port)], env,
@@ -124,6 +130,18 @@ class Stack:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+async def _database_key(url: str) -> str:
+    from services.policy import open_store
+    from services.policy.keys import KeySpec
+
+    store = await open_store(url)
+    try:
+        _, key = await store.create_key(KeySpec("bench"))
+    finally:
+        await store.close()
+    return key
 
 
 def cpus() -> tuple[int | None, int | None]:
@@ -160,7 +178,8 @@ async def run_benchmarks(stack: Stack, rounds: int, seconds: float, streams: int
         body: dict[str, object] = {"model": model, "messages": MESSAGES, "stream": stream}
 
         def one(port: int) -> Measure:
-            return lambda: http_load(host, port, chat_request(host, port, KEY, body), concurrency, seconds, limit)
+            request = chat_request(host, port, stack.key, body)
+            return lambda: http_load(host, port, request, concurrency, seconds, limit)
 
         return {side: one(port) for side, port in ports.items()}
 
@@ -230,11 +249,11 @@ def _grpc_measures(stack: Stack, seconds: float) -> dict[str, Measure]:
     _, load_cpu = cpus()
     if not h2load.available():
         body = {"model": "chunks-1", "messages": MESSAGES, "stream": False}
-        direct = chat_request(host, stack.upstream_port, KEY, body)
+        direct = chat_request(host, stack.upstream_port, stack.key, body)
         return {
             "direct": lambda: http_load(host, stack.upstream_port, direct, 1, seconds, 5000),
-            "core": lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000),
-            "floor": lambda: grpc_load(f"{host}:{stack.floor_core_port}", "chunks-1", seconds, 5000),
+            "core": lambda: grpc_load(f"{host}:{stack.core_port}", "chunks-1", seconds, 5000, stack.key),
+            "floor": lambda: grpc_load(f"{host}:{stack.floor_core_port}", "chunks-1", seconds, 5000, stack.key),
         }
     from modelmax.v1 import completion_pb2 as pb
     from modelmax.v1 import completion_service_pb2 as svc
@@ -244,7 +263,7 @@ def _grpc_measures(stack: Stack, seconds: float) -> dict[str, Measure]:
     )
     framed = h2load.grpc_frame(message.SerializeToString())
     json_body = json.dumps({"model": "chunks-1", "messages": MESSAGES}).encode()
-    grpc_headers = ["content-type: application/grpc", "te: trailers"]
+    grpc_headers = ["content-type: application/grpc", "te: trailers", f"authorization: Bearer {stack.key}"]
     method = "/modelmax.v1.CompletionService/CreateCompletion"
 
     def side(url: str, body: bytes, headers: list[str], h1: bool) -> Measure:
@@ -265,7 +284,7 @@ async def held(stack: Stack, names: tuple[str, str], port: int, count: int) -> d
     """Hold `count` streams through `port`; RSS per stream of the two processes named (core first, then bridge)."""
     pids = {name: stack.processes[name].pid for name in names}
     before = {name: rss_kib(pid) for name, pid in pids.items()}
-    request = chat_request("127.0.0.1", port, KEY, {"model": "hold", "messages": MESSAGES, "stream": True})
+    request = chat_request("127.0.0.1", port, stack.key, {"model": "hold", "messages": MESSAGES, "stream": True})
     connections = await asyncio.wait_for(hold_streams("127.0.0.1", port, request, count), timeout=120)
     await asyncio.sleep(1.0)
     during = {name: rss_kib(pid) for name, pid in pids.items()}
@@ -325,13 +344,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--keys", choices=("static", "database"), default="static",
+                        help="static: a key from the core's settings; database: a key of a SQLite policy store, "
+                        "every request metered into it")  # fmt: skip
     args = parser.parse_args()
     raise_fd_limit()
     gateway_cpu, other_cpu = cpus()
     if other_cpu is not None:
         os.sched_setaffinity(0, {other_cpu})
     with tempfile.TemporaryDirectory() as workdir:
-        stack = Stack(Path(workdir))
+        stack = Stack(Path(workdir), args.keys)
         stack.start()
         try:
             import uvloop
@@ -340,7 +362,7 @@ def main() -> None:
         finally:
             stack.stop()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": args.rounds,
-            "seconds": args.seconds, "gateway_cpu": gateway_cpu, "other_cpu": other_cpu,
+            "seconds": args.seconds, "keys": args.keys, "gateway_cpu": gateway_cpu, "other_cpu": other_cpu,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}  # fmt: skip
     out = Path(args.out)
     out.mkdir(exist_ok=True)

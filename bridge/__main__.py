@@ -21,8 +21,8 @@ def main() -> None:
         sys.exit(f"modelmax-bridge: {exc}")
     configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
     logging.getLogger("bridge").info(
-        "OpenAI-compatible API on http://%s:%d/v1 (core at %s, %d API key(s))",
-        settings.host, settings.port, settings.core_target, len(settings.api_keys),
+        "OpenAI-compatible API on http://%s:%d/v1 (core at %s, which checks every key)",
+        settings.host, settings.port, settings.core_target,
     )  # fmt: skip
     uvicorn.run(
         create_app(settings),

@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
-from bridge.auth import KeyChecker
+from bridge.admin import ADMIN_ROUTES
 from bridge.health import healthz, readyz
 from bridge.metrics import BridgeMetrics
 from bridge.openai.chat.routes import chat_completions
@@ -19,8 +19,8 @@ from bridge.openai.errors import DIALECT as OPENAI
 from bridge.openai.models import list_models, retrieve_model
 from bridge.pipeline import Gateway, Route, RouteTable, serve
 from bridge.settings import Settings
-from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from modelmax.v1 import key_service_pb2_grpc
 
 # Every route the bridge serves. Each goes through the whole pipeline (bridge/pipeline.py); `public` routes, the
 # Kubernetes probes, are let through without a key and without a slot. A dialect adds its own entries here.
@@ -29,6 +29,7 @@ ROUTES = RouteTable(
         Route("POST", "/v1/chat/completions", chat_completions, OPENAI, json_body=True, metered=True),
         Route("GET", "/v1/models", list_models, OPENAI),
         Route("GET", "/v1/models/{model_id}", retrieve_model, OPENAI),
+        *ADMIN_ROUTES,
         Route("GET", "/healthz", healthz, OPENAI, public=True),
         Route("GET", "/readyz", readyz, OPENAI, public=True),
     ],
@@ -53,20 +54,15 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
                 ("grpc.max_receive_message_length", _GRPC_MESSAGE_BYTES),
             ],
         )
-        app.gateway = gateway = Gateway(
+        app.gateway = Gateway(
             stub=svc_grpc.CompletionServiceStub(channel),  # an async stub, on an aio channel
             health=health_pb2_grpc.HealthStub(channel),
-            keys=KeyChecker(settings.api_keys),
             max_body_bytes=settings.max_body_bytes,
             timeout=settings.request_timeout_seconds,
             metrics=metrics,
             max_concurrent=settings.max_concurrent_requests,
+            keys=key_service_pb2_grpc.KeyServiceStub(channel),
         )
-        try:  # the catalog's names may be metric labels; names the core never served stay "unknown"
-            reply = await gateway.stub.ListModels(svc.ListModelsRequest(), timeout=2.0)
-            metrics.known_models.update(model.id for model in reply.models)
-        except grpc.aio.AioRpcError:
-            pass  # the core is not up yet: models become labels as the core serves them
         exporter = None
         if settings.metrics_port is not None:
             exporter, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)

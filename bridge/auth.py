@@ -1,48 +1,48 @@
-"""Authentication: `Authorization: Bearer <key>` against the configured keys, in constant time, to an Identity."""
+"""The caller's credential: `Authorization: Bearer <key>`, taken apart for the core, which alone decides on it.
+
+The bridge checks no key: it forwards the header's key to the core in the call's `authorization` metadata, and the
+core authenticates it (services/policy/gate.py), so an HTTP caller and a direct gRPC caller meet the same check.
+The bridge refuses only what cannot be a key at all (no header, another scheme, bytes gRPC metadata cannot carry),
+and names the presented key by its public id in its own log line.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-from collections.abc import Iterable
+import re
 from dataclasses import dataclass
 
 from bridge.dialect import Refusal, Refused
 
-STATIC = "static"  # the name of every key from the bridge's own settings (MODELMAX_API_KEY(S), the keys file)
+MAX_KEY_LENGTH = 512  # a longer "key" is no key of ours, and would cost the core's metadata limits
+_STORED_KEY = re.compile(r"mm-([a-z2-7]{12})-")  # services/policy/keys.py: mm-<id>-<secret>; the id is public
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling. Both fields are safe to log and to send to the core; the key itself never leaves here."""
+    """The key a caller presented: its public id (safe to log) and the bearer value the core checks."""
 
-    key_id: str  # stable and non-secret: the same key always has the same id
-    name: str
+    key_id: str  # as presented, before the core's check: a refused request is logged with it too
+    authorization: str  # "Bearer <key>": the metadata value for the core; never logged
 
 
 def static_key_id(key: str) -> str:
-    """A configured key's id: a short fingerprint, stable across restarts, that does not reveal the key."""
+    """A static key's id, as the core computes it (services.policy.gate.static_key_id): a fingerprint."""
     return "static-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-class KeyChecker:
-    """Holds the configured keys as bytes and compares against every one, so timing says nothing about which
-    matched (or whether one did)."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        # One Identity per key, made once: authenticating a request allocates nothing.
-        self._keys = tuple((key.encode(), Identity(static_key_id(key), STATIC)) for key in keys)
-
-    def authenticate(self, header: str) -> Identity:
-        """The identity of the key in an Authorization header; raises Refused (MISSING_KEY or INVALID_KEY)."""
-        if not header:
-            raise Refused(Refusal.MISSING_KEY)
-        scheme, _, token = header.partition(" ")
-        presented = token.strip().encode()
-        found: Identity | None = None
-        for key, identity in self._keys:  # no early exit
-            if hmac.compare_digest(presented, key):
-                found = identity
-        if found is None or scheme.lower() != "bearer":
-            raise Refused(Refusal.INVALID_KEY)
-        return found
+def presented(header: str) -> Identity:
+    """The key in an Authorization header; raises Refused (MISSING_KEY, or INVALID_KEY for what is not a key)."""
+    if not header:
+        raise Refused(Refusal.MISSING_KEY)
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or len(token) > MAX_KEY_LENGTH
+        or not (token.isascii() and token.isprintable())  # gRPC metadata carries printable ASCII only
+    ):
+        raise Refused(Refusal.INVALID_KEY)
+    stored = _STORED_KEY.match(token)
+    return Identity(stored.group(1) if stored else static_key_id(token), "Bearer " + token)

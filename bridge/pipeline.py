@@ -1,14 +1,15 @@
-"""The one request pipeline: route -> authenticate -> identity -> admission -> bounded body -> the dialect's handler.
+"""The one request pipeline: route -> credential -> identity -> admission -> bounded body -> the dialect's handler.
 
 Every HTTP request takes these steps in this order, as plain function calls from `serve`; no route skips one, and
 there is no middleware stack between them. A route declared `public` (the Kubernetes probes) is let through without
 a key and without a slot; that is the only difference between routes, and it is declared in the route table
 (bridge/app.py), where a test reads it.
 
-The steps are cheap by construction: the route of a fixed path is one dict lookup, the key check compares bytes
-made at start-up, the slot is a counter, a body that arrives in one message is used as it is, and the request's
-metrics are recorded once its last byte is out (`Observation.finish`), not on the client's critical path. Failures
-raise `Refused` or the dialect's own `DialectError`; the route's dialect words them (bridge/dialect.py).
+The steps are cheap by construction: the route of a fixed path is one dict lookup, the key is forwarded to the core
+in the call's metadata (the core authenticates every call, so there is no second check here to keep in step), the
+slot is a counter, a body that arrives in one message is used as it is, and the request's metrics are recorded
+once its last byte is out (`Observation.finish`), not on the client's critical path. Failures raise `Refused` or
+the dialect's own `DialectError`; the route's dialect words them (bridge/dialect.py).
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from bridge.auth import Identity, KeyChecker
+from bridge.auth import Identity, presented
 from bridge.dialect import Dialect, DialectError, Refusal, Refused
 from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from modelmax.v1 import key_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # Headers and gRPC metadata the gateway shares across dialects.
 REQUEST_ID = "x-request-id"  # sent to the core and returned on every response of an authenticated route
-KEY_ID = "x-modelmax-key-id"  # the caller's Identity, sent to the core (never the key)
-KEY_NAME = "x-modelmax-key-name"
+AUTHORIZATION = "authorization"  # the caller's key, forwarded to the core, which checks it
 OVERHEAD = "x-modelmax-overhead-ms"  # the gateway's own time (bridge + core) on whole (non-streamed) responses
 DEPLOYMENT = "x-modelmax-deployment"  # which catalog deployment served: "<position>:<provider>:<model>"
 ATTEMPTS = "x-modelmax-attempts"  # tries it took, retries and fallbacks included
@@ -65,12 +66,12 @@ class Gateway:
 
     stub: svc_grpc.CompletionServiceAsyncStub
     health: health_pb2_grpc.HealthStub
-    keys: KeyChecker
     max_body_bytes: int
     timeout: float
     metrics: BridgeMetrics
     max_concurrent: int = 1024
     active: int = 0  # requests holding a slot now (a stream holds its slot until its last byte)
+    keys: key_service_pb2_grpc.KeyServiceAsyncStub | None = None  # the admin API's (bridge/admin), same channel
 
     def admit(self) -> None:
         """Take a slot or refuse at once: never a queue. The pipeline gives the slot back."""
@@ -87,7 +88,7 @@ class Exchange:
     gateway: Gateway
     seen: Observation
     identity: Identity | None  # None only on a public route
-    metadata: Metadata  # for every call to the core: the request id and the caller's identity
+    metadata: Metadata  # for every call to the core: the request id and the caller's key
     body: bytes  # read whole, within max_body_bytes
 
 
@@ -142,7 +143,7 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
                 # Two Authorization headers would let the first silently win: which credential is meant is unclear.
                 if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
                     raise Refused(Refusal.DUPLICATE_HEADER, {"header": "Authorization"})
-                identity = gateway.keys.authenticate(headers.get("authorization", ""))
+                identity = presented(headers.get("authorization", ""))  # the core checks it
                 seen.key_id = identity.key_id
                 gateway.admit()
                 admitted = True
@@ -171,7 +172,7 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
 def _metadata(request_id: str, identity: Identity | None) -> Metadata:
     if identity is None:
         return ((REQUEST_ID, request_id),)
-    return ((REQUEST_ID, request_id), (KEY_ID, identity.key_id), (KEY_NAME, identity.name))
+    return ((REQUEST_ID, request_id), (AUTHORIZATION, identity.authorization))
 
 
 def _own_headers(route: Route, seen: Observation) -> Mapping[str, str]:

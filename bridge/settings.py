@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 N = TypeVar("N", int, float)
@@ -18,7 +17,6 @@ class SettingsError(Exception):
 class Settings:
     """Everything the bridge reads from its environment. Nothing reads os.environ after start-up."""
 
-    api_keys: tuple[str, ...]
     core_target: str = "127.0.0.1:50051"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -34,27 +32,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read MODELMAX_* variables. API keys are required: the bridge never starts open to anyone."""
-        keys = [k.strip() for k in env.get("MODELMAX_API_KEYS", "").split(",") if k.strip()]
-        if env.get("MODELMAX_API_KEY", "").strip():
-            keys.append(env["MODELMAX_API_KEY"].strip())
-        keys_file = env.get("MODELMAX_API_KEYS_FILE", "")
-        if keys_file:
-            try:
-                lines = Path(keys_file).read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise SettingsError(f"MODELMAX_API_KEYS_FILE={keys_file!r} cannot be read: {exc.strerror}") from None
-            stripped = (line.strip() for line in lines)  # an indented "# ..." is a comment too, not a key
-            keys.extend(line for line in stripped if line and not line.startswith("#"))
-        if not keys:
-            raise SettingsError(
-                "no API key configured: set MODELMAX_API_KEY (one key), MODELMAX_API_KEYS (comma-separated) "
-                "or MODELMAX_API_KEYS_FILE (one key per line); the bridge refuses to serve without a key"
-            )
-        if any(len(key) < 16 for key in keys):
-            raise SettingsError("API keys must be at least 16 characters long")
+        """Read MODELMAX_* variables. No API keys: the core checks the key of every call (and refuses to start
+        without a key or a key store)."""
         return cls(
-            api_keys=tuple(dict.fromkeys(keys)),
             core_target=env.get("MODELMAX_CORE_TARGET", "127.0.0.1:50051"),
             host=env.get("MODELMAX_BRIDGE_HOST", "127.0.0.1"),
             port=_number(env, "MODELMAX_BRIDGE_PORT", 8000, int),

@@ -11,11 +11,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from services.prices import Price
+
 T = TypeVar("T")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _TOP_LEVEL_KEYS = {"models", "remote_images"}
-_ENTRY_KEYS = {"name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown", "timeouts"}
+_ENTRY_KEYS = {
+    "name", "provider", "model", "owned_by", "options", "deployments", "retry", "cooldown", "timeouts", "price",
+}  # fmt: skip
 _DEPLOYMENT_KEYS = {"provider", "model", "options", "weight", "timeouts"}
 # Option names that would hold a secret in the file itself. Secrets are named by environment variable instead.
 _SECRET_OPTIONS = {"api_key", "key", "secret", "password", "token", "aws_secret_access_key"}
@@ -74,6 +78,7 @@ class CatalogEntry:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cooldown: CooldownPolicy | None = None  # None: no circuit breaker (a lone deployment is never skipped)
     timeouts: TimeoutPolicy = field(default_factory=TimeoutPolicy)  # a deployment's own, else its entry's
+    price: Price | None = None  # USD per million tokens, what callers pay; None: unpriced (cost unknown, not free)
 
     def url_option(self, name: str) -> str | None:
         """Option `name` as an http(s) URL, or None when it is absent or empty."""
@@ -181,14 +186,16 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
         raise CatalogError(f"{where}: 'name' must be a model name such as 'smollm2-135m', got {name!r}")
     retry = _retry(raw.get("retry"), where)
     cooldown = _cooldown(raw.get("cooldown"), where)
+    price = _price(raw.get("price"), where)
     timeouts = _timeouts(raw.get("timeouts"), where, TimeoutPolicy())
     listed = raw.get("deployments")
     if listed is None:
         provider, model, options = _deployment_fields(raw, where)
         owned_by = _owned_by(raw, provider, where)
         return CatalogEntry(
-            name, provider, model, owned_by, options, where, retry=retry, cooldown=cooldown, timeouts=timeouts
-        )
+            name, provider, model, owned_by, options, where, retry=retry, cooldown=cooldown, timeouts=timeouts,
+            price=price,
+        )  # fmt: skip
     if {"provider", "model", "options"} & set(raw):
         raise CatalogError(f"{where}: give either 'deployments' or provider/model/options, not both")
     if not isinstance(listed, list) or not listed:
@@ -222,7 +229,19 @@ def _parse_entry(raw: object, where: str) -> CatalogEntry:
     first = deployments[0]
     owned_by = _owned_by(raw, first.provider, where)
     return CatalogEntry(name, first.provider, first.model, owned_by, first.options, where, tuple(deployments),
-                        retry=retry, cooldown=cooldown, timeouts=timeouts)  # fmt: skip
+                        retry=retry, cooldown=cooldown, timeouts=timeouts, price=price)  # fmt: skip
+
+
+def _price(raw: object, where: str) -> Price | None:
+    """`price: {input: 3, cached_input: 0.3, output: 15}`, USD per million tokens; absent: unpriced."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{where}: 'price' must be a mapping such as {{input: 3, output: 15}} (USD per 1M tokens)")
+    try:
+        return Price.from_mapping(raw)
+    except ValueError as exc:
+        raise CatalogError(f"{where}: price: {exc}") from None
 
 
 def _deployment_fields(raw: dict[str, Any], where: str) -> tuple[str, str, dict[str, Any]]:

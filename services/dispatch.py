@@ -21,6 +21,7 @@ from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, CooldownPolicy, RetryPolicy, TimeoutPolicy
 from services.errors import GatewayError
 from services.metrics import CoreMetrics, Measurement
+from services.prices import Price
 from services.providers import Provider, ProviderRegistry
 
 R = pb.ErrorReason
@@ -70,6 +71,7 @@ class Route:
     deployments: list[Deployment]
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     cooldown: CooldownPolicy | None = None
+    price: Price | None = None  # what callers pay for this name; None: unpriced
     rng: random.Random = field(default_factory=random.Random)
     # The features every deployment honours: a request is checked against it once, before any is tried, so a
     # fallback never lands on a deployment that would silently drop part of the request.
@@ -146,7 +148,7 @@ def build_routes(registry: ProviderRegistry) -> dict[str, Route]:
             Deployment(config, provider, f"{index}:{config.provider}:{config.model}")
             for index, (config, provider) in enumerate(zip(entry.routes(), registry.providers[entry.name], strict=True))
         ]
-        routes[entry.name] = Route(entry.name, deployments, entry.retry, entry.cooldown)
+        routes[entry.name] = Route(entry.name, deployments, entry.retry, entry.cooldown, entry.price)
     return routes
 
 

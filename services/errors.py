@@ -6,7 +6,8 @@
     │     │                       CompletionParams field by its proto path)
     │     ├── the upstream's      RATE_LIMITED, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, UPSTREAM_AUTH,
     │     │                       UPSTREAM_PROTOCOL (raised by a provider: `provider` is set)
-    │     └── the gateway's       OVERLOADED, INTERNAL
+    │     ├── the key's           UNAUTHENTICATED, PERMISSION_DENIED, BUDGET_EXHAUSTED (services/policy/gate.py)
+    │     └── the gateway's       OVERLOADED, POLICY_UNAVAILABLE, INTERNAL
     └── anything else             a bug: the servicer logs it once and answers INTERNAL
 
 Providers translate their SDK's errors into GatewayError at their own boundary (each provider's `errors.py`); the
@@ -40,6 +41,11 @@ GRPC_CODE: dict[ErrorReason.ValueType, grpc.StatusCode] = {
     ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: grpc.StatusCode.INTERNAL,
     ErrorReason.ERROR_REASON_INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorReason.ERROR_REASON_OVERLOADED: grpc.StatusCode.UNAVAILABLE,
+    ErrorReason.ERROR_REASON_UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorReason.ERROR_REASON_PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorReason.ERROR_REASON_BUDGET_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorReason.ERROR_REASON_POLICY_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorReason.ERROR_REASON_KEY_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -122,3 +128,14 @@ def upstream_error(
 def invalid_request(message: str, *, field: str = "") -> GatewayError:
     """Shorthand for the most common error: a bad field of CompletionParams, named by its proto path."""
     return GatewayError(ErrorReason.ERROR_REASON_INVALID_REQUEST, message, field=field)
+
+
+SHOWN_CHARS = 64  # characters of a caller's string an error message quotes; longer ones are cut (see `shown`)
+
+
+def shown(text: str) -> str:
+    """A caller's string as an error message may quote it: whole up to SHOWN_CHARS characters, else cut with "…".
+
+    A status message travels in gRPC metadata, whose size is bounded: an echoed 5 KB string broke the status itself.
+    """
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}…"

@@ -7,9 +7,13 @@ A model name that is not in the catalog is recorded as "unknown", so callers can
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from modelmax.v1 import completion_pb2 as pb
 from startup.labels import Children
@@ -85,6 +89,56 @@ class CoreMetrics:
         self.fallbacks_of = Children(self.fallbacks)
 
 
+class UsageBuffer(Protocol):
+    @property
+    def buffered(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def written(self) -> int: ...
+
+
+class PolicyCounts(Protocol):
+    """What the metrics read from the policy (services.policy.gate.Policy) at each scrape."""
+
+    @property
+    def store_errors(self) -> int: ...
+    @property
+    def writer(self) -> UsageBuffer | None: ...
+
+
+class _PolicyCollector(Collector):
+    """The policy's counters, read at scrape time: nothing on the request path."""
+
+    def __init__(self, policy: PolicyCounts) -> None:
+        self._policy = policy
+
+    def collect(self) -> Iterator[Metric]:
+        policy = self._policy
+        yield CounterMetricFamily(
+            "modelmax_core_policy_store_errors", "Policy store calls that failed (key lookups, budgets, settles).",
+            value=policy.store_errors,
+        )  # fmt: skip
+        writer = policy.writer
+        if writer is None:
+            return
+        yield CounterMetricFamily(
+            "modelmax_core_usage_records_written", "Usage records the policy store accepted.", value=writer.written
+        )
+        yield CounterMetricFamily(
+            "modelmax_core_usage_records_dropped",
+            "Usage records lost: the buffer was full, or the shutdown drain gave up on a failing store.",
+            value=writer.dropped,
+        )
+        yield GaugeMetricFamily(
+            "modelmax_core_usage_records_buffered", "Usage records waiting to be written.", value=writer.buffered
+        )
+
+
+def watch_policy(metrics: CoreMetrics, policy: PolicyCounts) -> None:
+    metrics.registry.register(_PolicyCollector(policy))
+
+
 @dataclass(slots=True)
 class Measurement:
     """One completion's timings and counts, and the deployment that served it; recorded once when it ends.
@@ -103,6 +157,9 @@ class Measurement:
     completion_tokens: int | None = None
     deployment: str = ""  # the deployment tried last, or serving once one started
     attempts: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    output_chars: int = 0  # text and tool arguments relayed: the estimate of a stream cut before its usage
 
     def __post_init__(self) -> None:
         self.metrics.inflight_of(self.model, self.provider).inc()

@@ -14,15 +14,20 @@ from prometheus_client import start_http_server
 
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from modelmax.v1 import key_service_pb2, key_service_pb2_grpc
 from services.catalog import load_catalog
 from services.completion.servicer import create_servicer
-from services.metrics import CoreMetrics
+from services.metrics import CoreMetrics, watch_policy
+from services.policy import open_store
+from services.policy.admin import KeyServicer
+from services.policy.gate import Policy, StaticKeys
 from services.providers import build_registry
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["CompletionService"].full_name
+KEY_SERVICE_NAME = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 
 
 class AioHealthServicer(Protocol):
@@ -69,17 +74,31 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
     """Load the catalog, create every provider once, bind and start. Raises CatalogError on a bad catalog."""
     stack = AsyncExitStack()
     try:
+        settings.check()
         catalog = load_catalog(settings.catalog_path)
+        store = await open_store(settings.database_url) if settings.database_url else None
+        policy = Policy.open(
+            StaticKeys(settings.api_keys),
+            store,
+            cache_ttl=settings.key_cache_ttl_seconds,
+            fail_closed=settings.policy_fail_closed,
+            max_buffer=settings.usage_buffer_records,
+        )
+        stack.push_async_callback(policy.aclose)  # last out: the drain writes every usage record still buffered
         registry = await build_registry(catalog, env, stack)
         metrics = CoreMetrics()
+        watch_policy(metrics, policy)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-        servicer = create_servicer(registry, metrics, settings.max_concurrent_requests)
+        servicer = create_servicer(registry, metrics, policy, settings.max_concurrent_requests)
         stack.push_async_callback(servicer.aclose)
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(policy, catalog.names()), server)
         # grpc-stubs 1.53's grpc_health.v1.health stub has no `aio` (grpcio-health-checking's asyncio servicer).
         health_servicer: AioHealthServicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         metrics_port = None
         if settings.metrics_port is not None:
@@ -89,7 +108,7 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
             stack.callback(http.shutdown)
             metrics_port = http.server_port
         await server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KEY_SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
         await stack.aclose()

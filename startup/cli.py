@@ -8,17 +8,20 @@ this module imports neither at start-up (they never import each other; `startup`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+from startup import keys
 
 if TYPE_CHECKING:
     from services.catalog import CatalogEntry
@@ -50,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run the core and the bridge on this machine, print the URL and the API key; Ctrl-C stops both",
         description="Start the core and the bridge, wait until the bridge reports the core serving, and print the "
-        f"URL and the API key: $MODELMAX_API_KEY when set, otherwise one generated on first run and kept in "
-        f"{_KEY_FILE} (mode 600) under the current directory. The bridge listens on 127.0.0.1 unless "
-        "MODELMAX_BRIDGE_HOST says otherwise.",
+        f"URL and an API key. Keys, usage and budgets live in $MODELMAX_DATABASE_URL, by default "
+        f"{keys.DEFAULT_DATABASE} under the current directory; the key printed is $MODELMAX_API_KEY when set (a "
+        f"static key), otherwise a key of that database, created on first run and kept in {_KEY_FILE} (mode 600). "
+        "The bridge listens on 127.0.0.1 unless MODELMAX_BRIDGE_HOST says otherwise.",
     )
     run.set_defaults(command=_run)
     check = commands.add_parser(
@@ -64,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, metavar="FILE", help="the catalog YAML (as MODELMAX_CATALOG names it)")
     check.set_defaults(command=_check_config)
+    keys.add_commands(commands)
     return parser
 
 
@@ -146,7 +151,8 @@ class _Stop(Exception):
 
 def _run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
-    env["MODELMAX_API_KEY"] = _api_key(env)
+    env.setdefault("MODELMAX_DATABASE_URL", keys.DEFAULT_DATABASE)
+    key = env.get("MODELMAX_API_KEY", "").strip() or asyncio.run(_local_key(env["MODELMAX_DATABASE_URL"]))
     # A laptop has no EC2 metadata service: without this, a Bedrock model with no credentials configured would make
     # botocore wait on the link-local metadata address before failing. On EC2, set it to false.
     env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -169,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
         processes.append(subprocess.Popen([sys.executable, "-m", "bridge"], env=env))
         if not _wait_until_ready(f"{base_url}/readyz", processes):
             return 1
-        print(_banner(env, base_url), flush=True)
+        print(_banner(env, base_url, key), flush=True)
         while all(process.poll() is None for process in processes):
             time.sleep(_READY_POLL_SECONDS)
         exited = next(process for process in processes if process.returncode is not None)
@@ -186,21 +192,30 @@ def _run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-def _api_key(env: Mapping[str, str]) -> str:
-    """$MODELMAX_API_KEY, else the key kept in .modelmax/api-key, generated (mode 600) on first run."""
-    key = env.get("MODELMAX_API_KEY", "").strip()
-    if key:
-        return key
+async def _local_key(database_url: str) -> str:
+    """The key kept in .modelmax/api-key while the database still accepts it; else a new inference key (every
+    model, no budget) created in the database and kept there (mode 600), so every `make run` prints a working key."""
+    from services.policy import open_store
+    from services.policy.keys import KeySpec, parse_key, verify_key
+
     try:
-        key = _KEY_FILE.read_text(encoding="utf-8").strip()
+        kept = _KEY_FILE.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        key = ""
-    if not key:
-        _KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        key = "mm-" + secrets.token_urlsafe(24)
-        descriptor = os.open(_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(key + "\n")
+        kept = ""
+    store = await open_store(database_url)
+    try:
+        parsed = parse_key(kept)
+        record = None if parsed is None else await store.get_key(parsed.key_id)
+        usable = record is not None and record.kind == "inference" and record.is_active(datetime.now(UTC))
+        if record is not None and usable and verify_key(kept, record.secret_hash):
+            return kept
+        _, key = await store.create_key(KeySpec("local", owner="modelmax run"))
+    finally:
+        await store.close()
+    _KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(key + "\n")
     return key
 
 
@@ -223,17 +238,17 @@ def _wait_until_ready(url: str, processes: Sequence[subprocess.Popen[bytes]]) ->
         time.sleep(_READY_POLL_SECONDS)
 
 
-def _banner(env: Mapping[str, str], base_url: str) -> str:
+def _banner(env: Mapping[str, str], base_url: str, key: str) -> str:
     catalog = env.get("MODELMAX_CATALOG")
     what = f"with the catalog {catalog}" if catalog else "on the embedded model (smollm2-135m)"
     return f"""
   ModelMax is running {what}.
 
     URL:  {base_url}/v1
-    Key:  {env["MODELMAX_API_KEY"]}
+    Key:  {key}
 
   In another shell:
-    export MODELMAX_API_KEY={env["MODELMAX_API_KEY"]}
+    export MODELMAX_API_KEY={key}
     export MODELMAX_BASE_URL={base_url}/v1
 
   Ctrl-C stops the gateway.

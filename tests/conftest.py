@@ -42,6 +42,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 async def running_core(
     catalog_path: str, env: dict[str, str] | None = None, **overrides: object
 ) -> AsyncIterator[CoreServer]:
+    overrides.setdefault("api_keys", (API_KEY,))
     settings = CoreSettings(catalog_path=catalog_path, port=0, **overrides)  # type: ignore[arg-type]
     core = await start_core(settings, env or {})
     try:
@@ -53,7 +54,7 @@ async def running_core(
 @asynccontextmanager
 async def running_bridge_app(core_target: str, **overrides: object) -> AsyncIterator[tuple[str, Starlette]]:
     """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1") and the app."""
-    settings = BridgeSettings(api_keys=(API_KEY,), core_target=core_target, **overrides)  # type: ignore[arg-type]
+    settings = BridgeSettings(core_target=core_target, **overrides)  # type: ignore[arg-type]
     app = create_app(settings)
     async with app.router.lifespan_context(app), serve(app) as url:
         yield f"{url}/v1", app

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import functools
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from services.catalog import load_catalog
+from services.policy import open_store
+from services.policy.cache import KeyCache
+from services.policy.keys import parse_key
 from services.settings import DEFAULT_CATALOG
 from startup import cli
 
@@ -319,13 +325,28 @@ def test_check_config_exits_1_when_the_core_would_refuse_an_entry(
     assert "would refuse to start" in captured.err
 
 
-def test_run_keeps_the_generated_key_private_and_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_keeps_a_database_key_private_and_stable_and_replaces_a_revoked_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    key = cli._api_key({})
-    assert re.fullmatch(r"mm-[\w-]{32}", key)
+    url = "sqlite:///.modelmax/policy.sqlite3"
+    key = asyncio.run(cli._local_key(url))
+    assert parse_key(key) is not None, key  # mm-<id>-<secret>: a key of the database, not a static one
     assert stat.S_IMODE((tmp_path / ".modelmax" / "api-key").stat().st_mode) == 0o600
-    assert cli._api_key({}) == key
-    assert cli._api_key({"MODELMAX_API_KEY": "mm-from-the-environment"}) == "mm-from-the-environment"
+    assert asyncio.run(cli._local_key(url)) == key
+
+    async def check_and_revoke() -> None:
+        store = await open_store(url)
+        try:
+            record = await KeyCache(store).authenticate(key)
+            assert (record.name, record.allowed_models, record.budget) == ("local", None, None)
+            await store.revoke_key(record.id)
+        finally:
+            await store.close()
+
+    asyncio.run(check_and_revoke())
+    replaced = asyncio.run(cli._local_key(url))  # the kept key no longer works: a new one, kept in its place
+    assert replaced != key and (tmp_path / ".modelmax" / "api-key").read_text().strip() == replaced
 
 
 def _free_port() -> int:
@@ -372,6 +393,11 @@ def test_run_starts_both_prints_the_banner_and_ctrl_c_stops_both(tmp_path: Path)
         key = (tmp_path / ".modelmax" / "api-key").read_text().strip()
         assert f"URL:  http://127.0.0.1:{bridge_port}/v1" in text
         assert f"Key:  {key}" in text
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{bridge_port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:  # the printed key works, through the core
+            assert [model["id"] for model in json.load(reply)["data"]] == ["m"]
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=60) == 128 + signal.SIGINT
         with pytest.raises(ProcessLookupError):  # nothing of the group is left running

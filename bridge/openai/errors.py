@@ -31,7 +31,15 @@ HTTP_ERROR: dict[int, tuple[int, str, str | None]] = {
     ErrorReason.ERROR_REASON_UPSTREAM_PROTOCOL: (502, "api_error", "upstream_protocol_error"),
     ErrorReason.ERROR_REASON_INTERNAL: (500, "api_error", "internal_error"),
     ErrorReason.ERROR_REASON_OVERLOADED: (503, "api_error", "overloaded"),
+    ErrorReason.ERROR_REASON_UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorReason.ERROR_REASON_PERMISSION_DENIED: (403, "invalid_request_error", "permission_denied"),
+    ErrorReason.ERROR_REASON_BUDGET_EXHAUSTED: (429, "insufficient_quota", "insufficient_quota"),
+    ErrorReason.ERROR_REASON_POLICY_UNAVAILABLE: (503, "api_error", "policy_unavailable"),
+    ErrorReason.ERROR_REASON_KEY_NOT_FOUND: (404, "invalid_request_error", "key_not_found"),
 }
+# Reasons a retry cannot cure: told to OpenAI's SDKs with `x-should-retry: false`, which they obey before the
+# status (they retry every 429 otherwise, and an exhausted budget stays exhausted).
+_NO_RETRY = frozenset({ErrorReason.ERROR_REASON_BUDGET_EXHAUSTED})
 
 # gRPC failures that carry no ErrorInfo: they come from the channel itself, not from the core's logic.
 _BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str, str | None, str]] = {
@@ -111,6 +119,8 @@ class OpenAIError(DialectError):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        *,
+        retry: bool = True,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -119,11 +129,13 @@ class OpenAIError(DialectError):
         self.param = param
         self.code = code
         self.retry_after = retry_after  # seconds; sent as Retry-After so OpenAI SDKs wait that long
+        self.retry = retry  # False: `x-should-retry: false`, so OpenAI SDKs do not retry at all
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"retry-after": str(max(0, math.ceil(self.retry_after)))}
+        headers = {} if self.retry else {"x-should-retry": "false"}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(max(0, math.ceil(self.retry_after)))
+        return headers
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -171,7 +183,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
     """
     info = _error_info(exc)
     if info is not None and info.reason in ErrorReason.keys():
-        status, kind, code = HTTP_ERROR[ErrorReason.Value(info.reason)]
+        reason = ErrorReason.Value(info.reason)
+        status, kind, code = HTTP_ERROR[reason]
         message = exc.details() or kind
         field = info.metadata.get("field", "")
         param = param_of(field) if field else None
@@ -180,7 +193,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
         if status >= 500:
             param = None  # the message may quote the request's field (a strict schema the model broke); OpenAI's
             # `param` names only what the caller got wrong
-        return OpenAIError(status, message, kind, param, code, _seconds(info.metadata.get("retry_after")))
+        retry_after = _seconds(info.metadata.get("retry_after"))
+        return OpenAIError(status, message, kind, param, code, retry_after, retry=reason not in _NO_RETRY)
     status, kind, code, message = _BY_GRPC_CODE.get(exc.code(), _INTERNAL)
     return OpenAIError(status, message, kind, None, code)
 

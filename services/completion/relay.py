@@ -40,18 +40,36 @@ async def relay(
             if event.HasField("finish"):
                 check_finish(event.finish, params)
                 if event.finish.HasField("usage"):
-                    measurement.prompt_tokens = event.finish.usage.prompt_tokens
-                    measurement.completion_tokens = event.finish.usage.completion_tokens
+                    usage = event.finish.usage
+                    measurement.prompt_tokens = usage.prompt_tokens
+                    measurement.completion_tokens = usage.completion_tokens
+                    measurement.cached_tokens = usage.cached_tokens
+                    measurement.reasoning_tokens = usage.reasoning_tokens
                 yield event
                 return
             if event.HasField("batch"):
                 _check_batch(event.batch, params.model)
+                measurement.output_chars += sum(map(_chars, event.batch.events))
+            else:
+                measurement.output_chars += _chars(event)
             measurement.token()  # the first output, whether one event or a batch: TTFT is when it arrived
             yield event
             event = await next_event(stream, measurement, started.end, deployment.label)
         raise protocol_error("the provider's stream ended before it finished", params.model)
     finally:
         await stream.aclose()  # closes the upstream call when the caller went away or failed
+
+
+def _chars(event: svc.StreamCompletionResponse) -> int:
+    """The characters of output one event carries."""
+    kind = event.WhichOneof("event")
+    if kind == "delta":
+        return len(event.delta.text)
+    if kind == "reasoning":
+        return len(event.reasoning.text)
+    if kind == "tool_call":
+        return len(event.tool_call.name) + len(event.tool_call.arguments)
+    return 0
 
 
 def check_finish(finish: svc.CompletionFinish, params: pb.CompletionParams) -> None:

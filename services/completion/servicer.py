@@ -18,47 +18,54 @@ from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.completion.fold import Fold
 from services.completion.relay import relay
-from services.completion.validation import MAX_USER, check_params, check_supported, shown
+from services.completion.validation import MAX_USER, check_params, check_supported
 from services.dispatch import Dispatcher, Route, build_routes
-from services.errors import GatewayError
+from services.errors import GatewayError, shown
 from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics, Measurement, status_of
+from services.policy.gate import Admission, Outcome, Policy, Principal, Tokens
 from services.providers import ProviderRegistry
 
 log = logging.getLogger(__name__)
 requests_log = logging.getLogger("services.requests")
 
 T = TypeVar("T")
-# gRPC metadata the core reads: the bridge sends the id it returns to its client, and the caller's identity (the
-# API key's public id and name, never the key itself).
+# gRPC metadata the core reads: the bridge sends the id it returns to its client. The caller's key comes in
+# `authorization` (services/policy/gate.py), and its identity is what the key says, never what a caller claims.
 REQUEST_ID = "x-request-id"
-KEY_ID = "x-modelmax-key-id"
-KEY_NAME = "x-modelmax-key-name"
 # Trailing metadata of a served completion.
 OVERHEAD = "x-modelmax-overhead-ms"  # the core's own time
 DEPLOYMENT = "x-modelmax-deployment"  # the deployment that served
 ATTEMPTS = "x-modelmax-attempts"  # tries it took, retries and fallbacks included
-_MAX_METADATA_VALUE = 128  # longer request ids and identity values are not trusted into logs
+_MAX_METADATA_VALUE = 128  # a longer request id is not trusted into logs
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who is calling, as the call's metadata says: for log lines and metrics, never for a secret."""
+@dataclass(slots=True)
+class Call:
+    """One completion call as the servicer follows it: its measurement, and who is calling once that is known."""
 
     request_id: str
-    key_id: str = ""
-    key_name: str = ""
+    stream: bool
+    measurement: Measurement
+    principal: Principal | None = None
+    admission: Admission | None = None
 
 
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
     """Per call: observe (metrics, one log line, errors to statuses), check, dispatch, relay. Nothing else."""
 
     def __init__(
-        self, registry: ProviderRegistry, dispatcher: Dispatcher, metrics: CoreMetrics, max_concurrent: int = 1024
+        self,
+        registry: ProviderRegistry,
+        dispatcher: Dispatcher,
+        metrics: CoreMetrics,
+        policy: Policy,
+        max_concurrent: int = 1024,
     ) -> None:
         self._registry = registry
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._policy = policy
         self._max_concurrent = max_concurrent
         self._active = 0
         self._images = ImageFetcher(registry.catalog.remote_images)
@@ -70,8 +77,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
     ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         params = request.params
         batches = request.accept_batches
-        async with self._observe(params, context, stream=True) as measurement:
-            async with aclosing(self._events(params, measurement, context, incremental=True)) as events:
+        async with self._observe(params, context, stream=True) as call:
+            async with aclosing(self._events(params, call, context, incremental=True)) as events:
                 async for event in events:
                     if event.HasField("batch"):  # events the provider had ready together: one message if accepted
                         if batches:
@@ -83,7 +90,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     if event.HasField("finish"):
                         if not params.include_usage:
                             event.finish.ClearField("usage")
-                        context.set_trailing_metadata(_trailers(measurement))
+                        context.set_trailing_metadata(_trailers(call.measurement))
                     yield event  # awaits HTTP/2 flow control: this is the backpressure
 
     async def CreateCompletion(  # noqa: N802
@@ -92,12 +99,12 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         context: grpc.aio.ServicerContext[svc.CreateCompletionRequest, svc.CreateCompletionResponse],
     ) -> svc.CreateCompletionResponse:
         fold = Fold()
-        async with self._observe(request.params, context, stream=False) as measurement:
-            async with aclosing(self._events(request.params, measurement, context, incremental=False)) as events:
+        async with self._observe(request.params, context, stream=False) as call:
+            async with aclosing(self._events(request.params, call, context, incremental=False)) as events:
                 async for event in events:
                     fold.add(event)
             response = fold.result(request.params.model)
-            context.set_trailing_metadata(_trailers(measurement))
+            context.set_trailing_metadata(_trailers(call.measurement))
         return response
 
     async def ListModels(  # noqa: N802
@@ -105,10 +112,16 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         request: svc.ListModelsRequest,
         context: grpc.aio.ServicerContext[svc.ListModelsRequest, svc.ListModelsResponse],
     ) -> svc.ListModelsResponse:
+        try:
+            principal = await self._policy.authenticate(context.invocation_metadata())
+        except GatewayError as exc:
+            await context.abort_with_status(exc.to_status())  # type: ignore[attr-defined]  # a grpc-stubs gap
+            raise  # not reached: abort raises
         return svc.ListModelsResponse(
             models=[
                 svc.ModelInfo(id=entry.name, provider=entry.provider, owned_by=entry.owned_by)
                 for entry in self._registry.catalog.entries
+                if principal.allows(entry.name)  # a key sees only the models it may use
             ]
         )
 
@@ -119,15 +132,22 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
     async def _events(
         self,
         params: pb.CompletionParams,
-        measurement: Measurement,
+        call: Call,
         context: grpc.aio.ServicerContext[Any, Any],  # either completion RPC's
         *,
         incremental: bool,
     ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
-        """Check the request, dispatch it, and relay the started completion's events."""
+        """Check the request and the key's rights to it, dispatch it, and relay the started completion's events."""
+        measurement = call.measurement
         check_params(params)
+        assert call.principal is not None  # _observe authenticated the call
+        self._policy.check_model(call.principal, params.model)
         route = self._dispatcher.route(params.model)
         check_supported(params, route.supported, provider=route.kind)
+        admission = self._policy.admit(call.principal, params, route.price)
+        if admission.budget is not None:
+            await self._policy.reserve(admission, params)  # a store round trip, for keys with a budget only
+        call.admission = admission  # from here on the request is metered, however it ends
         wanted = remote_images(params)
         if wanted:  # once per request, before any deployment is tried: a retry or fallback reuses the bytes
             await _waited(self._images.resolve(wanted), measurement)  # network time, not the core's overhead
@@ -145,11 +165,13 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],  # either completion RPC's
         *,
         stream: bool,
-    ) -> AsyncIterator[Measurement]:
-        """Measure one completion, turn its failure into a gRPC status, and record metrics and one log line."""
+    ) -> AsyncIterator[Call]:
+        """Authenticate and measure one completion, turn its failure into a gRPC status, and record metrics, usage
+        and one log line."""
         route = self._route_or_none(params.model)
         measurement = Measurement(params.model if route else "unknown", route.kind if route else "none", self._metrics)
-        caller = _caller(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        call = Call(_request_id(metadata), stream, measurement)
         self._active += 1
         status, upstream = "ok", None
         try:
@@ -157,7 +179,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 raise GatewayError(
                     pb.ErrorReason.ERROR_REASON_OVERLOADED, "The gateway is overloaded; retry shortly.", retry_after=1.0
                 )
-            yield measurement
+            call.principal = await self._policy.authenticate(metadata)  # the store only when the cache misses
+            yield call
         except GatewayError as exc:
             status = status_of(exc.reason)
             upstream = status if exc.provider else None
@@ -168,18 +191,21 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             raise
         except Exception as exc:  # noqa: BLE001 (a bug: report INTERNAL, log once with the traceback)
             status = "internal"
-            internal = _internal(exc, params.model, caller.request_id).to_status()
+            internal = _internal(exc, params.model, call.request_id).to_status()
             await context.abort_with_status(internal)  # type: ignore[attr-defined]  # as above: a grpc-stubs gap
         finally:
             self._active -= 1
             duration = measurement.record(status, upstream)
+            if call.admission is not None:  # admitted: metered, whatever happened next
+                self._policy.meter(call.admission, _outcome(call, status, duration), params)
+            principal = call.principal
             if requests_log.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
                 requests_log.info(
                     "completion",
                     extra={
-                        "request_id": caller.request_id,
-                        "key_id": caller.key_id,
-                        "key_name": caller.key_name,
+                        "request_id": call.request_id,
+                        "key_id": principal.key_id if principal else "",
+                        "key_name": principal.name if principal else "",
                         "model": measurement.model,
                         "provider": measurement.provider,
                         "deployment": measurement.deployment,
@@ -205,9 +231,11 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             return None
 
 
-def create_servicer(registry: ProviderRegistry, metrics: CoreMetrics, max_concurrent: int = 1024) -> CompletionServicer:
-    """The servicer over the registry's routes, recording into `metrics`."""
-    return CompletionServicer(registry, Dispatcher(build_routes(registry), metrics), metrics, max_concurrent)
+def create_servicer(
+    registry: ProviderRegistry, metrics: CoreMetrics, policy: Policy, max_concurrent: int = 1024
+) -> CompletionServicer:
+    """The servicer over the registry's routes, checking every call with `policy` and recording into `metrics`."""
+    return CompletionServicer(registry, Dispatcher(build_routes(registry), metrics), metrics, policy, max_concurrent)
 
 
 def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:
@@ -219,14 +247,32 @@ def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _caller(metadata: Iterable[tuple[str, str | bytes]] | None) -> Caller:
-    """The request id and identity from the call's metadata, in one pass; a direct caller that sent no request id
-    still gets a traceable log line."""
-    found: dict[str, str] = {}
+def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The request id from the call's metadata; a direct caller that sent none still gets a traceable log line."""
     for key, value in metadata or ():
-        if key in (REQUEST_ID, KEY_ID, KEY_NAME) and isinstance(value, str) and 0 < len(value) <= _MAX_METADATA_VALUE:
-            found[key] = value
-    return Caller(found.get(REQUEST_ID) or uuid.uuid4().hex, found.get(KEY_ID, ""), found.get(KEY_NAME, ""))
+        if key == REQUEST_ID and isinstance(value, str) and 0 < len(value) <= _MAX_METADATA_VALUE:
+            return value
+    return uuid.uuid4().hex
+
+
+def _outcome(call: Call, status: str, duration: float) -> Outcome:
+    m = call.measurement
+    usage = None
+    if m.prompt_tokens is not None and m.completion_tokens is not None:
+        usage = Tokens(m.prompt_tokens, m.completion_tokens, m.cached_tokens, m.reasoning_tokens)
+    return Outcome(
+        request_id=call.request_id,
+        model=m.model,
+        deployment=m.deployment,
+        provider=m.provider,
+        status=status,
+        stream=call.stream,
+        duration_s=duration,
+        first_token_s=None if m.first_token is None else m.first_token - m.started,
+        usage=usage,
+        output_chars=m.output_chars,
+        produced=m.first_token is not None,
+    )
 
 
 async def _waited(step: Awaitable[T], measurement: Measurement) -> T:

@@ -16,14 +16,13 @@ import re
 from collections.abc import Sequence
 
 from modelmax.v1 import completion_pb2 as pb
-from services.errors import GatewayError, invalid_request
+from services.errors import GatewayError, invalid_request, shown
 from services.providers import FEATURES
 
 MAX_STOP_SEQUENCES = 4
 MAX_MODEL_NAME = 256  # characters; the catalog's names are at most 128, and a name is echoed nowhere past this
 MAX_USER = 256  # characters: OpenAI's `user` is a short id for the caller's end user (it goes into the log line)
 MAX_STOP_LENGTH = 512  # characters of one stop sequence
-SHOWN_CHARS = 64  # characters of a caller's string an error message quotes; longer ones are cut (see `shown`)
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_CHOICES = 8  # the gateway's own bound on `n` (OpenAI allows 128; eight answers is already eight times the cost)
 MAX_TOP_LOGPROBS = 20
@@ -277,14 +276,6 @@ def _check_name(name: str, param: str) -> None:
             "'^[a-zA-Z0-9_-]+$'.",
             field=param,
         )
-
-
-def shown(text: str) -> str:
-    """A caller's string as an error message may quote it: whole up to SHOWN_CHARS characters, else cut with "…".
-
-    A status message travels in gRPC metadata, whose size is bounded: an echoed 5 KB string broke the status itself.
-    """
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}…"
 
 
 def _too_long(param: str, length: int, limit: int) -> str:

@@ -132,6 +132,15 @@ class KeyCache:
         ttl = self._ttl if entry.record is not None else self._negative_ttl
         return ttl if max_age is None else min(ttl, max_age)
 
+    def stale(self, presented: str) -> KeyRecord | None:
+        """The cached record of `presented` whatever its age, if the secret matches: what a fail-open gateway
+        serves while the store is unreachable. Revocation and expiry are left to the caller to check."""
+        parsed = parse_key(presented)
+        entry = None if parsed is None else self._entries.get(parsed.key_id)
+        if entry is None or entry.record is None or not verify_key(presented, entry.record.secret_hash):
+            return None
+        return entry.record
+
     def invalidate(self, key_id: str) -> None:
         """Forget `key_id`, so this process sees a change it made itself at once."""
         self._entries.pop(key_id, None)

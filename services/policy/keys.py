@@ -88,8 +88,8 @@ class Budget:
     period: Period
 
     def __post_init__(self) -> None:
-        if self.amount_micros <= 0:
-            raise ValueError(f"budget amount must be positive, got {self.amount_micros}")
+        if not 0 < self.amount_micros <= MAX_BUDGET_MICROS:
+            raise ValueError(f"budget amount must be in 1..{MAX_BUDGET_MICROS} micro-USD, got {self.amount_micros}")
         if self.period not in get_args(Period):
             raise ValueError(f"budget period must be one of {get_args(Period)}, got {self.period!r}")
 
@@ -112,7 +112,7 @@ class KeySpec:
     max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
-        _validate(self.kind, self.expires_at, self.rpm, self.tpm, self.max_concurrent)
+        _validate(self.kind, self.expires_at, self.allowed_models, self.budget, self.rpm, self.tpm, self.max_concurrent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +136,7 @@ class KeyRecord:
     def __post_init__(self) -> None:
         require_aware("created_at", self.created_at)
         require_aware("revoked_at", self.revoked_at)
-        _validate(self.kind, self.expires_at, self.rpm, self.tpm, self.max_concurrent)
+        _validate(self.kind, self.expires_at, self.allowed_models, self.budget, self.rpm, self.tpm, self.max_concurrent)
 
     def is_active(self, now: datetime) -> bool:
         """Neither revoked nor expired at `now`."""
@@ -166,10 +166,18 @@ def new_record(spec: KeySpec, now: datetime) -> tuple[KeyRecord, str]:
     return record, whole
 
 
-def _validate(kind: str, expires_at: datetime | None, *limits: int | None) -> None:
+MAX_LIMIT = 2**31 - 1  # rpm, tpm and max_concurrent are 32-bit columns in PostgreSQL
+MAX_BUDGET_MICROS = 2**63 - 1  # a 64-bit column in both stores
+
+
+def _validate(
+    kind: str, expires_at: datetime | None, models: frozenset[str] | None, budget: Budget | None, *limits: int | None
+) -> None:
     if kind not in get_args(KeyKind):
         raise ValueError(f"key kind must be one of {get_args(KeyKind)}, got {kind!r}")
     require_aware("expires_at", expires_at)
     for limit in limits:
-        if limit is not None and limit <= 0:
-            raise ValueError(f"limits must be positive or None, got {limit}")
+        if limit is not None and not 0 < limit <= MAX_LIMIT:
+            raise ValueError(f"limits must be between 1 and {MAX_LIMIT}, or None; got {limit}")
+    if kind == "management" and (models is not None or budget is not None or any(x is not None for x in limits)):
+        raise ValueError("a management key runs no completions: it takes no models, budget or limits")

@@ -124,15 +124,19 @@ class PostgresStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.executemany(sql, [usage_values(r) for r in records])
 
-    async def usage_report(self, start: datetime, end: datetime, group_by: GroupBy) -> list[UsageTotals]:
+    async def usage_report(
+        self, start: datetime, end: datetime, group_by: GroupBy, *, key_id: str | None = None
+    ) -> list[UsageTotals]:
         check_report_args(start, end, group_by)
         sums = ", ".join(f"coalesce(sum({c}), 0)::bigint" for c in TOKEN_COLUMNS)
+        one_key = "" if key_id is None else " AND key_id = $3"
         sql = (
             f"SELECT {_GROUP[group_by]} AS grp, count(*), {sums}, sum(cost_micros)::bigint, "
-            "count(*) - count(cost_micros) FROM usage_records WHERE started_at >= $1 AND started_at < $2 "
+            f"count(*) - count(cost_micros) FROM usage_records WHERE started_at >= $1 AND started_at < $2{one_key} "
             "GROUP BY grp ORDER BY grp"
         )
-        return [UsageTotals(*row.values()) for row in await self._pool.fetch(sql, start, end)]
+        args = (start, end) if key_id is None else (start, end, key_id)
+        return [UsageTotals(*row.values()) for row in await self._pool.fetch(sql, *args)]
 
     async def spent(self, key_id: str, since: datetime) -> int:
         sql = "SELECT coalesce(sum(cost_micros), 0)::bigint FROM usage_records WHERE key_id = $1 AND started_at >= $2"

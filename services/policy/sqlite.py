@@ -148,16 +148,20 @@ class SQLiteStore:
 
         await self._run(insert)
 
-    async def usage_report(self, start: datetime, end: datetime, group_by: GroupBy) -> list[UsageTotals]:
+    async def usage_report(
+        self, start: datetime, end: datetime, group_by: GroupBy, *, key_id: str | None = None
+    ) -> list[UsageTotals]:
         check_report_args(start, end, group_by)
         sums = ", ".join(f"coalesce(sum({c}), 0)" for c in TOKEN_COLUMNS)
+        one_key = "" if key_id is None else " AND key_id = ?"
         sql = (
             f"SELECT {_GROUP[group_by]} AS grp, count(*), {sums}, sum(cost_micros), count(*) - count(cost_micros) "
-            "FROM usage_records WHERE started_at >= ? AND started_at < ? GROUP BY grp ORDER BY grp"
+            f"FROM usage_records WHERE started_at >= ? AND started_at < ?{one_key} GROUP BY grp ORDER BY grp"
         )
+        args = (_t(start), _t(end)) if key_id is None else (_t(start), _t(end), key_id)
 
         def report(conn: sqlite3.Connection) -> list[UsageTotals]:
-            rows = conn.execute(sql, (_t(start), _t(end))).fetchall()
+            rows = conn.execute(sql, args).fetchall()
             return [UsageTotals(*row) for row in rows]
 
         return await self._run(report)
@@ -315,7 +319,10 @@ def _replace_key(
 
 
 def _t(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The year by hand: strftime's %Y does not pad years below 1000 to four digits on every libc, and a short year
+    # would break the fixed width that makes text order time order.
+    utc = value.astimezone(UTC)
+    return f"{utc.year:04d}-" + utc.strftime("%m-%dT%H:%M:%S.%fZ")
 
 
 def _dt(value: str | None) -> datetime | None:

@@ -135,8 +135,11 @@ class Store(Protocol):
         """Writes a batch in one transaction; a record whose request_id is already stored is skipped."""
         ...
 
-    async def usage_report(self, start: datetime, end: datetime, group_by: GroupBy) -> list[UsageTotals]:
-        """Totals of requests started in [start, end), one row per group, ordered by group."""
+    async def usage_report(
+        self, start: datetime, end: datetime, group_by: GroupBy, *, key_id: str | None = None
+    ) -> list[UsageTotals]:
+        """Totals of requests started in [start, end), one row per group, ordered by group; only `key_id`'s
+        requests when it is given (an index on (key_id, started_at) serves it)."""
         ...
 
     async def spent(self, key_id: str, since: datetime) -> int:

@@ -41,6 +41,7 @@ class UsageRecord:
     estimated: bool = False  # the tokens were counted by the gateway because the upstream reported none
     duration_s: float = 0.0
     first_token_s: float | None = None  # time to the first output; None if there was none
+    caller_request_id: str = ""  # the X-Request-Id the caller sent or was given, to join logs; not unique
 
     def __post_init__(self) -> None:
         require_aware("started_at", self.started_at)
@@ -99,6 +100,7 @@ class UsageWriter:
         self._drain_timeout = drain_timeout
         self._buffer: collections.deque[UsageRecord] = collections.deque()
         self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # set after each batch written, for `flush`
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0  # records refused because the buffer was full, or abandoned by a drain that timed out
@@ -108,6 +110,11 @@ class UsageWriter:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    @property
+    def full(self) -> bool:
+        """Whether a record submitted now would be dropped."""
+        return len(self._buffer) >= self._max_buffer
 
     def start(self) -> None:
         if self._task is None:
@@ -126,6 +133,20 @@ class UsageWriter:
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
         return True
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Write what is buffered now, before a report reads the store (this process's own records, read back at
+        once); gives up quietly after `timeout`, leaving the records buffered for the writer's next try."""
+        target = self.written + len(self._buffer)
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self.written < target and self._task is not None and not self._task.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
 
     async def close(self) -> None:
         """Stop taking records and write every one still buffered (the shutdown drain)."""
@@ -176,5 +197,6 @@ class UsageWriter:
             for _ in batch:  # only this task removes from the left; submit() only appends on the right
                 self._buffer.popleft()
             self.written += len(batch)
+            self._progress.set()
             log.debug("wrote %d usage records in %.3fs", len(batch), time.monotonic() - started)
             return

@@ -16,7 +16,7 @@ def test_every_reason_maps_to_grpc_and_http(reason: int) -> None:
     assert reason in GRPC_CODE
     status, kind, _ = HTTP_ERROR[reason]
     client_fault = status < 500
-    assert client_fault == (kind in ("invalid_request_error", "rate_limit_error"))
+    assert client_fault == (kind in ("invalid_request_error", "rate_limit_error", "insufficient_quota"))
 
 
 def test_upstream_auth_never_reaches_the_client_as_401_or_403() -> None:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.auth import KeyChecker
-from bridge.dialect import Refusal, Refused
-from bridge.settings import Settings
+from services.policy.gate import StaticKeys
+from services.settings import Settings as CoreSettings
 from tests.bridge.test_pipeline import AUTH, CHAT, RecordingCore, bridge
 from tests.bridge.test_pipeline import core as core  # noqa: F401  (the fixture, under its own name)
 from tests.conftest import API_KEY
@@ -63,13 +62,13 @@ async def test_duplicate_authorization_headers_are_a_400(core: tuple[RecordingCo
 
 
 def test_an_indented_comment_in_the_keys_file_is_not_a_key(tmp_path: Path) -> None:
+    """The keys file is the core's setting now (the core checks every key); a comment is never a key there."""
     comment = "# a comment longer than sixteen chars"
     keys_file = tmp_path / "keys"
     keys_file.write_text(f"   {comment}\n\t{comment} (tab)\n{API_KEY}\n# flush-left comment, also long\n")
-    settings = Settings.from_env({"MODELMAX_API_KEYS_FILE": str(keys_file)})
+    settings = CoreSettings.from_env({"MODELMAX_API_KEYS_FILE": str(keys_file)})
     assert settings.api_keys == (API_KEY,)
-    checker = KeyChecker(settings.api_keys)
-    with pytest.raises(Refused) as refused:
-        checker.authenticate(f"Bearer {comment}")
-    assert refused.value.refusal is Refusal.INVALID_KEY
-    assert checker.authenticate(f"Bearer {API_KEY}").key_id.startswith("static-")
+    keys = StaticKeys(settings.api_keys)
+    assert keys.find(comment.encode()) is None
+    found = keys.find(API_KEY.encode())
+    assert found is not None and found.key_id.startswith("static-")

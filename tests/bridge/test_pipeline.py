@@ -1,7 +1,8 @@
 """Every route goes through the one pipeline, read from the route table itself: the key, then the slot.
 
 A fake core (a real grpc.aio server on 127.0.0.1:0) answers every RPC and records the metadata of each call, so
-these tests also pin what the pipeline sends the core: the request id and the caller's identity, never the key.
+these tests also pin what the pipeline sends the core: the request id and the caller's key, which the core alone
+checks (the fake, like the core, answers UNAUTHENTICATED for any key but the tests' one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from bridge.pipeline import Route
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from modelmax.v1 import key_service_pb2 as ks
+from modelmax.v1 import key_service_pb2_grpc as ks_grpc
+from services.errors import GatewayError
 from tests.conftest import API_KEY, running_bridge
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -50,12 +54,16 @@ class RecordingCore(svc_grpc.CompletionServiceServicer):
         self.flowing = asyncio.Event()
         self.flowing.set()
 
-    def _record(self, rpc: str, context: Context) -> None:
+    async def _record(self, rpc: str, context: Context) -> None:
         pairs = context.invocation_metadata() or ()
-        self.metadata.append((rpc, {key: value for key, value in pairs if isinstance(value, str)}))
+        metadata = {key: value for key, value in pairs if isinstance(value, str)}
+        self.metadata.append((rpc, metadata))
+        if metadata.get("authorization") != AUTH["Authorization"]:  # the core's contract (services/policy/gate.py)
+            refused = GatewayError(pb.ErrorReason.ERROR_REASON_UNAUTHENTICATED, "Incorrect API key provided.")
+            await context.abort_with_status(refused.to_status())
 
     async def StreamCompletion(self, request: Any, context: Context) -> AsyncIterator[Any]:  # noqa: N802
-        self._record("StreamCompletion", context)
+        await self._record("StreamCompletion", context)
         yield svc.StreamCompletionResponse(start=svc.CompletionStart(model="m", created=1, attempts=1))
         await self.flowing.wait()
         yield svc.StreamCompletionResponse(delta=svc.ContentDelta(text="hi"))
@@ -63,12 +71,48 @@ class RecordingCore(svc_grpc.CompletionServiceServicer):
         yield svc.StreamCompletionResponse(finish=finish)
 
     async def CreateCompletion(self, request: Any, context: Context) -> Any:  # noqa: N802
-        self._record("CreateCompletion", context)
+        await self._record("CreateCompletion", context)
         return svc.CreateCompletionResponse(model="m", choices=[svc.Choice(content="hi", finish_reason=STOP)])
 
     async def ListModels(self, request: Any, context: Context) -> Any:  # noqa: N802
-        self._record("ListModels", context)
+        await self._record("ListModels", context)
         return svc.ListModelsResponse(models=[svc.ModelInfo(id="m", provider="openai", owned_by="x")])
+
+
+class RecordingKeys(ks_grpc.KeyServiceServicer):
+    """Answers every KeyService RPC, recording each call's metadata in the core's list."""
+
+    def __init__(self, core: RecordingCore) -> None:
+        self._core = core
+
+    async def _key(self, rpc: str, context: Context) -> ks.ApiKey:
+        await self._core._record(rpc, context)
+        return ks.ApiKey(id="k", name="k", kind=ks.KeyKind.KEY_KIND_INFERENCE, state=ks.KeyState.KEY_STATE_ACTIVE)
+
+    async def GetCurrentKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.GetCurrentKeyResponse(key=await self._key("GetCurrentKey", context))
+
+    async def CreateKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.CreateKeyResponse(key=await self._key("CreateKey", context), secret_key="mm-k")
+
+    async def ListKeys(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.ListKeysResponse(keys=[await self._key("ListKeys", context)])
+
+    async def GetKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.GetKeyResponse(key=await self._key("GetKey", context))
+
+    async def UpdateKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.UpdateKeyResponse(key=await self._key("UpdateKey", context))
+
+    async def RevokeKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.RevokeKeyResponse(key=await self._key("RevokeKey", context))
+
+    async def RotateKey(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return ks.RotateKeyResponse(key=await self._key("RotateKey", context), secret_key="mm-k")
+
+    async def GetUsageReport(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await self._core._record("GetUsageReport", context)
+        return ks.GetUsageReportResponse()
 
 
 @pytest.fixture
@@ -76,6 +120,7 @@ async def core() -> AsyncIterator[tuple[RecordingCore, str]]:
     recording = RecordingCore()
     server = grpc.aio.server()
     svc_grpc.add_CompletionServiceServicer_to_server(recording, server)
+    ks_grpc.add_KeyServiceServicer_to_server(RecordingKeys(recording), server)
     health_pb2_grpc.add_HealthServicer_to_server(Probes(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -99,11 +144,21 @@ def name(route: Route) -> str:
     return f"{route.method} {route.path}"
 
 
+# The path and body of a well-formed request where the generic ones do not fit.
+PATHS = {"POST /v1/admin/keys/{key_path}": "/v1/admin/keys/k/rotate"}
+BODIES: dict[str, Any] = {"POST /v1/admin/keys": {"name": "k"}, "PATCH /v1/admin/keys/{key_path}": {"name": "k"}}
+
+
+def path_of(route: Route) -> str:
+    path = PATHS.get(name(route)) or route.path.replace("{model_id}", "m").replace("{key_path}", "k")
+    assert "{" not in path, f"{name(route)}: give its path parameter a value here"
+    return path
+
+
 def send(http: httpx.AsyncClient, route: Route, headers: dict[str, str] | None = None) -> Any:
     """A well-formed request for `route`: what its handler would serve."""
-    path = route.path.replace("{model_id}", "m")
-    assert "{" not in path, f"{name(route)}: give its path parameter a value here"
-    body = CHAT if route.json_body else None
+    path = path_of(route)
+    body = BODIES.get(name(route), CHAT if route.json_body else None)
     return http.request(route.method, path, json=body, headers=headers)
 
 
@@ -132,7 +187,7 @@ async def test_every_v1_route_is_authenticated(core: tuple[RecordingCore, str], 
         return
     assert_openai_error(missing, 401, "missing_api_key")
     assert_openai_error(wrong, 401, "invalid_api_key")
-    assert served.status_code == 200, served.text
+    assert served.status_code in (200, 201), served.text
 
 
 @pytest.mark.parametrize("route", ROUTES.routes, ids=ROUTE_IDS)
@@ -167,15 +222,15 @@ async def test_a_held_stream_takes_the_one_slot_of_every_route(core: tuple[Recor
             assert during[name(route)].status_code == 200
         else:
             assert_openai_error(during[name(route)], 503, "overloaded")
-    assert all(after[name(route)] == 200 for route in ROUTES.routes if not route.public), after
+    assert all(after[name(route)] in (200, 201) for route in ROUTES.routes if not route.public), after
 
 
 @pytest.mark.parametrize("route", ROUTES.routes, ids=ROUTE_IDS)
 async def test_another_method_is_405(core: tuple[RecordingCore, str], route: Route) -> None:
     async with bridge(core) as http:
-        response = await http.request("DELETE", route.path.replace("{model_id}", "m"), headers=AUTH)
+        response = await http.request("PUT", path_of(route), headers=AUTH)  # no route takes PUT
     assert_openai_error(response, 405, None)
-    assert response.json()["error"]["message"] == f"Method DELETE is not allowed for {response.url.path}."
+    assert response.json()["error"]["message"] == f"Method PUT is not allowed for {response.url.path}."
     assert route.method in response.headers["allow"].split(", ")
 
 
@@ -193,9 +248,11 @@ async def test_a_trailing_slash_redirects_as_starlette_did(core: tuple[Recording
     assert redirected.status_code == 307 and redirected.headers["location"].endswith("/healthz")
 
 
-async def test_the_identity_reaches_the_core_and_the_key_does_not(
+async def test_the_key_reaches_the_core_in_authorization_metadata_and_no_log_line(
     core: tuple[RecordingCore, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The core checks every call's key, so the bridge forwards it, in `authorization` and nowhere else; the
+    bridge's own log line names it by its public id."""
     caplog.set_level(logging.INFO)
     recording = core[0]
     async with bridge(core) as http:
@@ -213,11 +270,25 @@ async def test_the_identity_reaches_the_core_and_the_key_does_not(
         "ListModels",
     ]
     for rpc, metadata in recording.metadata:
-        assert metadata["x-modelmax-key-id"] == key_id, rpc
-        assert metadata["x-modelmax-key-name"] == "static", rpc
+        assert metadata["authorization"] == f"Bearer {API_KEY}", rpc
         assert metadata["x-request-id"], rpc
-        assert not any(API_KEY in value for value in metadata.values()), f"{rpc} carried the key"
+        others = {k: v for k, v in metadata.items() if k != "authorization"}
+        assert not any(API_KEY in value for value in others.values()), f"{rpc} carried the key elsewhere"
+        assert "x-modelmax-key-id" not in metadata, "the core believes the key, not a claimed identity"
     assert recording.metadata[0][1]["x-request-id"] == plain.headers["x-request-id"] == "trace-1"
     lines = [record for record in caplog.records if record.name == "bridge.requests"]
     assert [line.key_id for line in lines] == [key_id, key_id]  # type: ignore[attr-defined]  # the two chats
     assert not any(API_KEY in record.getMessage() + repr(vars(record)) for record in caplog.records)
+
+
+async def test_a_stored_key_is_logged_by_its_public_id(
+    core: tuple[RecordingCore, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = "mm-abcdefghijk2-" + "s" * 43
+    async with bridge(core) as http:
+        refused = await http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(refused, 401, "invalid_api_key")  # the fake core knows only the static key
+    [line] = [record for record in caplog.records if record.name == "bridge.requests"]
+    assert line.key_id == "abcdefghijk2"  # type: ignore[attr-defined]
+    assert not any(key in record.getMessage() + repr(vars(record)) for record in caplog.records)

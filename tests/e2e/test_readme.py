@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, write_catalog
+from tests.conftest import API_KEY, running_bridge, running_core, write_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -82,3 +82,43 @@ def test_readme_grpcurl_examples_name_real_rpcs(block: str) -> None:
         service, _, rpc = method.rpartition("/")
         assert service in ("modelmax.v1.CompletionService", "grpc.health.v1.Health"), method
         assert rpc in ("StreamCompletion", "CreateCompletion", "ListModels", "Check"), method
+
+
+KEYS_WALKTHROUGH = [block for block in blocks("bash") if "modelmax keys create" in block]
+
+
+async def test_readme_keys_walkthrough_works_as_typed(tmp_path: Path) -> None:
+    """Create a key with a budget through the CLI, call a model, read /v1/key and the usage report, revoke, 401."""
+    [block] = KEYS_WALKTHROUGH
+    database = f"sqlite:///{tmp_path / 'policy.sqlite3'}"
+    entry = {"name": "smollm2-135m", "provider": "local", "model": GGUF, "price": {"input": 0, "output": 0}}
+    modelmax = Path(sys.executable).with_name("modelmax")
+    assert modelmax.exists(), "the venv's `modelmax` command (pip install -e .)"
+    async with (
+        running_core(write_catalog(tmp_path, [entry]), database_url=database, api_keys=()) as core,
+        running_bridge(f"127.0.0.1:{core.port}") as base_url,
+    ):
+        base = base_url.removesuffix("/v1")
+        script = block.replace(README_URL, base).replace(".venv/bin/modelmax", str(modelmax))
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "MODELMAX_DATABASE_URL": database}
+        process = await asyncio.create_subprocess_exec(
+            "bash", "-e", "-c", script, cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    output = stdout.decode()
+    decoder = json.JSONDecoder()
+    chat, end = decoder.raw_decode(output)  # curl prints the bodies with no newline between them
+    key, end = decoder.raw_decode(output, end)
+    *report, status = output[end:].strip().splitlines()
+    assert chat["choices"][0]["message"]["content"]
+    inspected = key["data"]
+    assert (inspected["name"], inspected["models"], inspected["budget"]["amount_usd"]) == (
+        "alice",
+        ["smollm2-135m"],
+        "5.00",
+    )
+    assert inspected["usage"]["requests"] == 1  # the call above, metered (the record was written in its batch)
+    assert any(inspected["id"] in line and "alice" in line for line in report), report
+    assert status == "401"

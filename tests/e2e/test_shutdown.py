@@ -11,13 +11,16 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from services.policy import open_store
+from services.policy.keys import KeySpec
 from tests.conftest import API_KEY, running_bridge, running_core, write_catalog
-from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
+from tests.fakes.openai_upstream import DEFAULT_USAGE, OpenAIUpstream, serve_openai_upstream
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "remote-chat"
@@ -93,6 +96,7 @@ async def test_core_drains_its_streams_on_sigterm(tmp_path: Path, slow_upstream:
     entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
     port, metrics = free_port(), free_port()
     env = {"MODELMAX_CATALOG": write_catalog(tmp_path, [entry]), "MODELMAX_CORE_PORT": str(port),
+           "MODELMAX_API_KEY": API_KEY,
            "MODELMAX_CORE_METRICS_PORT": str(metrics), "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS": "10"}  # fmt: skip
     async with process("services", env, f"http://127.0.0.1:{metrics}/metrics") as core:
         async with running_bridge(f"127.0.0.1:{port}") as base_url:
@@ -108,7 +112,7 @@ async def test_bridge_drains_its_streams_on_sigterm(tmp_path: Path, slow_upstrea
     entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
     async with running_core(write_catalog(tmp_path, [entry])) as core:
         port = free_port()
-        env = {"MODELMAX_API_KEY": API_KEY, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core.port}",
+        env = {"MODELMAX_CORE_TARGET": f"127.0.0.1:{core.port}",
                "MODELMAX_BRIDGE_PORT": str(port), "MODELMAX_BRIDGE_METRICS_PORT": "off",
                "MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS": "10"}  # fmt: skip
         async with process("bridge", env, f"http://127.0.0.1:{port}/healthz") as bridge:
@@ -126,6 +130,7 @@ async def test_streams_past_the_grace_period_end_with_an_error_event(
     entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": slow_upstream.url}}
     port, metrics = free_port(), free_port()
     env = {"MODELMAX_CATALOG": write_catalog(tmp_path, [entry]), "MODELMAX_CORE_PORT": str(port),
+           "MODELMAX_API_KEY": API_KEY,
            "MODELMAX_CORE_METRICS_PORT": str(metrics), "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS": "0.3"}  # fmt: skip
     async with process("services", env, f"http://127.0.0.1:{metrics}/metrics") as core:
         async with running_bridge(f"127.0.0.1:{port}") as base_url:
@@ -136,3 +141,34 @@ async def test_streams_past_the_grace_period_end_with_an_error_event(
     assert error["code"] == "core_unavailable" and error["type"] == "api_error"
     assert not any('"finish_reason":"stop"' in e for e in events), "a cut stream never claims to have finished"
     assert code == 0
+
+
+async def test_the_core_writes_every_usage_record_before_it_exits_on_sigterm(tmp_path: Path) -> None:
+    """Records still in the writer's buffer (it writes every 0.5 s) are written by the drain: none is lost."""
+    async with serve_openai_upstream() as upstream:
+        entry = {"name": MODEL, "provider": "openai", "model": "m", "options": {"base_url": upstream.url}}
+        port, metrics = free_port(), free_port()
+        database = f"sqlite:///{tmp_path / 'policy.sqlite3'}"
+        store = await open_store(database)
+        try:
+            record, key = await store.create_key(KeySpec("metered"))
+        finally:
+            await store.close()
+        env = {"MODELMAX_CATALOG": write_catalog(tmp_path, [entry]), "MODELMAX_CORE_PORT": str(port),
+               "MODELMAX_DATABASE_URL": database, "MODELMAX_CORE_METRICS_PORT": str(metrics)}  # fmt: skip
+        async with process("services", env, f"http://127.0.0.1:{metrics}/metrics") as core:
+            async with (
+                running_bridge(f"127.0.0.1:{port}") as base_url,
+                httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=15) as http,
+            ):
+                replies = [await http.post("/chat/completions", json={**BODY, "stream": False}) for _ in range(20)]
+                assert [reply.status_code for reply in replies] == [200] * 20
+                core.send_signal(signal.SIGTERM)  # at once: the last records are still in the buffer
+                assert await asyncio.wait_for(core.wait(), timeout=15) == 0
+    store = await open_store(database)
+    try:
+        [row] = await store.usage_report(datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC), "key")
+    finally:
+        await store.close()
+    assert (row.group, row.requests) == (record.id, 20)
+    assert row.prompt_tokens == 20 * DEFAULT_USAGE["prompt_tokens"]

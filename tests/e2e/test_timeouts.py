@@ -18,6 +18,7 @@ from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.catalog import parse_catalog
 from tests.conftest import API_KEY, running_core, write_catalog
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
+from tests.grpc_client import core_channel
 
 MODEL = "timed"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -75,7 +76,7 @@ async def test_the_callers_grpc_deadline_closes_the_upstream_call(
         params=pb.CompletionParams(model=MODEL, messages=[pb.Message(role=pb.Role.ROLE_USER, content="hi")])
     )
     async with running_core(write_catalog(tmp_path, [entry])) as core:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        async with core_channel(f"127.0.0.1:{core.port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await svc_grpc.CompletionServiceStub(channel).CreateCompletion(request, timeout=0.5)
             left = time.monotonic()

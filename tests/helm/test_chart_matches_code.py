@@ -6,9 +6,11 @@ from __future__ import annotations
 import ast
 import base64
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import helm_python
 import pytest
 import yaml
 
@@ -17,39 +19,79 @@ from services.catalog import parse_catalog
 from services.providers import _MODULES as PROVIDER_MODULES
 from services.providers.local import resolve_model_path
 from services.settings import Settings as CoreSettings
-from tests.helm.conftest import ROOT, Rendered, container, container_port
+from services.settings import SettingsError as CoreSettingsError
+from tests.helm.conftest import ROOT, Rendered, container, container_port, merged, render
 
 SECRET_PLACEHOLDER = "secret-from-kubernetes-0123456789"
-# Variables the code reads that the chart leaves unset on purpose: the bridge's other two ways to get API keys.
-UNSET_ON_PURPOSE = {"MODELMAX_API_KEY", "MODELMAX_API_KEYS"}
+DATABASE_URL = "postgresql://modelmax:p%40ss@policy-db.llm.svc:5432/modelmax?sslmode=require"
+# Secrets the values name but the chart does not make, as the operator put them in the cluster (FULL_VALUES and the
+# tests below name them). Any other Secret a pod reads (provider credentials) becomes SECRET_PLACEHOLDER.
+CLUSTER_SECRETS = {
+    "modelmax-api-keys": {"keys.txt": f"# keys of the platform team\n  {SECRET_PLACEHOLDER}\n"},
+    "modelmax-policy-db": {"uri": DATABASE_URL},
+    "modelmax-no-static-keys": {"api-keys": "# every key is in the policy database\n"},
+}
+# Variables the code reads that the chart leaves unset on purpose: the core's other two ways to get static keys, and
+# the usage buffer's size, whose default the chart keeps.
+UNSET_ON_PURPOSE = {"MODELMAX_API_KEY", "MODELMAX_API_KEYS", "MODELMAX_USAGE_BUFFER_RECORDS"}
 
 
-def environment(deployment: dict[str, Any]) -> dict[str, str]:
-    """The container's variables as the process sees them; Secret references become a placeholder."""
+def secret_value(release: Rendered, name: str, key: str) -> str | None:
+    """A Secret's value as a pod reads it: the chart's own Secret when it made one, else CLUSTER_SECRETS."""
+    made = [s for s in release.all("Secret") if s["metadata"]["name"] == name]
+    if made:
+        return base64.b64decode(made[0]["data"][key]).decode()
+    return CLUSTER_SECRETS.get(name, {}).get(key)
+
+
+def environment(release: Rendered, component: str) -> dict[str, str]:
+    """The container's variables as the process sees them; Secret references resolve through secret_value, or
+    become a placeholder."""
     env: dict[str, str] = {}
-    for variable in container(deployment)["env"]:
+    for variable in container(release.one("Deployment", component))["env"]:
         assert variable["name"] not in env, f"{variable['name']} is set twice"
         if "value" in variable:
             assert isinstance(variable["value"], str)
             env[variable["name"]] = variable["value"]
         else:
             assert set(variable["valueFrom"]) == {"secretKeyRef"}
-            env[variable["name"]] = SECRET_PLACEHOLDER
+            ref = variable["valueFrom"]["secretKeyRef"]
+            value = secret_value(release, ref["name"], ref["key"])
+            env[variable["name"]] = SECRET_PLACEHOLDER if value is None else value
     return env
 
 
-def mounted_file(deployment: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
-    """The pod volume that provides the file at `path` and the key it is projected from."""
+@dataclass(frozen=True)
+class Mounted:
+    """Where a file in a container comes from: a key of a ConfigMap or a Secret, and the file's mode."""
+
+    kind: str  # "configMap" or "secret"
+    name: str
+    key: str
+    mode: int
+
+
+def mounted_file(deployment: dict[str, Any], path: str) -> Mounted:
+    """The ConfigMap or Secret key that provides the file at `path`, through a plain or a projected volume."""
     pod = deployment["spec"]["template"]["spec"]
     for mount in container(deployment)["volumeMounts"]:
         directory = mount["mountPath"].rstrip("/") + "/"
         if path.startswith(directory):
             assert mount.get("readOnly") is True and "subPath" not in mount
             volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-            source = volume.get("configMap") or volume.get("secret")
-            assert source is not None, f"{path} is not on a ConfigMap or Secret volume"
-            (item,) = [i for i in source["items"] if i["path"] == path.removeprefix(directory)]
-            return volume, item["key"]
+            projected = volume.get("projected")
+            found = [
+                (kind, source[kind], item)
+                for source in (projected["sources"] if projected else [volume])
+                for kind in ("configMap", "secret")
+                if kind in source
+                for item in source[kind]["items"]
+                if item["path"] == path.removeprefix(directory)
+            ]
+            assert len(found) == 1, f"{path} comes from {len(found)} ConfigMap or Secret keys"
+            ((kind, source, item),) = found
+            default_mode = (projected or source).get("defaultMode", 0o644)
+            return Mounted(kind, source["name"], item["key"], item.get("mode", default_mode))
     raise AssertionError(f"nothing is mounted at {path}")
 
 
@@ -64,31 +106,38 @@ def read_by_code(package: str) -> set[str]:
     return names
 
 
-def core_settings(release: Rendered) -> CoreSettings:
-    return CoreSettings.from_env(environment(release.one("Deployment", "core")))
-
-
-def bridge_settings(release: Rendered, tmp_path: Path) -> tuple[BridgeSettings, str]:
-    """The bridge's settings, with its keys file written where the test can read it; and that file's chart path."""
-    deployment = release.one("Deployment", "bridge")
-    env = environment(deployment)
+def core_environment(release: Rendered, tmp_path: Path) -> tuple[dict[str, str], str]:
+    """The core's variables, with the keys file written to tmp_path from the Secret key the chart mounts there; and
+    that file's path in the pod."""
+    env = environment(release, "core")
     keys_path = env["MODELMAX_API_KEYS_FILE"]
+    mounted = mounted_file(release.one("Deployment", "core"), keys_path)
+    assert mounted.kind == "secret", f"{keys_path} must come from a Secret"
+    content = secret_value(release, mounted.name, mounted.key)
+    assert content is not None, f"the chart mounts Secret {mounted.name}, which neither it nor the cluster has"
     keys_file = tmp_path / Path(keys_path).name
-    secret = [s for s in release.all("Secret")]
-    if secret:  # the chart's own Secret: use its generated key, so the test proves the code accepts it
-        (value,) = secret[0]["data"].values()
-        keys_file.write_bytes(base64.b64decode(value))
-    else:
-        keys_file.write_text(f"# keys\n{SECRET_PLACEHOLDER}\n", encoding="utf-8")
+    keys_file.write_text(content, encoding="utf-8")
     env["MODELMAX_API_KEYS_FILE"] = str(keys_file)
-    return BridgeSettings.from_env(env), keys_path
+    return env, keys_path
+
+
+def core_settings(release: Rendered, tmp_path: Path) -> CoreSettings:
+    """The core's settings from the chart's environment; check() passes, so the core would start."""
+    env, _ = core_environment(release, tmp_path)
+    settings = CoreSettings.from_env(env)
+    settings.check()
+    return settings
+
+
+def bridge_settings(release: Rendered) -> BridgeSettings:
+    return BridgeSettings.from_env(environment(release, "bridge"))
 
 
 # ---- the core ----
 
 
-def test_core_listens_where_the_chart_points(release: Rendered) -> None:
-    settings = core_settings(release)
+def test_core_listens_where_the_chart_points(release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(release, tmp_path)
     core = release.one("Deployment", "core")
     service = release.one("Service", "core")
     assert settings.host == "0.0.0.0"
@@ -101,11 +150,11 @@ def test_core_listens_where_the_chart_points(release: Rendered) -> None:
     assert container_port(core, ports["metrics"]["targetPort"]) == settings.metrics_port
 
 
-def test_core_reads_the_catalog_the_chart_mounts(release: Rendered) -> None:
-    settings = core_settings(release)
-    volume, key = mounted_file(release.one("Deployment", "core"), settings.catalog_path)
-    config_map = release.named("ConfigMap", volume["configMap"]["name"])
-    document = yaml.safe_load(config_map["data"][key])
+def test_core_reads_the_catalog_the_chart_mounts(release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(release, tmp_path)
+    mounted = mounted_file(release.one("Deployment", "core"), settings.catalog_path)
+    assert mounted.kind == "configMap"
+    document = yaml.safe_load(release.named("ConfigMap", mounted.name)["data"][mounted.key])
     catalog = parse_catalog(document, settings.catalog_path)
     assert catalog.names() == [m["name"] for m in release.values["core"]["catalog"]["models"]]
 
@@ -137,8 +186,8 @@ def test_the_default_catalog_serves_the_model_the_image_bundles(default_release:
     assert entry.options["threads"] == 1 and entry.options["context_length"] <= 2048
 
 
-def test_core_drains_within_the_grace_period(release: Rendered) -> None:
-    settings = core_settings(release)
+def test_core_drains_within_the_grace_period(release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(release, tmp_path)
     pod = release.one("Deployment", "core")["spec"]["template"]["spec"]
     assert settings.shutdown_grace_seconds == release.values["core"]["drainSeconds"]
     assert (
@@ -147,11 +196,75 @@ def test_core_drains_within_the_grace_period(release: Rendered) -> None:
     assert settings.log_level == release.values["core"]["logLevel"]
 
 
+def test_core_reads_its_keys_from_the_mounted_secret(release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(release, tmp_path)
+    mounted = mounted_file(release.one("Deployment", "core"), environment(release, "core")["MODELMAX_API_KEYS_FILE"])
+    api_keys = release.values["core"]["apiKeys"]
+    assert (mounted.kind, mounted.name, mounted.key) == (
+        "secret",
+        api_keys["existingSecret"] or "modelmax-api-keys",
+        api_keys["secretKey"],
+    )
+    assert mounted.mode == 0o440  # readable through fsGroup, by nobody else
+    if api_keys["existingSecret"]:
+        assert release.all("Secret") == []
+        assert settings.api_keys == (SECRET_PLACEHOLDER,)
+    else:  # the key the chart generated: the core accepts it
+        (secret,) = release.all("Secret")
+        assert settings.api_keys == (base64.b64decode(secret["data"][mounted.key]).decode().strip(),)
+
+
+def test_core_reads_the_database_url_from_its_secret(full_release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(full_release, tmp_path)
+    database = full_release.values["core"]["database"]
+    (variable,) = [v for v in container(full_release.one("Deployment", "core"))["env"] if "DATABASE" in v["name"]]
+    # Only ever a reference: the DSN carries a password, so it is in no value, ConfigMap or rendered manifest.
+    assert variable == {
+        "name": "MODELMAX_DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": database["existingSecret"], "key": database["secretKey"]}},
+    }
+    assert settings.database_url == DATABASE_URL
+    assert all(DATABASE_URL not in text and "postgresql://" not in text for text in full_release.files.values())
+
+
+def test_without_a_database_the_core_has_its_static_keys_only(default_release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(default_release, tmp_path)
+    assert "MODELMAX_DATABASE_URL" not in environment(default_release, "core")
+    assert settings.database_url == ""
+    assert len(settings.api_keys) == 1
+
+
+def test_core_policy_follows_the_values(release: Rendered, tmp_path: Path) -> None:
+    settings = core_settings(release, tmp_path)
+    policy = release.values["core"]["policy"]
+    assert settings.policy_fail_closed is policy["failClosed"]
+    assert settings.key_cache_ttl_seconds == policy["keyCacheTtlSeconds"]
+
+
+def test_the_policy_defaults_are_the_codes(default_release: Rendered, tmp_path: Path) -> None:
+    settings, code = core_settings(default_release, tmp_path), CoreSettings()
+    assert (settings.policy_fail_closed, settings.key_cache_ttl_seconds) == (
+        code.policy_fail_closed,
+        code.key_cache_ttl_seconds,
+    )
+
+
+def test_the_core_starts_only_with_a_key_or_a_database(chart: helm_python.Chart, tmp_path: Path) -> None:
+    """The chart always mounts a keys file; when that file holds no key, only a database lets the core start."""
+    no_static_keys = {"core": {"apiKeys": {"existingSecret": "modelmax-no-static-keys"}}}
+    database = {"core": {"database": {"existingSecret": "modelmax-policy-db", "secretKey": "uri"}}}
+    settings = core_settings(render(chart, merged(no_static_keys, database)), tmp_path)
+    assert settings.api_keys == () and settings.database_url == DATABASE_URL
+    env, _ = core_environment(render(chart, no_static_keys), tmp_path)
+    with pytest.raises(CoreSettingsError, match="no API key configured"):
+        CoreSettings.from_env(env).check()
+
+
 # ---- the bridge ----
 
 
-def test_bridge_listens_where_the_chart_points(release: Rendered, tmp_path: Path) -> None:
-    settings, _ = bridge_settings(release, tmp_path)
+def test_bridge_listens_where_the_chart_points(release: Rendered) -> None:
+    settings = bridge_settings(release)
     bridge = release.one("Deployment", "bridge")
     service = release.one("Service", "bridge")
     assert settings.host == "0.0.0.0"
@@ -166,28 +279,28 @@ def test_bridge_listens_where_the_chart_points(release: Rendered, tmp_path: Path
 
 
 def test_bridge_dials_the_core_service_grpc_port(release: Rendered, tmp_path: Path) -> None:
-    settings, _ = bridge_settings(release, tmp_path)
+    settings = bridge_settings(release)
     host, _, port = settings.core_target.rpartition(":")
     service = release.one("Service", "core")
     assert host == service["metadata"]["name"]  # same namespace: the short name resolves
     grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert int(port) == grpc["port"]
     # Headless or not, clients reach the pod on the Service port: it must equal the port the core listens on.
-    assert grpc["port"] == core_settings(release).port
+    assert grpc["port"] == core_settings(release, tmp_path).port
 
 
-def test_bridge_reads_its_keys_from_the_mounted_secret(release: Rendered, tmp_path: Path) -> None:
-    settings, keys_path = bridge_settings(release, tmp_path)
-    volume, key = mounted_file(release.one("Deployment", "bridge"), keys_path)
-    api_keys = release.values["bridge"]["apiKeys"]
-    assert key == api_keys["secretKey"]
-    assert volume["secret"]["secretName"] == (api_keys["existingSecret"] or "modelmax-api-keys")
-    assert volume["secret"]["defaultMode"] == 0o440  # readable through fsGroup, by nobody else
-    assert len(settings.api_keys) == 1
+def test_bridge_holds_no_api_keys(release: Rendered) -> None:
+    """The core checks every key (the bridge forwards the caller's): no key variable, Secret or mounted file here."""
+    bridge = release.one("Deployment", "bridge")
+    env = container(bridge)["env"]
+    assert [v["name"] for v in env if "API_KEY" in v["name"]] == []
+    assert [v["name"] for v in env if "value" not in v] == [] and "envFrom" not in container(bridge)
+    assert [set(v) for v in bridge["spec"]["template"]["spec"]["volumes"]] == [{"name", "emptyDir"}]
+    assert [m["mountPath"] for m in container(bridge)["volumeMounts"]] == ["/tmp"]
 
 
-def test_bridge_limits_and_drain_follow_the_values(release: Rendered, tmp_path: Path) -> None:
-    settings, _ = bridge_settings(release, tmp_path)
+def test_bridge_limits_and_drain_follow_the_values(release: Rendered) -> None:
+    settings = bridge_settings(release)
     values = release.values["bridge"]
     pod = release.one("Deployment", "bridge")["spec"]["template"]["spec"]
     assert settings.max_body_bytes == values["maxBodyBytes"]
@@ -204,7 +317,10 @@ def test_bridge_limits_and_drain_follow_the_values(release: Rendered, tmp_path: 
 
 @pytest.mark.parametrize(("component", "package"), [("core", "services"), ("bridge", "bridge")])
 def test_chart_sets_exactly_the_variables_the_code_reads(release: Rendered, component: str, package: str) -> None:
-    chart_sets = {name for name in environment(release.one("Deployment", component)) if name.startswith("MODELMAX_")}
+    chart_sets = {name for name in environment(release, component) if name.startswith("MODELMAX_")}
     code_reads = read_by_code(package)
+    unset = set(UNSET_ON_PURPOSE)
+    if not release.values["core"]["database"]["existingSecret"]:
+        unset.add("MODELMAX_DATABASE_URL")  # no database: static keys only
     assert chart_sets - code_reads == set(), "the chart sets variables the code never reads"
-    assert code_reads - chart_sets == UNSET_ON_PURPOSE & code_reads, "the code reads variables the chart never sets"
+    assert code_reads - chart_sets == unset & code_reads, "the code reads variables the chart never sets"

@@ -123,7 +123,7 @@ def test_runtime_writes_nothing(target: str) -> None:
 def test_exposed_ports_are_the_codes_and_the_charts_defaults() -> None:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
     core = CoreSettings.from_env({})
-    bridge = BridgeSettings.from_env({"MODELMAX_API_KEY": "a-key-of-sixteen-characters"})
+    bridge = BridgeSettings.from_env({})
     assert inherited("core", "EXPOSE") == [f"{core.port} {core.metrics_port}"]
     assert inherited("bridge", "EXPOSE") == [f"{bridge.port} {bridge.metrics_port}"]
     assert (core.port, core.metrics_port) == (values["core"]["grpcPort"], values["core"]["metricsPort"])
@@ -202,8 +202,9 @@ def test_the_bridge_image_has_every_module_the_bridge_imports() -> None:
     kept = _closure([r for r in dependencies if Requirement(r).name not in excluded])
     by_top_level = importlib.metadata.packages_distributions()
     # startup: the process set-up both share; not cli.py, the `modelmax` command, which starts either process and
-    # imports the core only for `modelmax core` (the bridge image runs `python -m bridge`).
-    for module in sorted(_imports("bridge") | _imports("startup", leave_out=("cli.py",))):
+    # imports the core only for `modelmax core`, nor keys.py, its `modelmax keys` (the policy store's commands); the
+    # bridge image runs `python -m bridge`.
+    for module in sorted(_imports("bridge") | _imports("startup", leave_out=("cli.py", "keys.py"))):
         top = module.partition(".")[0]
         if top in sys.stdlib_module_names or top in {"bridge", "startup", "modelmax"}:
             continue  # modelmax: the generated stubs, copied into every image

@@ -90,7 +90,8 @@ def test_default_catalog_is_valid() -> None:
 def test_core_process_exits_with_the_message(tmp_path: Path) -> None:
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump({"models": [{**LOCAL, "provider": "magic"}]}))
-    env = {"PATH": os.environ.get("PATH", ""), "MODELMAX_CATALOG": str(path), "MODELMAX_CORE_PORT": "0"}
+    env = {"PATH": os.environ.get("PATH", ""), "MODELMAX_CATALOG": str(path), "MODELMAX_CORE_PORT": "0",
+           "MODELMAX_API_KEY": "a-key-of-sixteen-characters"}  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "services"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.returncode != 0

@@ -19,6 +19,7 @@ from services.server import CoreServer
 from tests.conftest import running_core, write_catalog
 from tests.fakes.bedrock import BedrockUpstream, serve_bedrock, use_fake_credentials
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
+from tests.grpc_client import core_channel
 
 MODEL = "routed"
 FAST_RETRY = {"attempts": 2, "initial_backoff_seconds": 0.01, "max_backoff_seconds": 0.02, "budget_seconds": 5}
@@ -73,7 +74,7 @@ async def test_after_a_fallback_metrics_and_logs_name_the_deployment_that_served
     entry = {"name": MODEL, "deployments": [bedrock_deployment(bedrock), openai_deployment(upstream)]}
     caplog.set_level(logging.INFO, logger="services.requests")
     async with running_core(write_catalog(tmp_path, [entry])) as core:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        async with core_channel(f"127.0.0.1:{core.port}") as channel:
             reply = await svc_grpc.CompletionServiceStub(channel).CreateCompletion(ask())
         assert reply.deployment == "1:openai:m" and reply.choices[0].content == "from a"
         assert len(bedrock.requests) == 1 and len(upstream.requests) == 1
@@ -100,7 +101,7 @@ async def test_the_callers_deadline_caps_the_retry_budget(
     retry = {**FAST_RETRY, "attempts": 3, "budget_seconds": 30}  # the route alone would wait the 5 s
     entry = {"name": MODEL, "deployments": [openai_deployment(a, "a"), openai_deployment(b, "b")], "retry": retry}
     async with running_core(write_catalog(tmp_path, [entry])) as core:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        async with core_channel(f"127.0.0.1:{core.port}") as channel:
             started = time.monotonic()
             reply = await svc_grpc.CompletionServiceStub(channel).CreateCompletion(ask(), timeout=2.0)
             took = time.monotonic() - started
@@ -116,7 +117,7 @@ async def test_a_route_is_checked_against_what_all_its_deployments_support(
     upstream, _ = openai_upstreams
     entry = {"name": MODEL, "deployments": [openai_deployment(upstream), bedrock_deployment(bedrock)]}
     async with running_core(write_catalog(tmp_path, [entry])) as core:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+        async with core_channel(f"127.0.0.1:{core.port}") as channel:
             stub = svc_grpc.CompletionServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stub.CreateCompletion(ask(choice_count=2))

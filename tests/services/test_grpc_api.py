@@ -20,9 +20,11 @@ from grpc_status import rpc_status
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from services.policy.gate import static_key_id
 from services.server import CoreServer
-from tests.conftest import running_core, write_catalog
+from tests.conftest import API_KEY, running_core, write_catalog
 from tests.fakes.openai_upstream import FakeToolCall, OpenAIUpstream, serve_openai_upstream
+from tests.grpc_client import core_channel
 
 MODEL = "smollm2-135m"
 GRPCURL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl"
@@ -40,7 +42,7 @@ def params(**fields: object) -> pb.CompletionParams:
 
 @pytest.fixture
 async def channel(local_core: CoreServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         yield channel
 
 
@@ -177,8 +179,8 @@ async def test_readme_grpcurl_example_works(local_core: CoreServer) -> None:
     request = {"params": {"model": MODEL, "messages": [{"role": "ROLE_USER", "content": "Hi"}], "max_tokens": 5}}
     result = await asyncio.to_thread(
         subprocess.run,
-        [grpcurl, "-plaintext", "-d", json.dumps(request), f"127.0.0.1:{local_core.port}",
-         "modelmax.v1.CompletionService/CreateCompletion"],
+        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {API_KEY}", "-d", json.dumps(request),
+         f"127.0.0.1:{local_core.port}", "modelmax.v1.CompletionService/CreateCompletion"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -209,7 +211,7 @@ async def remote(tmp_path: Path) -> AsyncIterator[tuple[svc_grpc.CompletionServi
     async with serve_openai_upstream() as upstream:
         entry = {"name": REMOTE, "provider": "openai", "model": "fake-model", "options": {"base_url": upstream.url}}
         async with running_core(write_catalog(tmp_path, [entry])) as core:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+            async with core_channel(f"127.0.0.1:{core.port}") as channel:
                 yield svc_grpc.CompletionServiceStub(channel), upstream
 
 
@@ -285,17 +287,17 @@ async def test_the_request_log_line_names_the_end_user_and_nothing_of_the_prompt
     assert upstream.requests[0].body["user"] == "end-user-42"
 
 
-async def test_the_request_log_line_names_the_callers_identity_from_metadata(
+async def test_the_request_log_line_names_the_key_the_core_checked_never_a_claimed_identity(
     remote: tuple[svc_grpc.CompletionServiceStub, OpenAIUpstream], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The bridge passes the caller's identity (the key's public id and name) in metadata; the core logs it."""
+    """The identity in the log is the authenticated key's; identity metadata a caller adds is not believed."""
     stub, _ = remote
     caplog.set_level(logging.INFO, logger="services.requests")
     metadata = (("x-request-id", "req-7"), ("x-modelmax-key-id", "static-0123abcd"), ("x-modelmax-key-name", "ci"))
     await stub.CreateCompletion(svc.CreateCompletionRequest(params=params(model=REMOTE)), metadata=metadata)
     [line] = [r for r in caplog.records if r.name == "services.requests"]
     fields = vars(line)
-    assert (fields["request_id"], fields["key_id"], fields["key_name"]) == ("req-7", "static-0123abcd", "ci")
+    assert (fields["request_id"], fields["key_id"], fields["key_name"]) == ("req-7", static_key_id(API_KEY), "static")
 
 
 async def test_a_burst_is_batched_only_for_a_caller_that_accepts_batches(

@@ -29,9 +29,12 @@ from services.completion.servicer import create_servicer
 from services.errors import GatewayError
 from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics
+from services.policy.gate import Policy, StaticKeys
 from services.providers import build_registry
+from tests.conftest import API_KEY
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
 from tests.fakes.serve import serve
+from tests.grpc_client import core_channel
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4  # 1032 bytes
 LIMIT = 4096
@@ -261,14 +264,14 @@ async def core(catalog_path: Path) -> AsyncIterator[svc_grpc.CompletionServiceSt
     """The core's servicer on a real grpc.aio server, closed (servicer included) at the end."""
     async with AsyncExitStack() as stack:
         registry = await build_registry(load_catalog(catalog_path), {}, stack)
-        servicer = create_servicer(registry, CoreMetrics())
+        servicer = create_servicer(registry, CoreMetrics(), Policy(StaticKeys((API_KEY,))))
         stack.push_async_callback(servicer.aclose)
         server = grpc.aio.server()
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         stack.push_async_callback(server.stop, None)
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        channel = await stack.enter_async_context(core_channel(f"127.0.0.1:{port}"))
         yield svc_grpc.CompletionServiceStub(channel)
 
 

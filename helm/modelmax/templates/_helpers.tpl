@@ -104,10 +104,10 @@ kills a process that is still draining. Call with (dict "ctx" $ "drainSeconds" .
 {{- end }}
 
 {{/*
-The Secret the bridge reads its API keys from.
+The Secret the core reads its static API keys from.
 */}}
 {{- define "modelmax.apiKeysSecretName" -}}
-{{- .Values.bridge.apiKeys.existingSecret | default (printf "%s-api-keys" (include "modelmax.fullname" .)) }}
+{{- .Values.core.apiKeys.existingSecret | default (printf "%s-api-keys" (include "modelmax.fullname" .)) }}
 {{- end }}
 
 {{/*

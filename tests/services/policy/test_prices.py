@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from services.policy.prices import Price, cost
 from services.policy.usage import UsageRecord
+from services.prices import Price, cost
 
 SONNET = Price.from_mapping({"input": 3, "cached_input": 0.3, "output": 15})
 

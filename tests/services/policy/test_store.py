@@ -38,7 +38,6 @@ async def test_every_field_round_trips(store: Store) -> None:
     spec = KeySpec(
         "batch",
         owner="customer-42",
-        kind="management",
         expires_at=datetime(2027, 1, 1, 12, tzinfo=plus_two),
         allowed_models=frozenset({"claude-sonnet", "gemini-flash"}),
         budget=Budget(25_000_000, "month"),
@@ -53,6 +52,16 @@ async def test_every_field_round_trips(store: Store) -> None:
     assert got.allowed_models == frozenset({"claude-sonnet", "gemini-flash"})
     empty, _ = await store.create_key(KeySpec("nothing", allowed_models=frozenset()))
     assert (await store.get_key(empty.id)).allowed_models == frozenset()  # type: ignore[union-attr]
+    admin, _ = await store.create_key(KeySpec("admin", kind="management"))
+    assert (await store.get_key(admin.id)) == admin and admin.kind == "management"
+
+
+def test_a_management_key_takes_no_models_budget_or_limits() -> None:
+    for extra in ({"allowed_models": frozenset({"m"})}, {"budget": Budget(1, "day")}, {"rpm": 1}):
+        with pytest.raises(ValueError, match="management key"):
+            KeySpec("admin", kind="management", **extra)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="between 1 and"):
+        KeySpec("big", rpm=2**31)
 
 
 async def test_list_filters_by_owner_and_revocation(store: Store) -> None:
@@ -141,6 +150,8 @@ async def test_usage_report_groups_by_key_model_and_day(store: Store) -> None:
         ("2026-05-03", 1, 1, 3),
     ]
     assert await store.usage_report(end + timedelta(days=5), end + timedelta(days=6), "key") == []
+    only_b = await store.usage_report(start, end + timedelta(days=1), "model", key_id="key-b")
+    assert [(r.group, r.requests, r.cost_micros) for r in only_b] == [("local", 1, None), ("sonnet", 1, 250)]
 
 
 async def test_record_usage_stores_every_field_and_skips_a_repeated_request_id(backend: Backend, store: Store) -> None:
