@@ -90,3 +90,4 @@ bench-tools:
 
 bench: proto bench-tools
 	$(BIN)/python -m bench.run --out bench-results
+	$(BIN)/python -m bench.keys --out bench-results

@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import logging
 import math
-import uuid
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,7 +82,6 @@ class Admission:
     budget: Budget | None = None  # set: `reserve` must hold the request's cost against it before the call
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     reservation: Reservation | None = None
-    prompt_estimate: int = 0  # tokens, for a request that ends with no usage from the provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,9 +261,8 @@ class Policy:
         """Hold an upper bound of the request's cost against the key's budget, or raise BUDGET_EXHAUSTED."""
         budget, price = admission.budget, admission.price
         assert budget is not None and price is not None and self.store is not None
-        admission.prompt_estimate = prompt_bound(params)
         out = params.max_tokens if params.HasField("max_tokens") else self._reserved_output
-        amount = price.estimate_micros(admission.prompt_estimate, out * max(params.choice_count, 1))
+        amount = price.estimate_micros(prompt_bound(params), out * max(params.choice_count, 1))
         try:
             admission.reservation = await self.store.reserve(
                 admission.principal.key_id, amount, budget.window_start(admission.started_at), budget.amount_micros
@@ -320,7 +318,7 @@ def usage_record(admission: Admission, outcome: Outcome, params: pb.CompletionPa
         cached, reasoning = usage.cached_tokens, usage.reasoning_tokens
     elif outcome.produced or outcome.status == "cancelled":
         estimated = True
-        prompt = admission.prompt_estimate or prompt_estimate(params)
+        prompt = prompt_estimate(params)  # the likely size, never the reservation's upper bound
         completion = math.ceil(outcome.output_chars / 4)
         cached = reasoning = 0
     else:
@@ -328,7 +326,7 @@ def usage_record(admission: Admission, outcome: Outcome, params: pb.CompletionPa
     price = admission.price
     cost = None if price is None else price.cost_micros(prompt, cached, completion)
     return UsageRecord(
-        request_id=uuid.uuid4().hex,  # the core's own: a caller's request id may repeat, a record's must not
+        request_id=os.urandom(16).hex(),  # the core's own: a caller's request id may repeat, a record's must not
         caller_request_id=outcome.request_id,
         key_id=admission.principal.key_id,
         model=outcome.model,
