@@ -34,6 +34,7 @@ class Gateways:
         self.ports = {"static": (free_port(), free_port()), "database": (free_port(), free_port())}  # core, bridge
         self.keys = {"static": KEY, "database": ""}
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, list[int]] = {"static": [], "database": []}  # each gateway's core and bridge
 
     def start(self) -> None:
         catalog = self.workdir / "catalog.yaml"
@@ -52,6 +53,7 @@ class Gateways:
             self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu)
             bridge_env = {**env, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}", "MODELMAX_BRIDGE_PORT": str(bridge)}
             self._spawn([sys.executable, "-m", "bridge"], bridge_env, gateway_cpu)
+            self.pids[name] = [process.pid for process in self.processes[-2:]]
         deadline = time.monotonic() + 60
         for _, bridge in self.ports.values():
             while True:
@@ -77,6 +79,16 @@ class Gateways:
                 process.kill()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes so far (Linux /proc; taskset runs each command in its own pid)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
 async def measure(gateways: Gateways, rounds: int, seconds: float) -> dict[str, Any]:
     host = "127.0.0.1"
     body: dict[str, object] = {"model": "chunks-1", "messages": MESSAGES}
@@ -89,10 +101,19 @@ async def measure(gateways: Gateways, rounds: int, seconds: float) -> dict[str, 
         }
         for name, (port, key) in targets.items():
             request = chat_request(host, port, key, body)
-            measures[name] = lambda port=port, request=request: http_load(  # type: ignore[misc]
-                host, port, request, concurrency, seconds, limit
-            )
+            pids = gateways.pids.get(name, [])
+
+            async def run(port: int = port, request: bytes = request, pids: list[int] = pids, name: str = name) -> Any:
+                before = cpu_seconds(pids)
+                samples = await http_load(host, port, request, concurrency, seconds, limit)
+                if pids and samples.latencies:  # the gateway's own CPU per request served, both processes
+                    cpu_per_request[name].append((cpu_seconds(pids) - before) / len(samples.latencies) * 1e6)
+                return samples
+
+            measures[name] = run
         return measures
+
+    cpu_per_request: dict[str, list[float]] = {"static": [], "database": []}
 
     rows: list[dict[str, float]] = []
     for r in range(rounds):
@@ -107,6 +128,8 @@ async def measure(gateways: Gateways, rounds: int, seconds: float) -> dict[str, 
             "errors": float(sum(s.errors for s in (*c1.values(), *c64.values()))),
         }
         row["p50_growth_ms"] = row["database_added_p50_ms"] - row["static_added_p50_ms"]
+        row["static_cpu_us_per_request"] = cpu_per_request["static"][-1]  # of the c=64 load, just measured
+        row["database_cpu_us_per_request"] = cpu_per_request["database"][-1]
         row["rps_ratio"] = row["database_rps"] / row["static_rps"]
         rows.append(row)
         print(f"round {r + 1}: {json.dumps({k: round(v, 3) for k, v in row.items()})}", flush=True)
@@ -160,6 +183,8 @@ def main() -> None:
         f"{results['database_rps']:.0f} req/s"
         f"\np50 growth {results['p50_growth_ms']:+.3f} ms, throughput ratio {results['rps_ratio']:.3f} "
         f"(medians of {args.rounds} rounds; {results['usage_records']:,} usage records written)"
+        f"\nCPU per request at c=64, core + bridge: static {results['static_cpu_us_per_request']:.0f} us, "
+        f"database {results['database_cpu_us_per_request']:.0f} us"
     )
     for name, ok in verdicts.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")

@@ -24,6 +24,7 @@ import hmac
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -326,7 +327,7 @@ def usage_record(admission: Admission, outcome: Outcome, params: pb.CompletionPa
     price = admission.price
     cost = None if price is None else price.cost_micros(prompt, cached, completion)
     return UsageRecord(
-        request_id=os.urandom(16).hex(),  # the core's own: a caller's request id may repeat, a record's must not
+        request_id=record_id(),  # the core's own: a caller's request id may repeat, a record's must not
         caller_request_id=outcome.request_id,
         key_id=admission.principal.key_id,
         model=outcome.model,
@@ -345,6 +346,15 @@ def usage_record(admission: Admission, outcome: Outcome, params: pb.CompletionPa
         duration_s=outcome.duration_s,
         first_token_s=outcome.first_token_s,
     )
+
+
+def record_id() -> str:
+    """A unique id that sorts by time: nanoseconds since the epoch, then 64 random bits (hex, 32 characters).
+
+    Time first, so the usage table's primary-key index grows at its right edge, as a log does: random ids (uuid4)
+    land on random pages of an index that soon outgrows the page cache, and each insert costs a page read.
+    """
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 def _text_size(params: pb.CompletionParams) -> tuple[int, int, int]:

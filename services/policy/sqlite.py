@@ -70,6 +70,7 @@ class SQLiteStore:
             conn.row_factory = sqlite3.Row
             _enable_wal(conn, busy_timeout)  # readers never block the writer, nor it them
             conn.execute("PRAGMA synchronous=NORMAL")  # safe in WAL: a power cut loses the last commits, never the file
+            conn.execute("PRAGMA cache_size=-16384")  # 16 MiB of pages (the default is 2): the indexes stay in memory
             conn.execute("PRAGMA foreign_keys=ON")
             try:
                 _migrate(conn)
