@@ -2,10 +2,11 @@
 
 Two gateways (core + bridge each) on the same fake upstream, pinned together to CPU 0: one checks a static key from
 its settings, the other a key of a SQLite policy store, and meters every request into it (one usage record each,
-written in batches by the core). The load (and the upstream) run on CPU 1. Each round measures both in turn,
-rotating which goes first, for non-streaming requests at concurrency 1 (p50 latency) and 64 (requests/s); figures
-are medians over the rounds. The targets (the tenants issue): the added c=1 p50 grows by at most 0.1 ms, and c=64
-throughput drops by at most 10%.
+written in batches by the core). The load (and the upstream) run on CPU 1. Non-streaming requests: at concurrency 1,
+one request to the upstream directly, to each gateway in turn (p50 latency, and the median of the paired
+differences); at concurrency 64, both gateways loaded at once, 32 connections each (requests/s, their ratio, and
+each gateway's CPU per request); medians over the rounds. The targets (the tenants issue): the added c=1 p50 grows
+by at most 0.1 ms, and c=64 throughput drops by at most 10%.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.load import chat_request, http_load
-from bench.run import KEY, MESSAGES, ROOT, Measure, _database_key, _p, cpus, free_port, raise_fd_limit, sides
+from bench.load import Connection, Samples, chat_request, http_load
+from bench.run import KEY, MESSAGES, ROOT, _database_key, cpus, free_port, raise_fd_limit
 
 
 class Gateways:
-    def __init__(self, workdir: Path) -> None:
+    """The two gateways. With `baseline` (another checkout), the first runs that tree's code with a static key and
+    the second this tree's, also with a static key: the same paired measurement, of a change to the hot path."""
+
+    def __init__(self, workdir: Path, baseline: Path | None = None) -> None:
         self.workdir = workdir
+        self.baseline = baseline
         self.upstream = free_port()
         self.ports = {"static": (free_port(), free_port()), "database": (free_port(), free_port())}  # core, bridge
         self.keys = {"static": KEY, "database": ""}
@@ -47,12 +52,18 @@ class Gateways:
         self._spawn([sys.executable, "-m", "bench.upstream", str(self.upstream)], env, other_cpu)
         url = f"sqlite:///{self.workdir / 'policy.sqlite3'}"
         self.keys["database"] = asyncio.run(_database_key(url))
+        if self.baseline is not None:
+            self.keys["database"] = KEY
         for name, (core, bridge) in self.ports.items():
-            core_env = {**env, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core)}
-            core_env.update({"MODELMAX_DATABASE_URL": url} if name == "database" else {"MODELMAX_API_KEY": KEY})
-            self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu)
-            bridge_env = {**env, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}", "MODELMAX_BRIDGE_PORT": str(bridge)}
-            self._spawn([sys.executable, "-m", "bridge"], bridge_env, gateway_cpu)
+            root = self.baseline if self.baseline is not None and name == "static" else ROOT
+            tree = {**env, "PYTHONPATH": f"{root / 'gen'}:{root}", "MODELMAX_API_KEY": KEY}  # older bridges read it
+            core_env = {**tree, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core)}
+            if name == "database" and self.baseline is None:
+                core_env.pop("MODELMAX_API_KEY")
+                core_env["MODELMAX_DATABASE_URL"] = url
+            self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu, root)
+            bridge_env = {**tree, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}", "MODELMAX_BRIDGE_PORT": str(bridge)}
+            self._spawn([sys.executable, "-m", "bridge"], bridge_env, gateway_cpu, root)
             self.pids[name] = [process.pid for process in self.processes[-2:]]
         deadline = time.monotonic() + 60
         for _, bridge in self.ports.values():
@@ -65,9 +76,9 @@ class Gateways:
                         raise RuntimeError("the gateways did not start") from None
                     time.sleep(0.2)
 
-    def _spawn(self, argv: list[str], env: dict[str, str], cpu: int | None) -> None:
+    def _spawn(self, argv: list[str], env: dict[str, str], cpu: int | None, cwd: Path = ROOT) -> None:
         prefix = ["taskset", "-c", str(cpu)] if cpu is not None else []
-        self.processes.append(subprocess.Popen(prefix + argv, cwd=ROOT, env=env))
+        self.processes.append(subprocess.Popen(prefix + argv, cwd=cwd, env=env))
 
     def stop(self) -> None:
         for process in self.processes:
@@ -90,50 +101,64 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 async def measure(gateways: Gateways, rounds: int, seconds: float) -> dict[str, Any]:
+    """Both measurements pair the two gateways in the same moment, so the machine's drift (large on a shared VM)
+    falls on both alike: at c=1 one request to each in turn (the order rotating), at c=64 both loaded at once,
+    32 connections each, sharing CPU 0, so each gateway's share of the requests served says what it costs."""
     host = "127.0.0.1"
     body: dict[str, object] = {"model": "chunks-1", "messages": MESSAGES}
-
-    def load(concurrency: int, limit: int) -> dict[str, Measure]:
-        measures: dict[str, Measure] = {}
-        targets = {
-            "direct": (gateways.upstream, KEY),
-            **{n: (p[1], gateways.keys[n]) for n, p in gateways.ports.items()},
-        }
-        for name, (port, key) in targets.items():
-            request = chat_request(host, port, key, body)
-            pids = gateways.pids.get(name, [])
-
-            async def run(port: int = port, request: bytes = request, pids: list[int] = pids, name: str = name) -> Any:
-                before = cpu_seconds(pids)
-                samples = await http_load(host, port, request, concurrency, seconds, limit)
-                if pids and samples.latencies:  # the gateway's own CPU per request served, both processes
-                    cpu_per_request[name].append((cpu_seconds(pids) - before) / len(samples.latencies) * 1e6)
-                return samples
-
-            measures[name] = run
-        return measures
-
-    cpu_per_request: dict[str, list[float]] = {"static": [], "database": []}
-
-    rows: list[dict[str, float]] = []
-    for r in range(rounds):
-        c1 = await sides(load(1, 5000), r)
-        c64 = await sides(load(64, 100000), r)
-        direct = _p(c1["direct"], 0.5)
-        row = {
-            "static_added_p50_ms": _p(c1["static"], 0.5) - direct,
-            "database_added_p50_ms": _p(c1["database"], 0.5) - direct,
-            "static_rps": len(c64["static"].latencies) / c64["static"].elapsed,
-            "database_rps": len(c64["database"].latencies) / c64["database"].elapsed,
-            "errors": float(sum(s.errors for s in (*c1.values(), *c64.values()))),
-        }
-        row["p50_growth_ms"] = row["database_added_p50_ms"] - row["static_added_p50_ms"]
-        row["static_cpu_us_per_request"] = cpu_per_request["static"][-1]  # of the c=64 load, just measured
-        row["database_cpu_us_per_request"] = cpu_per_request["database"][-1]
-        row["rps_ratio"] = row["database_rps"] / row["static_rps"]
-        rows.append(row)
-        print(f"round {r + 1}: {json.dumps({k: round(v, 3) for k, v in row.items()})}", flush=True)
-    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    targets = {"direct": (gateways.upstream, KEY), **{n: (p[1], gateways.keys[n]) for n, p in gateways.ports.items()}}
+    requests = {name: chat_request(host, port, key, body) for name, (port, key) in targets.items()}
+    connections = {name: await Connection.open(host, port) for name, (port, _) in targets.items()}
+    names = list(targets)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    growth: list[float] = []  # per turn: database minus static, the paired difference
+    deadline = time.perf_counter() + seconds * rounds
+    turn = 0
+    while time.perf_counter() < deadline:
+        shift = turn % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples = Samples()
+            await connections[name].exchange(requests[name], samples)
+            latencies[name] += samples.latencies
+        growth.append(latencies["database"][-1] - latencies["static"][-1])
+        turn += 1
+    for connection in connections.values():
+        connection.close()
+    direct = statistics.median(latencies["direct"])
+    results: dict[str, Any] = {
+        "c1_turns": turn,
+        "static_added_p50_ms": (statistics.median(latencies["static"]) - direct) * 1e3,
+        "database_added_p50_ms": (statistics.median(latencies["database"]) - direct) * 1e3,
+        "p50_growth_ms": statistics.median(growth) * 1e3,
+    }
+    ratios, cpu = [], {"static": [], "database": []}
+    core_cpu: dict[str, list[float]] = {"static": [], "database": []}
+    rps: dict[str, list[float]] = {"static": [], "database": []}
+    for _ in range(rounds):
+        before = {name: cpu_seconds(gateways.pids[name]) for name in rps}
+        core_before = {name: cpu_seconds(gateways.pids[name][:1]) for name in rps}
+        both = await asyncio.gather(
+            *(http_load(host, targets[name][0], requests[name], 32, seconds, 10**7) for name in rps)
+        )
+        for name, samples in zip(rps, both, strict=True):
+            rps[name].append(len(samples.latencies) / samples.elapsed)
+            used = cpu_seconds(gateways.pids[name]) - before[name]
+            cpu[name].append(used / max(1, len(samples.latencies)) * 1e6)
+            core_used = cpu_seconds(gateways.pids[name][:1]) - core_before[name]
+            core_cpu[name].append(core_used / max(1, len(samples.latencies)) * 1e6)
+            results["errors"] = results.get("errors", 0) + samples.errors
+        ratios.append(rps["database"][-1] / rps["static"][-1])
+        print(f"c=64 round: static {rps['static'][-1]:.0f} req/s, database {rps['database'][-1]:.0f} req/s", flush=True)
+    results.update(
+        static_rps=statistics.median(rps["static"]),
+        database_rps=statistics.median(rps["database"]),
+        rps_ratio=statistics.median(ratios),
+        static_cpu_us_per_request=statistics.median(cpu["static"]),
+        database_cpu_us_per_request=statistics.median(cpu["database"]),
+        static_core_cpu_us_per_request=statistics.median(core_cpu["static"]),
+        database_core_cpu_us_per_request=statistics.median(core_cpu["database"]),
+    )
+    return results
 
 
 async def _records(url: str) -> int:
@@ -152,16 +177,22 @@ async def _records(url: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout: compare its static-key gateway with this "
+        "tree's (a hot-path change, before and after) instead of static with database keys",
+    )
     args = parser.parse_args()
     raise_fd_limit()
     _, other_cpu = cpus()
     if other_cpu is not None:
         os.sched_setaffinity(0, {other_cpu})
     with tempfile.TemporaryDirectory() as workdir:
-        gateways = Gateways(Path(workdir))
+        gateways = Gateways(Path(workdir), args.baseline)
         gateways.start()
         try:
             import uvloop
@@ -176,15 +207,20 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "keys.json").write_text(json.dumps({"results": results, "targets": verdicts}, indent=2))
+    (out / ("baseline.json" if args.baseline else "keys.json")).write_text(
+        json.dumps({"results": results, "targets": verdicts, "baseline": str(args.baseline or "")}, indent=2)
+    )
+    first, second = ("baseline tree", "this tree") if args.baseline else ("static keys", "database keys + metering")
     print(
-        f"\nstatic keys: +{results['static_added_p50_ms']:.3f} ms p50 at c=1, {results['static_rps']:.0f} req/s at c=64"
-        f"\ndatabase keys + metering (SQLite): +{results['database_added_p50_ms']:.3f} ms, "
+        f"\n{first}: +{results['static_added_p50_ms']:.3f} ms p50 at c=1, {results['static_rps']:.0f} req/s at c=64"
+        f"\n{second}: +{results['database_added_p50_ms']:.3f} ms, "
         f"{results['database_rps']:.0f} req/s"
         f"\np50 growth {results['p50_growth_ms']:+.3f} ms, throughput ratio {results['rps_ratio']:.3f} "
-        f"(medians of {args.rounds} rounds; {results['usage_records']:,} usage records written)"
+        f"({results['c1_turns']:,} paired c=1 turns, {args.rounds} c=64 rounds; "
+        f"{results['usage_records']:,} usage records written)"
         f"\nCPU per request at c=64, core + bridge: static {results['static_cpu_us_per_request']:.0f} us, "
-        f"database {results['database_cpu_us_per_request']:.0f} us"
+        f"database {results['database_cpu_us_per_request']:.0f} us (of which the core: "
+        f"{results['static_core_cpu_us_per_request']:.0f} and {results['database_core_cpu_us_per_request']:.0f} us)"
     )
     for name, ok in verdicts.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
