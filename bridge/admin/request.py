@@ -23,6 +23,7 @@ from typing import Any, Final
 from google.protobuf import timestamp_pb2
 
 from bridge.openai.errors import OpenAIError, bad_request
+from bridge.openai.values import optional_string, reject_constant, required_string
 from modelmax.v1 import key_service_pb2 as ks
 
 _INT32_MAX: Final = 2**31 - 1
@@ -94,7 +95,7 @@ def parse_create(body: bytes) -> KeyRequest:
     rpm?, tpm?, max_concurrent?}; null is the same as leaving a field out."""
     data = _body(body, _CREATE_FIELDS)
     given = {name: value for name, value in data.items() if value is not None}
-    key = ks.ApiKey(name=_required_string(given.get("name"), "name"), owner=_string(given.get("owner"), "owner"))
+    key = ks.ApiKey(name=required_string(given.get("name"), "name"), owner=optional_string(given.get("owner"), "owner"))
     if "kind" in given:
         kind = given["kind"]
         if not isinstance(kind, str) or kind not in _KINDS:
@@ -124,10 +125,10 @@ def parse_update(body: bytes, key_id: str) -> KeyRequest:
     key = ks.ApiKey(id=key_id)
     mask: list[str] = []
     if "name" in data:
-        key.name = _required_string(data["name"], "name")
+        key.name = required_string(data["name"], "name")
         mask.append("name")
     if "owner" in data:
-        key.owner = _string(data["owner"], "owner")
+        key.owner = optional_string(data["owner"], "owner")
         mask.append("owner")
     if "models" in data:
         if data["models"] is not None:
@@ -195,7 +196,7 @@ def parse_usage_query(query: Iterable[tuple[str, str]], now: datetime) -> ks.Get
 
 def _body(body: bytes, known: frozenset[str]) -> dict[str, Any]:
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=_no_repeats)
+        data = json.loads(body, parse_float=Decimal, parse_constant=reject_constant, object_pairs_hook=_no_repeats)
     except _Repeated as exc:
         raise bad_request(f"The field '{exc.name}' is given more than once.", param=exc.name) from None
     except (ValueError, RecursionError):
@@ -224,10 +225,6 @@ def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _query(query: Iterable[tuple[str, str]], known: frozenset[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in query:
@@ -240,20 +237,6 @@ def _query(query: Iterable[tuple[str, str]], known: frozenset[str]) -> dict[str,
 
 
 # values
-
-
-def _required_string(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise bad_request(f"Missing required parameter: '{param}' (a non-empty string).", param=param)
-    return value
-
-
-def _string(value: Any, param: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise bad_request(f"Invalid type for '{param}': expected a string.", param=param)
-    return value
 
 
 def _int32(value: Any, param: str) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.openai.errors import OpenAIError, bad_request
+from bridge.openai.values import optional_string, reject_constant, required_string
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ChatRequest:
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Parse and type-check a request body; raise OpenAIError (400) naming the offending param."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=reject_constant)
     except (ValueError, RecursionError):
         raise bad_request(
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON payload."
@@ -171,7 +172,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         seed=_seed(get("seed")),
         presence_penalty=_number(get("presence_penalty"), "presence_penalty"),
         frequency_penalty=_number(get("frequency_penalty"), "frequency_penalty"),
-        user=_string(get("user"), "user"),
+        user=optional_string(get("user"), "user"),
         logprobs=_bool(get("logprobs"), "logprobs") or False,
         top_logprobs=_int(get("top_logprobs"), "top_logprobs"),
         reasoning_effort=_reasoning_effort(get("reasoning_effort")),
@@ -188,10 +189,6 @@ def _check_unknown(name: str, value: Any) -> None:
                               param=name)  # fmt: skip
     elif name not in _IGNORED:
         log.debug("ignoring unknown field %r", name)
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _model(value: Any) -> str:
@@ -342,9 +339,9 @@ def _tool_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
         if call.get("type", "function") != "function":
             raise bad_request(f"Invalid value for '{param}.type': only 'function' tool calls are supported.",
                               param=f"{param}.type")  # fmt: skip
-        call_id = _required_string(call.get("id"), f"{param}.id")
+        call_id = required_string(call.get("id"), f"{param}.id")
         function = _object(call.get("function"), f"{param}.function")
-        name = _required_string(function.get("name"), f"{param}.function.name")
+        name = required_string(function.get("name"), f"{param}.function.name")
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             raise bad_request(f"Invalid type for '{param}.function.arguments': expected a string (the JSON text of "
@@ -373,8 +370,8 @@ def _tools(value: Any) -> tuple[Tool, ...]:
                               param=f"{param}.function.parameters")  # fmt: skip
         tools.append(
             Tool(
-                name=_required_string(function.get("name"), f"{param}.function.name"),
-                description=_string(function.get("description"), f"{param}.function.description"),
+                name=required_string(function.get("name"), f"{param}.function.name"),
+                description=optional_string(function.get("description"), f"{param}.function.description"),
                 parameters="" if parameters is None else _dumps(parameters),
                 strict=_bool(function.get("strict"), f"{param}.function.strict"),
             )
@@ -414,8 +411,8 @@ def _response_format(value: Any) -> ResponseFormat | None:
                           param="response_format.json_schema.schema")  # fmt: skip
     return ResponseFormat(
         type=kind,
-        name=_required_string(spec.get("name"), "response_format.json_schema.name"),
-        description=_string(spec.get("description"), "response_format.json_schema.description"),
+        name=required_string(spec.get("name"), "response_format.json_schema.name"),
+        description=optional_string(spec.get("description"), "response_format.json_schema.description"),
         schema="" if schema is None else _dumps(schema),
         strict=_bool(spec.get("strict"), "response_format.json_schema.strict"),
     )
@@ -433,20 +430,6 @@ def _object(value: Any, param: str) -> dict[str, Any]:
         raise bad_request(f"Missing required parameter: '{param}'.", param=param)
     if not isinstance(value, dict):
         raise bad_request(f"Invalid type for '{param}': expected an object.", param=param)
-    return value
-
-
-def _required_string(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise bad_request(f"Missing required parameter: '{param}' (a non-empty string).", param=param)
-    return value
-
-
-def _string(value: Any, param: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise bad_request(f"Invalid type for '{param}': expected a string.", param=param)
     return value
 
 
