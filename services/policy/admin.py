@@ -27,36 +27,24 @@ from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import key_service_pb2 as ks
 from modelmax.v1 import key_service_pb2_grpc as ks_grpc
 from services.errors import GatewayError, invalid_request, shown
-from services.policy.gate import Policy, Principal
-from services.policy.keys import Budget, KeyKind, KeyRecord, KeySpec, Period, window_start
-from services.policy.store import UNSET, GroupBy, KeyChanges, KeyNotFound, KeyRevoked, Store, UsageTotals
+from services.policy import key_messages as km
+from services.policy.gate import Policy
+from services.policy.keys import KeyKind, KeyRecord, KeySpec, Period, window_start
+from services.policy.store import UNSET, GroupBy, KeyChanges, KeyNotFound, KeyRevoked, Store
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
-MAX_TEXT: Final = 256  # characters of a key's name or owner
-_MAX_TIMESTAMP_SECONDS: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant a datetime holds
 _REQUEST_ID: Final = "x-request-id"
 _UNAVAILABLE = pb.ErrorReason.ERROR_REASON_POLICY_UNAVAILABLE
 
-_KIND: Final[dict[KeyKind, ks.KeyKind.ValueType]] = {
-    "inference": ks.KeyKind.KEY_KIND_INFERENCE,
-    "management": ks.KeyKind.KEY_KIND_MANAGEMENT,
-}
-_PERIOD: Final[dict[Period, ks.BudgetPeriod.ValueType]] = {
-    "day": ks.BudgetPeriod.BUDGET_PERIOD_DAY,
-    "month": ks.BudgetPeriod.BUDGET_PERIOD_MONTH,
-    "total": ks.BudgetPeriod.BUDGET_PERIOD_TOTAL,
-}
-_PERIOD_OF: Final = {value: name for name, value in _PERIOD.items()}
 _GROUP_BY: Final[dict[ks.UsageGrouping.ValueType, GroupBy]] = {
     ks.UsageGrouping.USAGE_GROUPING_KEY: "key",
     ks.UsageGrouping.USAGE_GROUPING_MODEL: "model",
@@ -67,14 +55,6 @@ _UPDATABLE: Final = (
     "name", "owner", "expire_time", "allowed_models", "budget", "budget.amount_micros", "budget.period", "rpm", "tpm",
     "max_concurrent",
 )  # fmt: skip
-# What only an inference key may have: (KeyRecord field, ApiKey field).
-_INFERENCE_ONLY: Final = (
-    ("allowed_models", "allowed_models"),
-    ("budget", "budget"),
-    ("rpm", "rpm"),
-    ("tpm", "tpm"),
-    ("max_concurrent", "max_concurrent"),
-)
 
 
 @dataclass(slots=True)
@@ -116,9 +96,9 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
         period: Period = "month" if budget is None else budget.period
         start = window_start(period, now)
         reply = ks.GetCurrentKeyResponse(
-            key=_static_key(principal) if record is None else api_key(record, now),
-            usage_period=_PERIOD[period],
-            period_start_time=_timestamp(start),
+            key=km.static_api_key(principal) if record is None else km.api_key(record, now),
+            usage_period=km.PERIOD[period],
+            period_start_time=km.to_timestamp(start),
         )
         store = self._policy.store
         if store is None:
@@ -127,7 +107,7 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             await self._policy.writer.flush()  # this replica's own records, read back at once
         rows = await self._stored(store.usage_report(start, now, "key", key_id=principal.key_id))
         mine = next((row for row in rows if row.group == principal.key_id), None)
-        reply.usage.CopyFrom(_totals(mine) if mine else ks.UsageTotals(group=principal.key_id, cost_micros=0))
+        reply.usage.CopyFrom(km.usage_totals(mine) if mine else ks.UsageTotals(group=principal.key_id, cost_micros=0))
         if record is not None and budget is not None:
             state = await self._stored(store.budget_state(record.id, start))
             remaining = max(0, budget.amount_micros - state.spent_micros - state.held_micros)
@@ -146,7 +126,7 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             spec = self._spec(request.key, now)
             record, whole = await self._stored(store.create_key(spec))
             audit.key_id = record.id
-            return ks.CreateKeyResponse(key=api_key(record, now), secret_key=whole)
+            return ks.CreateKeyResponse(key=km.api_key(record, now), secret_key=whole)
 
         return await self._manage(context, "CreateKey", "", work)
 
@@ -155,14 +135,14 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             owner = request.owner if request.HasField("owner") else None
             records = await self._stored(store.list_keys(owner=owner, include_revoked=request.include_revoked))
             now = datetime.now(UTC)
-            return ks.ListKeysResponse(keys=[api_key(record, now) for record in records])
+            return ks.ListKeysResponse(keys=[km.api_key(record, now) for record in records])
 
         return await self._manage(context, "ListKeys", "", work)
 
     async def GetKey(self, request: ks.GetKeyRequest, context: Context) -> ks.GetKeyResponse:  # noqa: N802
         async def work(store: Store, audit: _Audit) -> ks.GetKeyResponse:
             record = await self._existing(store, request.key_id, "key_id")
-            return ks.GetKeyResponse(key=api_key(record, datetime.now(UTC)))
+            return ks.GetKeyResponse(key=km.api_key(record, datetime.now(UTC)))
 
         return await self._manage(context, "GetKey", request.key_id, work)
 
@@ -186,25 +166,25 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             changes = self._changes(request.key, paths, current, now)
             record = await self._stored(store.update_key(key_id, changes), key_id=key_id, field="key.id")
             self._forget(key_id)
-            return ks.UpdateKeyResponse(key=api_key(record, now))
+            return ks.UpdateKeyResponse(key=km.api_key(record, now))
 
         return await self._manage(context, "UpdateKey", request.key.id, work)
 
     async def RevokeKey(self, request: ks.RevokeKeyRequest, context: Context) -> ks.RevokeKeyResponse:  # noqa: N802
         async def work(store: Store, audit: _Audit) -> ks.RevokeKeyResponse:
-            key_id = _required_id(request.key_id, "key_id")
+            key_id = km.required_id(request.key_id, "key_id")
             record = await self._stored(store.revoke_key(key_id), key_id=key_id, field="key_id")
             self._forget(key_id)
-            return ks.RevokeKeyResponse(key=api_key(record, datetime.now(UTC)))
+            return ks.RevokeKeyResponse(key=km.api_key(record, datetime.now(UTC)))
 
         return await self._manage(context, "RevokeKey", request.key_id, work)
 
     async def RotateKey(self, request: ks.RotateKeyRequest, context: Context) -> ks.RotateKeyResponse:  # noqa: N802
         async def work(store: Store, audit: _Audit) -> ks.RotateKeyResponse:
-            key_id = _required_id(request.key_id, "key_id")
+            key_id = km.required_id(request.key_id, "key_id")
             record, whole = await self._stored(store.rotate_key(key_id), key_id=key_id, field="key_id")
             self._forget(key_id)
-            return ks.RotateKeyResponse(key=api_key(record, datetime.now(UTC)), secret_key=whole)
+            return ks.RotateKeyResponse(key=km.api_key(record, datetime.now(UTC)), secret_key=whole)
 
         return await self._manage(context, "RotateKey", request.key_id, work)
 
@@ -212,8 +192,8 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
         self, request: ks.GetUsageReportRequest, context: Context
     ) -> ks.GetUsageReportResponse:
         async def work(store: Store, audit: _Audit) -> ks.GetUsageReportResponse:
-            start = _instant(request.HasField("start_time"), request.start_time, "start_time")
-            end = _instant(request.HasField("end_time"), request.end_time, "end_time")
+            start = km.instant(request.HasField("start_time"), request.start_time, "start_time")
+            end = km.instant(request.HasField("end_time"), request.end_time, "end_time")
             if start >= end:
                 raise invalid_request(
                     "'end_time' must be after the start time (the end is excluded).", field="end_time"
@@ -224,7 +204,7 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             if self._policy.writer is not None:
                 await self._policy.writer.flush()
             rows = await self._stored(store.usage_report(start, end, group_by))
-            return ks.GetUsageReportResponse(rows=[_totals(row) for row in rows])
+            return ks.GetUsageReportResponse(rows=[km.usage_totals(row) for row in rows])
 
         return await self._manage(context, "GetUsageReport", "", work)
 
@@ -290,7 +270,7 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             ) from None
 
     async def _existing(self, store: Store, key_id: str, field: str) -> KeyRecord:
-        record = await self._stored(store.get_key(_required_id(key_id, field)))
+        record = await self._stored(store.get_key(km.required_id(key_id, field)))
         if record is None:
             raise _not_found(key_id, field)
         return record
@@ -303,17 +283,17 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
 
     def _spec(self, key: ks.ApiKey, now: datetime) -> KeySpec:
         kind: KeyKind = "management" if key.kind == ks.KeyKind.KEY_KIND_MANAGEMENT else "inference"
-        if key.kind not in (ks.KeyKind.KEY_KIND_UNSPECIFIED, *_KIND.values()):
+        if key.kind not in (ks.KeyKind.KEY_KIND_UNSPECIFIED, *km.KIND.values()):
             raise invalid_request("'key.kind' must be inference or management.", field="key.kind")
         limits: dict[str, Any] = {
             "allowed_models": self._allowed(key),
-            "budget": _budget(key),
-            "rpm": _limit(key.HasField("rpm"), key.rpm, "rpm"),
-            "tpm": _limit(key.HasField("tpm"), key.tpm, "tpm"),
-            "max_concurrent": _limit(key.HasField("max_concurrent"), key.max_concurrent, "max_concurrent"),
+            "budget": km.budget_of_key(key),
+            "rpm": km.limit_of(key.HasField("rpm"), key.rpm, "rpm"),
+            "tpm": km.limit_of(key.HasField("tpm"), key.tpm, "tpm"),
+            "max_concurrent": km.limit_of(key.HasField("max_concurrent"), key.max_concurrent, "max_concurrent"),
         }
         if kind == "management":  # before the key model, which refuses the same, so the error names the field
-            for attribute, field in _INFERENCE_ONLY:
+            for attribute, field in km.INFERENCE_ONLY:
                 if limits[attribute] is not None:
                     raise invalid_request(
                         f"A management key cannot have 'key.{field}': it manages keys and never calls models.",
@@ -321,22 +301,30 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
                     )
         try:
             return KeySpec(
-                name=_name(key.name), owner=_owner(key.owner), kind=kind, expires_at=_expiry(key, now), **limits
+                name=km.checked_name(key.name),
+                owner=km.checked_owner(key.owner),
+                kind=kind,
+                expires_at=km.expiry_of(key, now),
+                **limits,
             )
         except ValueError as exc:  # each field is checked above; this is the key model's last word
             raise invalid_request(str(exc), field="key") from None
 
     def _changes(self, key: ks.ApiKey, paths: set[str], current: KeyRecord, now: datetime) -> KeyChanges:
         partly = "budget.amount_micros" in paths or "budget.period" in paths
+        # the whole budget, or one part of it (the other kept), or unchanged
+        whole = "budget" in paths
+        budget = km.budget_of_key(key) if whole else None
+        part = km.budget_part(key, paths, current) if partly and not whole else UNSET
         changes = KeyChanges(
-            name=_name(key.name) if "name" in paths else UNSET,
-            owner=_owner(key.owner) if "owner" in paths else UNSET,
-            expires_at=_expiry(key, now) if "expire_time" in paths else UNSET,
+            name=km.checked_name(key.name) if "name" in paths else UNSET,
+            owner=km.checked_owner(key.owner) if "owner" in paths else UNSET,
+            expires_at=km.expiry_of(key, now) if "expire_time" in paths else UNSET,
             allowed_models=self._allowed(key) if "allowed_models" in paths else UNSET,
-            budget=_budget(key) if "budget" in paths else _budget_part(key, paths, current) if partly else UNSET,
-            rpm=_limit(key.HasField("rpm"), key.rpm, "rpm") if "rpm" in paths else UNSET,
-            tpm=_limit(key.HasField("tpm"), key.tpm, "tpm") if "tpm" in paths else UNSET,
-            max_concurrent=_limit(key.HasField("max_concurrent"), key.max_concurrent, "max_concurrent")
+            budget=budget if whole else part,
+            rpm=km.limit_of(key.HasField("rpm"), key.rpm, "rpm") if "rpm" in paths else UNSET,
+            tpm=km.limit_of(key.HasField("tpm"), key.tpm, "tpm") if "tpm" in paths else UNSET,
+            max_concurrent=km.limit_of(key.HasField("max_concurrent"), key.max_concurrent, "max_concurrent")
             if "max_concurrent" in paths
             else UNSET,
         )
@@ -344,7 +332,7 @@ class KeyServicer(ks_grpc.KeyServiceServicer):
             after = changes.apply(current)
         except ValueError as exc:
             raise invalid_request(str(exc), field="key") from None
-        _check_kind(current.kind, after)
+        km.check_kind(current.kind, after)
         return changes
 
     def _allowed(self, key: ks.ApiKey) -> frozenset[str] | None:
@@ -378,174 +366,6 @@ async def _answer(context: Context, action: str, work: Callable[[], Awaitable[R]
     # grpc.aio's context has abort_with_status (grpc/aio/_base_server.py); grpc-stubs 1.53 does not declare it
     await context.abort_with_status(status)  # type: ignore[attr-defined]
     raise AssertionError("abort_with_status raises")  # not reached
-
-
-# proto from the key model
-
-
-def api_key(record: KeyRecord, now: datetime) -> ks.ApiKey:
-    """A stored key as the API shows it (never its hash)."""
-    if record.revoked_at is not None:
-        state = ks.KeyState.KEY_STATE_REVOKED
-    elif record.is_active(now):
-        state = ks.KeyState.KEY_STATE_ACTIVE
-    else:
-        state = ks.KeyState.KEY_STATE_EXPIRED
-    key = ks.ApiKey(
-        id=record.id,
-        name=record.name,
-        owner=record.owner,
-        kind=_KIND[record.kind],
-        state=state,
-        create_time=_timestamp(record.created_at),
-    )
-    if record.expires_at is not None:
-        key.expire_time.CopyFrom(_timestamp(record.expires_at))
-    if record.revoked_at is not None:
-        key.revoke_time.CopyFrom(_timestamp(record.revoked_at))
-    if record.allowed_models is not None:
-        key.allowed_models.SetInParent()  # an empty list is still a list: no model, not every model
-        key.allowed_models.models.extend(sorted(record.allowed_models))
-    if record.budget is not None:
-        key.budget.CopyFrom(ks.Budget(amount_micros=record.budget.amount_micros, period=_PERIOD[record.budget.period]))
-    if record.rpm is not None:
-        key.rpm = record.rpm
-    if record.tpm is not None:
-        key.tpm = record.tpm
-    if record.max_concurrent is not None:
-        key.max_concurrent = record.max_concurrent
-    return key
-
-
-def _static_key(principal: Principal) -> ks.ApiKey:
-    return ks.ApiKey(
-        id=principal.key_id,
-        name=principal.name,
-        kind=_KIND[principal.kind],
-        state=ks.KeyState.KEY_STATE_ACTIVE,
-        static_key=True,
-    )
-
-
-def _totals(row: UsageTotals) -> ks.UsageTotals:
-    totals = ks.UsageTotals(
-        group=row.group,
-        requests=row.requests,
-        prompt_tokens=row.prompt_tokens,
-        cached_tokens=row.cached_tokens,
-        completion_tokens=row.completion_tokens,
-        reasoning_tokens=row.reasoning_tokens,
-        unpriced_requests=row.unpriced_requests,
-    )
-    if row.cost_micros is not None:  # unset stays unset: an unpriced cost is unknown, not 0
-        totals.cost_micros = row.cost_micros
-    return totals
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-# the key model from proto, field by field (each error names its field)
-
-
-def _required_id(key_id: str, field: str) -> str:
-    if not key_id:
-        raise invalid_request(f"'{field}' is required: the id of the key.", field=field)
-    return key_id
-
-
-def _name(name: str) -> str:
-    if not name.strip():
-        raise invalid_request("'key.name' is required and must not be blank.", field="key.name")
-    if len(name) > MAX_TEXT:
-        raise invalid_request(f"'key.name' must be at most {MAX_TEXT} characters.", field="key.name")
-    return name
-
-
-def _owner(owner: str) -> str:
-    if len(owner) > MAX_TEXT:
-        raise invalid_request(f"'key.owner' must be at most {MAX_TEXT} characters.", field="key.owner")
-    return owner
-
-
-def _expiry(key: ks.ApiKey, now: datetime) -> datetime | None:
-    if not key.HasField("expire_time"):
-        return None
-    when = _datetime(key.expire_time, "key.expire_time")
-    if when <= now:
-        raise invalid_request(
-            "'key.expire_time' must be in the future (revoke a key to stop it now).", field="key.expire_time"
-        )
-    return when
-
-
-def _budget(key: ks.ApiKey) -> Budget | None:
-    if not key.HasField("budget"):
-        return None
-    return _budget_of(key.budget.amount_micros, key.budget.period)
-
-
-def _budget_part(key: ks.ApiKey, paths: set[str], current: KeyRecord) -> Budget:
-    """The current budget with the part the mask names changed ("budget.amount_micros" or "budget.period")."""
-    if current.budget is None:
-        field = "key.budget.amount_micros" if "budget.amount_micros" in paths else "key.budget.period"
-        raise invalid_request(
-            f"'{field}' cannot be changed alone: the key has no budget (set the whole budget, amount and period).",
-            field=field,
-        )
-    amount = key.budget.amount_micros if "budget.amount_micros" in paths else current.budget.amount_micros
-    period = key.budget.period if "budget.period" in paths else _PERIOD[current.budget.period]
-    return _budget_of(amount, period)
-
-
-def _budget_of(amount: int, period: ks.BudgetPeriod.ValueType) -> Budget:
-    if amount <= 0:
-        raise invalid_request(
-            f"'key.budget.amount_micros' must be more than 0, got {amount} (leave the budget unset for none).",
-            field="key.budget.amount_micros",
-        )
-    name = _PERIOD_OF.get(period)
-    if name is None:
-        raise invalid_request("'key.budget.period' must be day, month or total.", field="key.budget.period")
-    return Budget(amount, name)
-
-
-def _limit(given: bool, value: int, field: str) -> int | None:
-    if not given:
-        return None
-    if value <= 0:
-        raise invalid_request(
-            f"'key.{field}' must be at least 1, got {value} (leave it unset for no limit).", field=f"key.{field}"
-        )
-    return value
-
-
-def _check_kind(kind: KeyKind, key: KeySpec | KeyRecord) -> None:
-    if kind != "management":
-        return
-    for attribute, field in _INFERENCE_ONLY:
-        if getattr(key, attribute) is not None:
-            raise invalid_request(
-                f"A management key cannot have 'key.{field}': it manages keys and never calls models.",
-                field=f"key.{field}",
-            )
-
-
-def _instant(given: bool, stamp: timestamp_pb2.Timestamp, field: str) -> datetime:
-    if not given:
-        raise invalid_request(f"'{field}' is required.", field=field)
-    return _datetime(stamp, field)
-
-
-def _datetime(stamp: timestamp_pb2.Timestamp, field: str) -> datetime:
-    """A Timestamp as an aware datetime, from 1970 (the stores compare times as text with four-digit years) to the
-    year 9999."""
-    if not (0 <= stamp.seconds <= _MAX_TIMESTAMP_SECONDS and 0 <= stamp.nanos < 1_000_000_000):
-        raise invalid_request(f"'{field}' must be a time from 1970 to 9999.", field=field)
-    return stamp.ToDatetime(tzinfo=UTC)
 
 
 def _not_found(key_id: str, field: str) -> GatewayError:
