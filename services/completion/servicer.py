@@ -196,7 +196,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         finally:
             self._active -= 1
             duration = measurement.record(status, upstream)
-            if call.admission is not None:  # admitted: metered, whatever happened next
+            if call.admission is not None and self._policy.writer is not None:  # admitted, with a store: metered
                 self._policy.meter(call.admission, _outcome(call, status, duration), params)
             principal = call.principal
             if requests_log.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
