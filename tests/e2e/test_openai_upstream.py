@@ -7,6 +7,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -281,3 +282,30 @@ async def test_logprobs_are_a_400_naming_the_param(client: openai.AsyncOpenAI, u
         await client.chat.completions.create(model=PUBLIC, messages=MESSAGES, logprobs=True)
     assert raised.value.param == "logprobs"
     assert upstream.requests == []
+
+
+def _nested_schema(depth: int) -> dict[str, Any]:
+    """An object schema whose JSON nests `depth` levels deep (two per level: the schema and its properties)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth // 2):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        _nested_schema(254),
+        {"type": "object", "properties": {"n": {"type": "integer", "maximum": 2**64}}},
+        {"type": "object", "properties": {"n": {"type": "integer", "minimum": -(2**70)}}},
+    ],
+    ids=["254-levels-deep", "maximum-2^64", "minimum--2^70"],
+)
+async def test_a_tool_schema_orjson_cannot_encode_reaches_the_upstream_not_a_500(
+    client: openai.AsyncOpenAI, upstream: OpenAIUpstream, parameters: dict[str, Any]
+) -> None:
+    """orjson stops at 64-bit integers and 255 levels of nesting; such a (valid) schema used to be a 500."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    answer = await client.chat.completions.create(model=PUBLIC, messages=MESSAGES, tools=[tool])  # type: ignore[list-item]
+    assert answer.choices[0].message.content == "Hello, world!"
+    assert upstream.requests[-1].body["tools"][0]["function"]["parameters"] == parameters

@@ -83,7 +83,7 @@ class OpenAICompatibleProvider:
             # The body is not kept in this frame: orjson's bytes hold a 4 KiB buffer, for as long as a stream is open.
             response = await self._pool.post(
                 self._path,
-                orjson.dumps(request_body(self._model, params)),
+                _encode(request_body(self._model, params)),
                 read_timeout=self._read_timeout,
                 connect_timeout=self._connect_timeout,
             )
@@ -361,3 +361,12 @@ class OpenAICompatibleBackend:
 
 def create_backend(env: Mapping[str, str]) -> OpenAICompatibleBackend:
     return OpenAICompatibleBackend(env)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """The request body as JSON: orjson (fast), or the stdlib for what orjson refuses and JSON allows (a tool schema
+    with an integer beyond 64 bits, or nested deeper than 254 levels): the caller's schema goes upstream as sent."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
