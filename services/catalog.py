@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import yaml
 from services.prices import Price
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _TOP_LEVEL_KEYS = {"models", "remote_images"}
@@ -35,9 +37,13 @@ class MissingSecret(CatalogError):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How the core retries a deployment that failed before its first output (never after)."""
+    """How the core retries a deployment that failed before its first output (never after).
 
-    attempts: int = 1  # tries of each deployment; 1 means no retry, only fallback to the next deployment
+    Retried by default: an entry with no `retry:` section (the README's first example) rides out a 429 or 503 from
+    its upstream with a few tries, inside `budget_seconds` and the caller's deadline, rather than failing at once.
+    """
+
+    attempts: int = 3  # tries of each deployment; 1 means no retry, only fallback to the next deployment
     initial_backoff_seconds: float = 0.1  # doubled after each try, with full jitter, capped below
     max_backoff_seconds: float = 2.0
     budget_seconds: float = 30.0  # all tries and waits of one request, across deployments
@@ -119,12 +125,17 @@ class RemoteImages:
     """The top-level `remote_images:` section: whether and how the core fetches http(s) image URLs.
 
     Off by default: fetching a URL a caller chose lets callers make the gateway reach any address it can (SSRF).
+    When on, loopback, private, link-local (cloud metadata) and other non-public addresses are still refused unless
+    `allowed_networks` names them, and only ports 80 and 443 unless `allowed_ports` says otherwise.
     """
 
     enabled: bool = False
     max_bytes: int = 5 * 1024 * 1024  # an image larger than this is refused, and stops downloading past it
     timeout_seconds: float = 10.0  # the whole fetch: connect, headers and body
     allowed_hosts: frozenset[str] | None = None  # lower-case host names; None: any host
+    allowed_networks: tuple[IPNetwork, ...] = ()  # non-public networks the operator opens (an internal image store)
+    allowed_ports: frozenset[int] = frozenset({80, 443})  # replaces the default when the catalog lists ports
+    max_images: int = 8  # image URLs in one request at most (inline data: images are not counted: nothing to fetch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +333,8 @@ def _remote_images(raw: object, path: str) -> RemoteImages:
     where = f"{path}: remote_images"
     if not isinstance(raw, dict):
         raise CatalogError(f"{where}: must be a mapping")
-    allowed = {"enabled", "max_bytes", "timeout_seconds", "allowed_hosts"}
+    allowed = {"enabled", "max_bytes", "timeout_seconds", "allowed_hosts", "allowed_networks", "allowed_ports",
+               "max_images"}  # fmt: skip
     unknown = set(raw) - allowed
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -330,9 +342,8 @@ def _remote_images(raw: object, path: str) -> RemoteImages:
     enabled = raw.get("enabled", defaults.enabled)
     if not isinstance(enabled, bool):
         raise CatalogError(f"{where}: 'enabled' must be true or false, got {enabled!r}")
-    max_bytes = raw.get("max_bytes", defaults.max_bytes)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise CatalogError(f"{where}: 'max_bytes' must be an int >= 1, got {max_bytes!r}")
+    max_bytes = _positive_int(raw, "max_bytes", defaults.max_bytes, where)
+    max_images = _positive_int(raw, "max_images", defaults.max_images, where)
     timeout = raw.get("timeout_seconds", defaults.timeout_seconds)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise CatalogError(f"{where}: 'timeout_seconds' must be a number above 0, got {timeout!r}")
@@ -346,7 +357,47 @@ def _remote_images(raw: object, path: str) -> RemoteImages:
         max_bytes=max_bytes,
         timeout_seconds=float(timeout),
         allowed_hosts=None if hosts is None else frozenset(h.strip().lower() for h in hosts),
+        allowed_networks=_networks(raw.get("allowed_networks"), where),
+        allowed_ports=_ports(raw.get("allowed_ports"), where, defaults.allowed_ports),
+        max_images=max_images,
     )
+
+
+def _positive_int(raw: dict[str, Any], key: str, default: int, where: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CatalogError(f"{where}: '{key}' must be an int >= 1, got {value!r}")
+    return value
+
+
+def _networks(raw: object, where: str) -> tuple[IPNetwork, ...]:
+    """`allowed_networks: [10.20.0.0/16, "fd00::/8"]`: CIDR strings (a bare address is a /32 or /128)."""
+    if raw is None:
+        return ()
+    problem = f"{where}: 'allowed_networks' must be a non-empty list of networks such as 10.20.0.0/16 or 'fd00::/8'"
+    if not isinstance(raw, list) or not raw:
+        raise CatalogError(f"{problem}, got {raw!r}")
+    networks: list[IPNetwork] = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise CatalogError(f"{problem}; {item!r} is not a string")
+        try:
+            networks.append(ipaddress.ip_network(item.strip()))
+        except ValueError as exc:  # not a network, or host bits set ("10.0.0.1/8"): say which and why
+            raise CatalogError(f"{problem}; {item!r} is not one: {exc}") from None
+    return tuple(networks)
+
+
+def _ports(raw: object, where: str, default: frozenset[int]) -> frozenset[int]:
+    if raw is None:
+        return default
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in raw)
+    ):
+        raise CatalogError(f"{where}: 'allowed_ports' must be a non-empty list of ports (1-65535), got {raw!r}")
+    return frozenset(raw)
 
 
 def read_secret(entry: CatalogEntry, option: str, env: Mapping[str, str]) -> str | None:

@@ -80,6 +80,18 @@ async def test_bad_entries_fail_core_start_up(tmp_path: Path, entry: dict[str, o
     assert problem in str(raised.value)
 
 
+def test_entries_retry_three_times_unless_the_catalog_says_otherwise(tmp_path: Path) -> None:
+    sections = [None, {"budget_seconds": 10}, {"attempts": 1}, {"attempts": 5}]
+    models = [
+        {**LOCAL, "name": f"m{i}"} | ({} if retry is None else {"retry": retry}) for i, retry in enumerate(sections)
+    ]
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"models": models}))
+    policies = [entry.retry for entry in load_catalog(path).entries]
+    assert [policy.attempts for policy in policies] == [3, 3, 1, 5]  # no section, or no attempts in it: 3 tries
+    assert {(policy.initial_backoff_seconds, policy.max_backoff_seconds) for policy in policies} == {(0.1, 2.0)}
+
+
 def test_default_catalog_is_valid() -> None:
     catalog = load_catalog(DEFAULT_CATALOG)
     assert catalog.names() == ["smollm2-135m", "deepseek-v3.2", "gemini-3-flash-preview"]

@@ -71,7 +71,8 @@ async def test_after_a_fallback_metrics_and_logs_name_the_deployment_that_served
     """A Bedrock -> OpenAI route whose Bedrock is down: the tokens and the success are OpenAI's, never Bedrock's."""
     bedrock.error_status, bedrock.error_type = 503, "ServiceUnavailableException"
     upstream, _ = openai_upstreams
-    entry = {"name": MODEL, "deployments": [bedrock_deployment(bedrock), openai_deployment(upstream)]}
+    deployments = [bedrock_deployment(bedrock), openai_deployment(upstream)]
+    entry: dict[str, object] = {"name": MODEL, "deployments": deployments, "retry": {"attempts": 1}}  # no retry
     caplog.set_level(logging.INFO, logger="services.requests")
     async with running_core(write_catalog(tmp_path, [entry])) as core:
         async with core_channel(f"127.0.0.1:{core.port}") as channel:
