@@ -1,4 +1,4 @@
-"""`python -m bridge`: serve the OpenAI-compatible API with uvicorn until SIGTERM or SIGINT."""
+"""`python -m bridge`: serve the OpenAI-compatible API with uvicorn (bridge/server.py) until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import uvicorn
 
 from bridge.app import create_app
+from bridge.server import uvicorn_config
 from bridge.settings import Settings, SettingsError
 from startup import configure_logging, raise_fd_limit
 
@@ -24,14 +25,13 @@ def main() -> None:
         "OpenAI-compatible API on http://%s:%d/v1 (core at %s, which checks every key)",
         settings.host, settings.port, settings.core_target,
     )  # fmt: skip
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the port, the lifespan or the config kept it from starting
 
 
 if __name__ == "__main__":

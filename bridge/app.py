@@ -36,24 +36,31 @@ ROUTES = RouteTable(
     fallback=OPENAI,  # words the 404 of a path no route declares
 )
 
-# gRPC's default 4 MiB message limit would turn a large but allowed body into a channel error.
-_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024
+# Answers from the core, which the bridge trusts (over TLS, it has verified the core's certificate): a unary answer
+# with several choices and their logprobs can be far larger than gRPC's default 4 MiB. What the bridge sends is capped
+# by settings.max_message_bytes, the core's own receive limit.
+_GRPC_RECEIVE_BYTES = 64 * 1024 * 1024
 
 
-def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Starlette:
+def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> BridgeApp:
     """The bridge app. Its metrics are served on `settings.metrics_port` (if set) for the life of the app."""
     metrics = metrics or BridgeMetrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert isinstance(app, BridgeApp)
-        channel = grpc.aio.insecure_channel(
-            settings.core_target,
-            options=[
-                ("grpc.max_send_message_length", _GRPC_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _GRPC_MESSAGE_BYTES),
-            ],
-        )
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", _GRPC_RECEIVE_BYTES),
+        ]
+        tls = settings.core_tls()  # the PEM files, read once: SettingsError naming the variable if one is unusable
+        if tls is None:
+            channel = grpc.aio.insecure_channel(settings.core_target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            credentials = grpc.ssl_channel_credentials(tls.root_certificates, tls.private_key, tls.certificate_chain)
+            channel = grpc.aio.secure_channel(settings.core_target, credentials, options=options)
         app.gateway = Gateway(
             stub=svc_grpc.CompletionServiceStub(channel),  # an async stub, on an aio channel
             health=health_pb2_grpc.HealthStub(channel),
@@ -62,7 +69,10 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
             metrics=metrics,
             max_concurrent=settings.max_concurrent_requests,
             keys=key_service_pb2_grpc.KeyServiceStub(channel),
+            max_buffered_bytes=settings.max_buffered_bytes,
         )
+        gateway = app.gateway
+        metrics.buffered_bytes.set_function(lambda: gateway.buffered)  # read at each scrape: free per request
         exporter = None
         if settings.metrics_port is not None:
             exporter, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
@@ -77,7 +87,7 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Star
             app.gateway = None
             await channel.close(grace=None)
 
-    return BridgeApp(ROUTES, lifespan)
+    return BridgeApp(ROUTES, lifespan, metrics)
 
 
 class BridgeApp(Starlette):
@@ -88,9 +98,10 @@ class BridgeApp(Starlette):
     pipeline's own dispatch is a dict lookup and plain calls, with the same Request and Response types.
     """
 
-    def __init__(self, routes: RouteTable, lifespan: StatelessLifespan[Starlette]) -> None:
+    def __init__(self, routes: RouteTable, lifespan: StatelessLifespan[Starlette], metrics: BridgeMetrics) -> None:
         super().__init__(lifespan=lifespan)
         self.route_table = routes
+        self.metrics = metrics  # the transport (bridge/transport.py) counts its refusals here too
         self.gateway: Gateway | None = None  # while the lifespan runs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

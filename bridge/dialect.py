@@ -27,6 +27,9 @@ class Refusal(enum.Enum):
     OVERLOADED = enum.auto()  # 503: every slot is taken (Retry-After)
     UNSUPPORTED_MEDIA_TYPE = enum.auto()  # 415: the route takes JSON
     BODY_TOO_LARGE = enum.auto()  # 413: detail "limit", the limit in bytes
+    HEADERS_TOO_LARGE = enum.auto()  # 431: detail "limit", the head's limit in bytes (bridge/transport.py)
+    REQUEST_TIMEOUT = enum.auto()  # 408: detail "part", "headers" or "body", which did not arrive in time
+    BODY_INCOMPLETE = enum.auto()  # 400: the client stopped sending before its Content-Length was in
     NOT_FOUND = enum.auto()  # 404: details "method" and "path"
     METHOD_NOT_ALLOWED = enum.auto()  # 405: details "method" and "path" (Allow)
     INTERNAL = enum.auto()  # 500: a bug, logged once by the pipeline

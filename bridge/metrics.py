@@ -45,6 +45,14 @@ class BridgeMetrics:
             "The bridge's own time per request: total time minus time waiting on the core.",
             ["model"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        self.transport_refusals = Counter(
+            "modelmax_bridge_transport_refusals",
+            "Connections the HTTP transport refused or closed, by reason (bridge/transport.py).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.buffered_bytes = Gauge(
+            "modelmax_bridge_buffered_body_bytes", "Request body bytes being read or parsed now.", registry=r
+        )
         # The labelled series the hot path records into, resolved once per label values.
         self.requests_of = Children(self.requests)
         self.duration_of = Children(self.duration)

@@ -1,4 +1,4 @@
-"""The one request pipeline: route -> credential -> identity -> admission -> bounded body -> the dialect's handler.
+"""The one request pipeline: route -> credential -> identity -> bounded body -> admission -> the dialect's handler.
 
 Every HTTP request takes these steps in this order, as plain function calls from `serve`; no route skips one, and
 there is no middleware stack between them. A route declared `public` (the Kubernetes probes) is let through without
@@ -10,6 +10,10 @@ in the call's metadata (the core authenticates every call, so there is no second
 slot is a counter, a body that arrives in one message is used as it is, and the request's metrics are recorded
 once its last byte is out (`Observation.finish`), not on the client's critical path. Failures raise `Refused` or
 the dialect's own `DialectError`; the route's dialect words them (bridge/dialect.py).
+
+The slot is taken once the body is in (a client stuck mid-upload holds none; a request finding no free slot is
+refused before its body is read), and a body counts against the process's cap on buffered bytes from its first
+byte until its handler has parsed it.
 """
 
 from __future__ import annotations
@@ -73,11 +77,21 @@ class Gateway:
     active: int = 0  # requests holding a slot now (a stream holds its slot until its last byte)
     keys: key_service_pb2_grpc.KeyServiceAsyncStub | None = None  # the admin API's (bridge/admin), same channel
 
+    max_buffered_bytes: int = 32 * 1024 * 1024
+    buffered: int = 0  # body bytes being read or parsed now, across requests
+
     def admit(self) -> None:
         """Take a slot or refuse at once: never a queue. The pipeline gives the slot back."""
         if self.active >= self.max_concurrent:
             raise Refused(Refusal.OVERLOADED, headers=_RETRY_AFTER)
         self.active += 1
+
+    def buffer(self, size: int) -> None:
+        """Count `size` more body bytes held, or refuse (503) if that would pass the process's cap; the first
+        request is always let in (its body is within max_body_bytes, which is within the cap)."""
+        if self.buffered and self.buffered + size > self.max_buffered_bytes:
+            raise Refused(Refusal.OVERLOADED, headers=_RETRY_AFTER)
+        self.buffered += size
 
 
 @dataclass(slots=True)
@@ -135,6 +149,7 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
     headers = request.headers
     seen = Observation(gateway.metrics, request_id_from(headers.get(REQUEST_ID)), route.metered)
     admitted = False
+    held = _Held(gateway)
     status = 499  # unless a response is sent: the client (or the server) went away first
     try:
         try:
@@ -145,18 +160,26 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
                     raise Refused(Refusal.DUPLICATE_HEADER, {"header": "Authorization"})
                 identity = presented(headers.get("authorization", ""))  # the core checks it
                 seen.key_id = identity.key_id
-                gateway.admit()
-                admitted = True
+                if gateway.active >= gateway.max_concurrent:  # no slot to serve it with: do not read its body
+                    raise Refused(Refusal.OVERLOADED, headers=_RETRY_AFTER)
             if route.json_body:
                 _require_json(headers.get("content-type", ""))
-            body = await _read_body(receive, headers.get("content-length", ""), gateway.max_body_bytes)
+            body = await _read_body(receive, headers.get("content-length", ""), held)
+            if not route.public:
+                gateway.admit()  # only now: a client still uploading holds no slot
+                admitted = True
             exchange = Exchange(request, gateway, seen, identity, _metadata(seen.request_id, identity), body)
-            response = await route.handler(exchange)
+            del body
+            try:
+                response = await route.handler(exchange)
+            finally:
+                exchange.body = b""  # parsed: the handler's messages hold what is left of it
+                held.release()
         except DialectError as exc:
             response = exc.response(_own_headers(route, seen))
         except Refused as exc:
             response = route.dialect.error_for(exc).response({**_own_headers(route, seen), **exc.headers})
-        except _ClientGone:
+        except ClientGone:
             return  # nobody is listening: no response
         except Exception:  # a bug: logged once here, answered with the dialect's 500
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
@@ -164,6 +187,7 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
         status = response.status_code
         await response(scope, receive, send)
     finally:
+        held.release()
         if admitted:
             gateway.active -= 1
         seen.finish(status)  # after the last byte; a no-op when a stream already finished it
@@ -187,17 +211,40 @@ def _require_json(content_type: str) -> None:
         raise Refused(Refusal.UNSUPPORTED_MEDIA_TYPE)
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its request body was in."""
+class ClientGone(Exception):
+    """The client disconnected before a response started (while its body came in, or while the core started)."""
 
 
-async def _read_body(receive: Receive, length: str, limit: int) -> bytes:
-    """The whole body, refused (413) past `limit` whether or not a Content-Length announced it."""
-    if length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
+class _Held:
+    """The body bytes one request counts in gateway.buffered (503 once the process holds max_buffered_bytes of
+    bodies), given back once its handler has parsed them."""
+
+    __slots__ = ("gateway", "size")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway, self.size = gateway, 0
+
+    def grow(self, size: int) -> None:
+        if size > self.size:
+            self.gateway.buffer(size - self.size)
+            self.size = size
+
+    def release(self) -> None:
+        self.gateway.buffered -= self.size
+        self.size = 0
+
+
+async def _read_body(receive: Receive, length: str, held: _Held) -> bytes:
+    """The whole body, refused (413) past max_body_bytes whether or not a Content-Length announced it, and counted
+    in `held` from the start (the announced length) or as it comes (chunked)."""
+    limit = held.gateway.max_body_bytes
+    if length.isdigit():
+        if int(length) > limit:
+            raise _too_large(limit)
+        held.grow(int(length))
     message = await receive()
     if message["type"] != "http.request":
-        raise _ClientGone
+        raise ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):  # the usual case: the whole body in one message, used as it is
         if len(body) > limit:
@@ -208,11 +255,12 @@ async def _read_body(receive: Receive, length: str, limit: int) -> bytes:
     while message.get("more_body", False):
         message = await receive()
         if message["type"] != "http.request":
-            raise _ClientGone
+            raise ClientGone
         part: bytes = message.get("body", b"")
         size += len(part)
         if size > limit:
             raise _too_large(limit)
+        held.grow(size)  # beyond what a Content-Length announced, if any
         parts.append(part)
     return b"".join(parts)
 

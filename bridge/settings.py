@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 N = TypeVar("N", int, float)
+
+# The core accepts gRPC messages up to MODELMAX_MAX_BODY_BYTES plus this (services/settings.py says why): the bridge
+# sends no larger, so a request whose proto outgrows its JSON is a 413 here rather than a round trip to be refused.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 class SettingsError(Exception):
@@ -29,6 +35,28 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     # Chat completions served at once; beyond it a fast 503 with Retry-After, never an unbounded queue.
     max_concurrent_requests: int = 1024
+    # The HTTP transport's limits (bridge/transport.py): a longer request head is a 431; a head or a body that is not
+    # in within its time is a 408; connections beyond the cap get a 503; idle keep-alive connections are closed.
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 60.0
+    keepalive_seconds: float = 5.0
+    max_connections: int = 4096
+    # Request body bytes the process holds at once, being read or parsed; beyond it a fast 503 (bridge/pipeline.py).
+    max_buffered_bytes: int = 32 * 1024 * 1024
+    # TLS to the core: the CA (PEM) its certificate must chain to; "" for a plaintext channel.
+    core_tls_ca_file: str = ""
+    # The name the core's certificate must carry, when it is not the host of `core_target`.
+    core_tls_server_name: str = ""
+    # mTLS: the bridge's client certificate chain and private key (PEM), both or neither; need core_tls_ca_file.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC message the bridge sends the core: the core's own receive limit."""
+        return self.max_body_bytes + MESSAGE_HEADROOM_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -46,7 +74,88 @@ class Settings:
             else _number(env, "MODELMAX_BRIDGE_METRICS_PORT", 9091, int, allow_zero=True),
             shutdown_grace_seconds=_number(env, "MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
             max_concurrent_requests=_number(env, "MODELMAX_BRIDGE_MAX_CONCURRENT_REQUESTS", 1024, int),
+            max_header_bytes=_number(env, "MODELMAX_BRIDGE_MAX_HEADER_BYTES", 16 * 1024, int),
+            max_headers=_number(env, "MODELMAX_BRIDGE_MAX_HEADERS", 100, int),
+            header_timeout_seconds=_number(env, "MODELMAX_BRIDGE_HEADER_TIMEOUT_SECONDS", 10.0, float),
+            body_timeout_seconds=_number(env, "MODELMAX_BRIDGE_BODY_TIMEOUT_SECONDS", 60.0, float),
+            keepalive_seconds=_number(env, "MODELMAX_BRIDGE_KEEPALIVE_SECONDS", 5.0, float),
+            max_connections=_number(env, "MODELMAX_BRIDGE_MAX_CONNECTIONS", 4096, int),
+            max_buffered_bytes=_number(env, "MODELMAX_BRIDGE_MAX_BUFFERED_BYTES", 32 * 1024 * 1024, int),
+            core_tls_ca_file=env.get("MODELMAX_CORE_TLS_CA_FILE", "").strip(),
+            core_tls_server_name=env.get("MODELMAX_CORE_TLS_SERVER_NAME", "").strip(),
+            tls_cert_file=env.get("MODELMAX_BRIDGE_TLS_CERT_FILE", "").strip(),
+            tls_key_file=env.get("MODELMAX_BRIDGE_TLS_KEY_FILE", "").strip(),
+        ).checked()
+
+    def checked(self) -> Settings:
+        """These settings, once their TLS files are known to be usable; SettingsError naming the variable if not."""
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise SettingsError(
+                f"MODELMAX_BRIDGE_MAX_BUFFERED_BYTES={self.max_buffered_bytes} is below MODELMAX_MAX_BODY_BYTES="
+                f"{self.max_body_bytes}: a request of the largest allowed size could never be read"
+            )
+        self.core_tls()
+        return self
+
+    def core_tls(self) -> CoreTls | None:
+        """What the channel to the core needs for TLS, read from the files; None for a plaintext channel."""
+        ca, cert, key = self.core_tls_ca_file, self.tls_cert_file, self.tls_key_file
+        if bool(cert) != bool(key):
+            unset = "MODELMAX_BRIDGE_TLS_KEY_FILE" if cert else "MODELMAX_BRIDGE_TLS_CERT_FILE"
+            raise SettingsError(
+                "MODELMAX_BRIDGE_TLS_CERT_FILE and MODELMAX_BRIDGE_TLS_KEY_FILE must be set together (the client "
+                f"certificate and its private key): {unset} is not set"
+            )
+        if not ca:
+            for variable, value in (
+                ("MODELMAX_BRIDGE_TLS_CERT_FILE", cert),
+                ("MODELMAX_CORE_TLS_SERVER_NAME", self.core_tls_server_name),
+            ):
+                if value:
+                    raise SettingsError(f"{variable} needs MODELMAX_CORE_TLS_CA_FILE: it is used only on a TLS channel")
+            return None
+        tls = CoreTls(
+            root_certificates=_read_pem("MODELMAX_CORE_TLS_CA_FILE", ca, "CERTIFICATE"),
+            certificate_chain=_read_pem("MODELMAX_BRIDGE_TLS_CERT_FILE", cert, "CERTIFICATE") if cert else None,
+            private_key=_read_pem("MODELMAX_BRIDGE_TLS_KEY_FILE", key, "PRIVATE KEY") if key else None,
+            server_name=self.core_tls_server_name,
         )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_verify_locations(cadata=tls.root_certificates.decode("ascii", "replace"))
+        except ssl.SSLError as exc:
+            raise SettingsError(
+                f"MODELMAX_CORE_TLS_CA_FILE={ca!r} holds no valid PEM CA certificate: {exc.reason or exc}"
+            ) from None
+        if cert:
+            try:
+                context.load_cert_chain(cert, key, password=lambda: b"")  # never an interactive passphrase prompt
+            except ssl.SSLError as exc:
+                raise SettingsError(
+                    f"MODELMAX_BRIDGE_TLS_CERT_FILE={cert!r} and MODELMAX_BRIDGE_TLS_KEY_FILE={key!r} are not a "
+                    f"certificate and its unencrypted private key: {exc.reason or exc}"
+                ) from None
+        return tls
+
+
+@dataclass(frozen=True, slots=True)
+class CoreTls:
+    """The PEM bytes a TLS channel to the core is made of."""
+
+    root_certificates: bytes  # the CA the core's certificate must chain to
+    certificate_chain: bytes | None  # the bridge's client certificate (mTLS), or None
+    private_key: bytes | None
+    server_name: str  # the name to verify instead of the target's host; "" for the host
+
+
+def _read_pem(variable: str, path: str, kind: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
+    if f"{kind}-----".encode() not in data or b"-----BEGIN " not in data:
+        raise SettingsError(f"{variable}={path!r} holds no PEM {kind.lower()}")
+    return data
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N], *, allow_zero: bool = False) -> N:

@@ -45,17 +45,19 @@ class StreamResponse(Response):
         chunks: AsyncGenerator[bytes, None],
         seen: Observation,
         headers: Mapping[str, str],
+        watcher: asyncio.Future[None] | None = None,
     ) -> None:
-        """`chunks` reads `call` and yields the dialect's SSE bytes; it sets `seen.stream_status` on an error."""
+        """`chunks` reads `call` and yields the dialect's SSE bytes; it sets `seen.stream_status` on an error.
+        `watcher`: the `cancel_when_gone` of `call` if the dialect started one while it waited for the first event."""
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
-        self._call, self._chunks, self._seen = call, chunks, seen
+        self._call, self._chunks, self._seen, self._watcher = call, chunks, seen, watcher
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen = self._seen
         call = self._call
-        watcher = cancel_when_gone(receive, call)
+        watcher = self._watcher or cancel_when_gone(receive, call)
         inflight = seen.metrics.inflight_of(seen.metrics.label(seen.model, 200))
         inflight.inc()
         status = 499  # unless the stream reaches its end: the client went away

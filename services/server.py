@@ -1,4 +1,5 @@
-"""The grpc.aio server: CompletionService, grpc.health.v1 and reflection, with a graceful stop."""
+"""The grpc.aio server: CompletionService, KeyService, grpc.health.v1 and (when enabled) reflection, on a plaintext,
+TLS or mTLS port, with a graceful stop."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["CompletionService"].full_name
 KEY_SERVICE_NAME = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+_HEALTH_MESSAGE_BYTES = 4096  # a HealthCheckRequest is a service name
 
 
 class AioHealthServicer(Protocol):
@@ -50,11 +52,13 @@ class CoreServer:
         stack: AsyncExitStack,
         metrics: CoreMetrics,
         metrics_port: int | None,
+        health_port: int | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.metrics = metrics
         self.metrics_port = metrics_port  # the bound port of /metrics, or None when disabled
+        self.health_port = health_port  # the bound port of the plaintext health-only server, or None
         self._health = health_servicer
         self._stack = stack
 
@@ -88,7 +92,9 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         registry = await build_registry(catalog, env, stack)
         metrics = CoreMetrics()
         watch_policy(metrics, policy)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        tls = settings.server_tls()
+        # gRPC refuses a larger message itself (RESOURCE_EXHAUSTED) from its length prefix, before reading it in.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_bytes)])
         servicer = create_servicer(registry, metrics, policy, settings.max_concurrent_requests)
         stack.push_async_callback(servicer.aclose)
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
@@ -96,10 +102,23 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         # grpc-stubs 1.53's grpc_health.v1.health stub has no `aio` (grpcio-health-checking's asyncio servicer).
         health_servicer: AioHealthServicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        address = f"{settings.host}:{settings.port}"
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.certificate_chain)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = server.add_secure_port(address, credentials)
+        health_server, health_port = None, None
+        if settings.health_port is not None:
+            health_server, health_port = _health_server(settings, health_servicer, stack)
         metrics_port = None
         if settings.metrics_port is not None:
             http, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
@@ -110,8 +129,26 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         await server.start()
         for name in ("", SERVICE_NAME, KEY_SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if health_server is not None:
+            await health_server.start()
     except BaseException:
         await stack.aclose()
         raise
-    log.info("core serving %s on %s:%d (models: %s)", SERVICE_NAME, settings.host, port, ", ".join(catalog.names()))
-    return CoreServer(server, port, health_servicer, stack, metrics, metrics_port)
+    mode = "plaintext" if tls is None else "TLS" if tls.client_ca is None else "mutual TLS"
+    log.info(
+        "core serving %s on %s:%d (%s, reflection %s; models: %s)",
+        SERVICE_NAME, settings.host, port, mode, "on" if settings.reflection else "off", ", ".join(catalog.names()),
+    )  # fmt: skip
+    return CoreServer(server, port, health_servicer, stack, metrics, metrics_port, health_port)
+
+
+def _health_server(
+    settings: Settings, health_servicer: AioHealthServicer, stack: AsyncExitStack
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server with grpc.health.v1 alone, bound to `settings.health_port`: Kubernetes' gRPC probes cannot
+    speak TLS. It shares the main server's health servicer, so it reports what the main port would."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", _HEALTH_MESSAGE_BYTES)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    stack.push_async_callback(server.stop, None)  # after the main server's drain, during which it says NOT_SERVING
+    return server, port

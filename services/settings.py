@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,13 @@ from typing import TypeVar
 N = TypeVar("N", int, float)
 
 DEFAULT_CATALOG = str(Path(__file__).with_name("default_catalog.yaml"))
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # MODELMAX_MAX_BODY_BYTES, the bridge's default too
+# A gRPC message may be this much larger than the largest HTTP body the bridge accepts. The proto encoding of a chat
+# request is no larger than its JSON (field tags and varint lengths are shorter than JSON's keys and quotes; escapes
+# decode to fewer bytes; base64 images decode to 3/4 of their size); the one way it grows is a number in exponent
+# notation inside a JSON Schema, which the bridge re-serializes (`1e15` becomes `1000000000000000.0`). The headroom
+# absorbs thousands of those; a request that grows past it is refused (413) by the bridge's own send limit.
+MESSAGE_HEADROOM_BYTES = 64 * 1024
 
 
 class SettingsError(Exception):
@@ -37,6 +45,23 @@ class Settings:
     policy_fail_closed: bool = False
     key_cache_ttl_seconds: float = 5.0  # the bound on how long a revoked key keeps working on another replica
     usage_buffer_records: int = 10_000  # usage records waiting for the store; beyond it they are dropped (counted)
+    # The bridge's body limit (MODELMAX_MAX_BODY_BYTES): a gRPC caller gets no larger a request in than an HTTP one.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # TLS on the gRPC port: PEM certificate chain and private key, both or neither; "" for plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # mTLS: only clients with a certificate from this CA (PEM) can connect at all; needs the two above.
+    tls_client_ca_file: str = ""
+    # A second port on `host`, plaintext, serving grpc.health.v1 alone: for Kubernetes' gRPC probes, which cannot
+    # speak TLS. None: none (health is served on the main port in every mode), 0: any.
+    health_port: int | None = None
+    # Server reflection lists every service and message to whoever reaches the port: off unless asked for.
+    reflection: bool = False
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest gRPC message the core receives: the bridge's body limit plus MESSAGE_HEADROOM_BYTES."""
+        return self.max_body_bytes + MESSAGE_HEADROOM_BYTES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -46,13 +71,19 @@ class Settings:
             port=_number(env, "MODELMAX_CORE_PORT", 50051, int),
             shutdown_grace_seconds=_number(env, "MODELMAX_CORE_SHUTDOWN_GRACE_SECONDS", 30.0, float),
             log_level=env.get("MODELMAX_LOG_LEVEL", "INFO").upper(),
-            metrics_port=_metrics_port(env, "MODELMAX_CORE_METRICS_PORT", 9090),
+            metrics_port=_optional_port(env, "MODELMAX_CORE_METRICS_PORT", 9090),
             max_concurrent_requests=_number(env, "MODELMAX_CORE_MAX_CONCURRENT_REQUESTS", 1024, int),
             api_keys=static_keys(env),
             database_url=env.get("MODELMAX_DATABASE_URL", "").strip(),
             policy_fail_closed=_flag(env, "MODELMAX_POLICY_FAIL_CLOSED"),
             key_cache_ttl_seconds=_number(env, "MODELMAX_KEY_CACHE_TTL_SECONDS", 5.0, float),
             usage_buffer_records=_number(env, "MODELMAX_USAGE_BUFFER_RECORDS", 10_000, int),
+            max_body_bytes=_number(env, "MODELMAX_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
+            tls_cert_file=env.get("MODELMAX_CORE_TLS_CERT_FILE", "").strip(),
+            tls_key_file=env.get("MODELMAX_CORE_TLS_KEY_FILE", "").strip(),
+            tls_client_ca_file=env.get("MODELMAX_CORE_TLS_CLIENT_CA_FILE", "").strip(),
+            health_port=_optional_port(env, "MODELMAX_CORE_HEALTH_PORT", None),
+            reflection=_flag(env, "MODELMAX_CORE_REFLECTION"),
         )
 
     def check(self) -> None:
@@ -65,6 +96,80 @@ class Settings:
             )
         if self.key_cache_ttl_seconds <= 0 or self.usage_buffer_records <= 0:
             raise SettingsError("MODELMAX_KEY_CACHE_TTL_SECONDS and MODELMAX_USAGE_BUFFER_RECORDS must be positive")
+        if self.max_body_bytes <= 0:
+            raise SettingsError(f"MODELMAX_MAX_BODY_BYTES={self.max_body_bytes} must be positive")
+        if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
+            raise SettingsError("MODELMAX_CORE_HEALTH_PORT must differ from MODELMAX_CORE_PORT")
+        self.server_tls()  # the files exist, are readable, and hold a certificate and its key
+
+    def server_tls(self) -> ServerTls | None:
+        """The core's TLS identity read from its files, or None for plaintext. Raises SettingsError naming the
+        variable whose file is missing, unreadable or not what it should hold."""
+        cert, key, client_ca = self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file
+        if bool(cert) != bool(key):
+            unset = "MODELMAX_CORE_TLS_KEY_FILE" if cert else "MODELMAX_CORE_TLS_CERT_FILE"
+            raise SettingsError(
+                "MODELMAX_CORE_TLS_CERT_FILE and MODELMAX_CORE_TLS_KEY_FILE must be set together (the certificate "
+                f"chain and its private key): {unset} is not set"
+            )
+        if client_ca and not cert:
+            raise SettingsError(
+                "MODELMAX_CORE_TLS_CLIENT_CA_FILE (mutual TLS) needs MODELMAX_CORE_TLS_CERT_FILE and "
+                "MODELMAX_CORE_TLS_KEY_FILE: client certificates are checked only on a TLS port"
+            )
+        if not cert:
+            return None
+        tls = ServerTls(
+            certificate_chain=_read_pem("MODELMAX_CORE_TLS_CERT_FILE", cert, "CERTIFICATE"),
+            private_key=_read_pem("MODELMAX_CORE_TLS_KEY_FILE", key, "PRIVATE KEY"),
+            client_ca=_read_pem("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, "CERTIFICATE") if client_ca else None,
+        )
+        _check_key_pair("MODELMAX_CORE_TLS_CERT_FILE", cert, "MODELMAX_CORE_TLS_KEY_FILE", key)
+        if tls.client_ca is not None:
+            _check_ca("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, tls.client_ca)
+        return tls
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """The PEM bytes of the core's TLS identity, and of the CA its clients' certificates must chain to (mTLS)."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None  # set: a client without a certificate from this CA cannot complete the handshake
+
+
+def _read_pem(variable: str, path: str, kind: str) -> bytes:
+    """The PEM file a variable names; SettingsError naming the variable when it cannot be read or holds no `kind`
+    block ("CERTIFICATE", "PRIVATE KEY", which also matches "RSA PRIVATE KEY" and "EC PRIVATE KEY")."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
+    if f"{kind}-----".encode() not in data or b"-----BEGIN " not in data:
+        raise SettingsError(f"{variable}={path!r} holds no PEM {kind.lower()}")
+    return data
+
+
+def _check_key_pair(cert_variable: str, cert: str, key_variable: str, key: str) -> None:
+    """Refuse a certificate and key that do not belong together (or a key encrypted with a passphrase, which gRPC
+    cannot use) now, with the variables named, rather than as failed handshakes later."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=lambda: b"")  # never an interactive passphrase prompt
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"{cert_variable}={cert!r} and {key_variable}={key!r} are not a certificate and its unencrypted private "
+            f"key: {exc.reason or exc}"
+        ) from None
+
+
+def _check_ca(variable: str, path: str, data: bytes) -> None:
+    """Refuse a CA file whose certificates do not parse."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii", "replace"))
+    except ssl.SSLError as exc:
+        raise SettingsError(f"{variable}={path!r} holds no valid PEM CA certificate: {exc.reason or exc}") from None
 
 
 def static_keys(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -95,11 +200,12 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise SettingsError(f"{name}={raw!r} must be true or false")
 
 
-def _metrics_port(env: Mapping[str, str], name: str, default: int) -> int | None:
-    """A metrics port; "off" disables the endpoint."""
-    if env.get(name, "").strip().lower() == "off":
+def _optional_port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """An optional port; "off" (or, with no default, unset) disables the endpoint."""
+    raw = env.get(name, "").strip().lower()
+    if raw == "off" or (default is None and raw == ""):
         return None
-    return _number(env, name, default, int)
+    return _number(env, name, default or 0, int)
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:

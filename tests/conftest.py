@@ -12,11 +12,12 @@ import yaml
 from starlette.applications import Starlette
 
 from bridge.app import create_app
+from bridge.server import uvicorn_config
 from bridge.settings import Settings as BridgeSettings
 from services.server import CoreServer, start_core
 from services.settings import DEFAULT_CATALOG
 from services.settings import Settings as CoreSettings
-from tests.fakes.serve import serve
+from tests.fakes.serve import TEST_OPTIONS, serve
 from tests.policy_stores import backend, pg_dsn, postgres_server, store  # noqa: F401 (fixtures for every test)
 
 API_KEY = "mm-test-key-0123456789abcdef"
@@ -56,7 +57,8 @@ async def running_bridge_app(core_target: str, **overrides: object) -> AsyncIter
     """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1") and the app."""
     settings = BridgeSettings(core_target=core_target, **overrides)  # type: ignore[arg-type]
     app = create_app(settings)
-    async with app.router.lifespan_context(app), serve(app) as url:
+    config = uvicorn_config(app, settings, **TEST_OPTIONS)  # the bridge's own transport, limits and all
+    async with app.router.lifespan_context(app), serve(app, config) as url:
         yield f"{url}/v1", app
 
 

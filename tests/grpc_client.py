@@ -38,6 +38,13 @@ class _StreamWithKey(_WithKey, grpc.aio.UnaryStreamClientInterceptor):  # type: 
         return await continuation(self._details(client_call_details), request)
 
 
-def core_channel(target: str, key: str = API_KEY, **kwargs: Any) -> grpc.aio.Channel:
-    """An insecure aio channel to `target` whose calls carry `key` (the tests' static key unless told)."""
-    return grpc.aio.insecure_channel(target, interceptors=[_UnaryWithKey(key), _StreamWithKey(key)], **kwargs)
+def core_channel(
+    target: str, key: str = API_KEY, *, credentials: grpc.ChannelCredentials | None = None, **kwargs: Any
+) -> grpc.aio.Channel:
+    """An aio channel to `target` whose calls carry `key` (the tests' static key unless told): plaintext, or TLS with
+    `credentials` (grpc.ssl_channel_credentials; pass `options=[("grpc.ssl_target_name_override", name)]` to verify
+    another name than the target's host)."""
+    interceptors = [_UnaryWithKey(key), _StreamWithKey(key)]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, interceptors=interceptors, **kwargs)
+    return grpc.aio.secure_channel(target, credentials, interceptors=interceptors, **kwargs)

@@ -83,7 +83,9 @@ def test_retry_after_and_channel_failures() -> None:
 
 @pytest.mark.parametrize("refusal", list(Refusal), ids=[refusal.name for refusal in Refusal])
 def test_every_refusal_has_openai_words(refusal: Refusal) -> None:
-    error = refusal_error(Refused(refusal, {"limit": "10", "method": "GET", "path": "/x", "header": "Authorization"}))
+    error = refusal_error(
+        Refused(refusal, {"limit": "10", "method": "GET", "path": "/x", "header": "Authorization", "part": "body"})
+    )
     assert isinstance(error, OpenAIError) and 400 <= error.status < 600
     assert error.message and "{" not in error.message
     assert error.type in ("invalid_request_error", "api_error")

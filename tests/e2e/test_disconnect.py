@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, running_bridge_app, running_core, write_catalog
+from tests.fakes.openai_upstream import serve_openai_upstream
 
 MODEL = "smollm2-135m"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -53,3 +55,29 @@ async def test_non_streaming_disconnect_stops_the_generation(gateway_url: str) -
         waited = time.monotonic() - started
     assert quick.status_code == 200, quick.text
     assert waited < QUEUED_BOUND_SECONDS, f"the abandoned generation kept the model busy for {waited:.1f}s"
+
+
+async def test_a_stream_abandoned_before_its_first_token_is_noticed_at_once(tmp_path: Path) -> None:
+    """The bridge waits for the core's first event before it answers (so a failure to start is a real status); a
+    client that leaves in that wait used to keep its upstream call and slot until the first event or the deadline
+    (6 s here). Now the call is cancelled, all the way to the upstream, as soon as the client is gone."""
+    async with serve_openai_upstream(hang=True) as upstream:
+        entry = {"name": "slow", "provider": "openai", "model": "fake-model",
+                 "options": {"base_url": upstream.url, "timeout_seconds": 30}}  # fmt: skip
+        async with (
+            running_core(write_catalog(tmp_path, [entry])) as core,
+            running_bridge_app(f"127.0.0.1:{core.port}", request_timeout_seconds=6.0) as (base_url, app),
+        ):
+            async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=30) as client:
+                body = {"model": "slow", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+                abandoned = asyncio.create_task(client.post("/chat/completions", json=body))
+                await asyncio.sleep(0.5)  # the core has called the upstream, which sends no event
+                assert app.gateway.active == 1  # type: ignore[attr-defined]
+                abandoned.cancel()  # closes the connection before the first token
+                await asyncio.gather(abandoned, return_exceptions=True)
+                left = time.monotonic()
+                async with asyncio.timeout(2.0):
+                    await upstream.disconnected.wait()  # the cancel reached the upstream call
+                noticed = time.monotonic() - left
+                assert app.gateway.active == 0  # type: ignore[attr-defined]
+    assert noticed < 1.0, f"the abandoned stream held its upstream call for {noticed:.1f}s"

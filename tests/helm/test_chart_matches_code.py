@@ -20,16 +20,28 @@ from services.providers import _MODULES as PROVIDER_MODULES
 from services.providers.local import resolve_model_path
 from services.settings import Settings as CoreSettings
 from services.settings import SettingsError as CoreSettingsError
-from tests.helm.conftest import ROOT, Rendered, container, container_port, merged, render
+from tests.helm.conftest import FULL_VALUES, ROOT, Rendered, container, container_port, merged, render
+from tests.services.test_core_door import SERVER_NAME, Authority
 
 SECRET_PLACEHOLDER = "secret-from-kubernetes-0123456789"
 DATABASE_URL = "postgresql://modelmax:p%40ss@policy-db.llm.svc:5432/modelmax?sslmode=require"
+# The TLS Secrets of FULL_VALUES, as cert-manager would write them: one CA, a server certificate for the core (valid
+# for SERVER_NAME, FULL_VALUES' bridge.coreTls.serverName) and a client certificate for the bridge.
+_CA = Authority("modelmax-chart")
+_CORE_CERT, _CORE_KEY = _CA.issue_pem("core", server=True)
+_BRIDGE_CERT, _BRIDGE_KEY = _CA.issue_pem("bridge", server=False)
 # Secrets the values name but the chart does not make, as the operator put them in the cluster (FULL_VALUES and the
 # tests below name them). Any other Secret a pod reads (provider credentials) becomes SECRET_PLACEHOLDER.
 CLUSTER_SECRETS = {
     "modelmax-api-keys": {"keys.txt": f"# keys of the platform team\n  {SECRET_PLACEHOLDER}\n"},
     "modelmax-policy-db": {"uri": DATABASE_URL},
     "modelmax-no-static-keys": {"api-keys": "# every key is in the policy database\n"},
+    "modelmax-core-tls": {"tls.crt": _CORE_CERT.decode(), "tls.key": _CORE_KEY.decode(), "ca.crt": _CA.pem.decode()},
+    "modelmax-bridge-tls": {
+        "tls.crt": _BRIDGE_CERT.decode(),
+        "tls.key": _BRIDGE_KEY.decode(),
+        "ca.crt": _CA.pem.decode(),
+    },
 }
 # Variables the code reads that the chart leaves unset on purpose: the core's other two ways to get static keys, and
 # the usage buffer's size, whose default the chart keeps.
@@ -106,19 +118,28 @@ def read_by_code(package: str) -> set[str]:
     return names
 
 
+def materialized(release: Rendered, component: str, tmp_path: Path) -> dict[str, str]:
+    """The container's variables, with every file a MODELMAX_*_FILE variable names (API keys, TLS certificates and
+    keys) written under tmp_path from the Secret key the chart mounts at that path, and the variable pointed there."""
+    env = environment(release, component)
+    deployment = release.one("Deployment", component)
+    for name, path in env.items():
+        if name.startswith("MODELMAX_") and name.endswith("_FILE"):
+            mounted = mounted_file(deployment, path)
+            assert mounted.kind == "secret", f"{path} must come from a Secret"
+            content = secret_value(release, mounted.name, mounted.key)
+            assert content is not None, f"the chart mounts Secret {mounted.name}, which neither it nor the cluster has"
+            local = tmp_path / component / path.lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text(content, encoding="utf-8")
+            env[name] = str(local)
+    return env
+
+
 def core_environment(release: Rendered, tmp_path: Path) -> tuple[dict[str, str], str]:
-    """The core's variables, with the keys file written to tmp_path from the Secret key the chart mounts there; and
-    that file's path in the pod."""
-    env = environment(release, "core")
-    keys_path = env["MODELMAX_API_KEYS_FILE"]
-    mounted = mounted_file(release.one("Deployment", "core"), keys_path)
-    assert mounted.kind == "secret", f"{keys_path} must come from a Secret"
-    content = secret_value(release, mounted.name, mounted.key)
-    assert content is not None, f"the chart mounts Secret {mounted.name}, which neither it nor the cluster has"
-    keys_file = tmp_path / Path(keys_path).name
-    keys_file.write_text(content, encoding="utf-8")
-    env["MODELMAX_API_KEYS_FILE"] = str(keys_file)
-    return env, keys_path
+    """The core's variables, its files written to tmp_path (materialized); and the keys file's path in the pod."""
+    keys_path = environment(release, "core")["MODELMAX_API_KEYS_FILE"]
+    return materialized(release, "core", tmp_path), keys_path
 
 
 def core_settings(release: Rendered, tmp_path: Path) -> CoreSettings:
@@ -129,8 +150,9 @@ def core_settings(release: Rendered, tmp_path: Path) -> CoreSettings:
     return settings
 
 
-def bridge_settings(release: Rendered) -> BridgeSettings:
-    return BridgeSettings.from_env(environment(release, "bridge"))
+def bridge_settings(release: Rendered, tmp_path: Path) -> BridgeSettings:
+    """The bridge's settings from the chart's environment, its files written to tmp_path; from_env checks them."""
+    return BridgeSettings.from_env(materialized(release, "bridge", tmp_path))
 
 
 # ---- the core ----
@@ -142,8 +164,6 @@ def test_core_listens_where_the_chart_points(release: Rendered, tmp_path: Path) 
     service = release.one("Service", "core")
     assert settings.host == "0.0.0.0"
     assert settings.port == container_port(core, "grpc") == release.values["core"]["grpcPort"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container(core)[probe]["grpc"]["port"] == settings.port
     assert settings.metrics_port == container_port(core, "metrics") == release.values["core"]["metricsPort"]
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert container_port(core, ports["grpc"]["targetPort"]) == settings.port
@@ -263,8 +283,8 @@ def test_the_core_starts_only_with_a_key_or_a_database(chart: helm_python.Chart,
 # ---- the bridge ----
 
 
-def test_bridge_listens_where_the_chart_points(release: Rendered) -> None:
-    settings = bridge_settings(release)
+def test_bridge_listens_where_the_chart_points(release: Rendered, tmp_path: Path) -> None:
+    settings = bridge_settings(release, tmp_path)
     bridge = release.one("Deployment", "bridge")
     service = release.one("Service", "bridge")
     assert settings.host == "0.0.0.0"
@@ -279,7 +299,7 @@ def test_bridge_listens_where_the_chart_points(release: Rendered) -> None:
 
 
 def test_bridge_dials_the_core_service_grpc_port(release: Rendered, tmp_path: Path) -> None:
-    settings = bridge_settings(release)
+    settings = bridge_settings(release, tmp_path)
     host, _, port = settings.core_target.rpartition(":")
     service = release.one("Service", "core")
     assert host == service["metadata"]["name"]  # same namespace: the short name resolves
@@ -290,17 +310,34 @@ def test_bridge_dials_the_core_service_grpc_port(release: Rendered, tmp_path: Pa
 
 
 def test_bridge_holds_no_api_keys(release: Rendered) -> None:
-    """The core checks every key (the bridge forwards the caller's): no key variable, Secret or mounted file here."""
+    """The core checks every key (the bridge forwards the caller's): no key variable, Secret or mounted file here.
+    Its only Secret files are for TLS to the core: the core's CA and, for mutual TLS, its own client certificate."""
     bridge = release.one("Deployment", "bridge")
     env = container(bridge)["env"]
     assert [v["name"] for v in env if "API_KEY" in v["name"]] == []
     assert [v["name"] for v in env if "value" not in v] == [] and "envFrom" not in container(bridge)
-    assert [set(v) for v in bridge["spec"]["template"]["spec"]["volumes"]] == [{"name", "emptyDir"}]
-    assert [m["mountPath"] for m in container(bridge)["volumeMounts"]] == ["/tmp"]
+    volumes = {v["name"]: v for v in bridge["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(bridge)["volumeMounts"]}
+    assert set(volumes["tmp"]) == {"name", "emptyDir"}
+    if not release.values["core"]["tls"]["existingSecret"]:
+        assert list(volumes) == ["tmp"] and list(mounts) == ["/tmp"]
+        return
+    assert list(volumes) == ["tmp", "tls"] and mounts == {"/tmp": "tmp", "/etc/modelmax/tls": "tls"}
+    files = {
+        (source["secret"]["name"], item["key"]): item["path"]
+        for source in volumes["tls"]["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    tls = release.values["core"]["tls"]["existingSecret"]
+    client = release.values["bridge"]["coreTls"]["existingSecret"]
+    expected = {(tls, "ca.crt"): "core-ca.crt"}  # the core's CA alone: never the core's key
+    if client:
+        expected |= {(client, "tls.crt"): "tls.crt", (client, "tls.key"): "tls.key"}
+    assert files == expected
 
 
-def test_bridge_limits_and_drain_follow_the_values(release: Rendered) -> None:
-    settings = bridge_settings(release)
+def test_bridge_limits_and_drain_follow_the_values(release: Rendered, tmp_path: Path) -> None:
+    settings = bridge_settings(release, tmp_path)
     values = release.values["bridge"]
     pod = release.one("Deployment", "bridge")["spec"]["template"]["spec"]
     assert settings.max_body_bytes == values["maxBodyBytes"]
@@ -310,6 +347,86 @@ def test_bridge_limits_and_drain_follow_the_values(release: Rendered) -> None:
     assert (
         pod["terminationGracePeriodSeconds"] > release.values["preStopSleepSeconds"] + settings.shutdown_grace_seconds
     )
+
+
+# ---- the core's door: TLS, mutual TLS, health, reflection, the message limit ----
+
+
+def test_plaintext_by_default_with_reflection_off(default_release: Rendered, tmp_path: Path) -> None:
+    core, bridge = core_settings(default_release, tmp_path), bridge_settings(default_release, tmp_path)
+    assert core.server_tls() is None and bridge.core_tls() is None
+    assert (core.reflection, core.health_port) == (False, None)
+    assert "MODELMAX_CORE_REFLECTION" in environment(default_release, "core")  # said, not left to a default
+
+
+def test_core_serves_tls_from_the_secret_the_chart_mounts(chart: helm_python.Chart, tmp_path: Path) -> None:
+    for client_auth in (False, True):
+        values: dict[str, Any] = {"core": {"tls": {"existingSecret": "modelmax-core-tls", "clientAuth": client_auth}}}
+        if client_auth:
+            values["bridge"] = {"coreTls": {"existingSecret": "modelmax-bridge-tls"}}
+        release = render(chart, values)
+        settings = core_settings(release, tmp_path / str(client_auth))
+        tls = settings.server_tls()
+        assert tls is not None
+        assert (tls.certificate_chain, tls.private_key) == (_CORE_CERT, _CORE_KEY)
+        assert tls.client_ca == (_CA.pem if client_auth else None)
+        env, core = environment(release, "core"), release.one("Deployment", "core")
+        files = {"MODELMAX_CORE_TLS_CERT_FILE": "tls.crt", "MODELMAX_CORE_TLS_KEY_FILE": "tls.key"}
+        if client_auth:
+            files["MODELMAX_CORE_TLS_CLIENT_CA_FILE"] = "ca.crt"
+        else:
+            assert "MODELMAX_CORE_TLS_CLIENT_CA_FILE" not in env
+        for variable, key in files.items():
+            assert mounted_file(core, env[variable]) == Mounted("secret", "modelmax-core-tls", key, 0o440)
+
+
+def test_core_probes_reach_health_where_the_core_serves_it_in_plaintext(release: Rendered, tmp_path: Path) -> None:
+    """The kubelet's gRPC probes cannot speak TLS: with TLS they target the plaintext health-only port, which no
+    Service exposes."""
+    settings = core_settings(release, tmp_path)
+    core = release.one("Deployment", "core")
+    if settings.server_tls() is None:
+        assert settings.health_port is None
+        probe_port = settings.port
+    else:
+        assert settings.health_port == container_port(core, "health") == release.values["core"]["healthPort"]
+        probe_port = settings.health_port
+        service = release.one("Service", "core")
+        assert settings.health_port not in {p["port"] for p in service["spec"]["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container(core)[probe]["grpc"]["port"] == probe_port
+
+
+def test_bridge_verifies_the_core_and_presents_its_certificate(full_release: Rendered, tmp_path: Path) -> None:
+    settings = bridge_settings(full_release, tmp_path)
+    tls = settings.core_tls()
+    assert tls is not None
+    assert (tls.root_certificates, tls.certificate_chain, tls.private_key) == (_CA.pem, _BRIDGE_CERT, _BRIDGE_KEY)
+    assert tls.server_name == FULL_VALUES["bridge"]["coreTls"]["serverName"] == SERVER_NAME  # in the core's cert
+    env, bridge = environment(full_release, "bridge"), full_release.one("Deployment", "bridge")
+    assert mounted_file(bridge, env["MODELMAX_CORE_TLS_CA_FILE"]) == Mounted(
+        "secret", "modelmax-core-tls", "ca.crt", 0o440
+    )
+    for variable, key in (("MODELMAX_BRIDGE_TLS_CERT_FILE", "tls.crt"), ("MODELMAX_BRIDGE_TLS_KEY_FILE", "tls.key")):
+        assert mounted_file(bridge, env[variable]) == Mounted("secret", "modelmax-bridge-tls", key, 0o440)
+
+
+def test_bridge_over_tls_without_a_client_certificate_verifies_the_service_name(
+    chart: helm_python.Chart, tmp_path: Path
+) -> None:
+    release = render(chart, {"core": {"tls": {"existingSecret": "modelmax-core-tls"}}})
+    settings = bridge_settings(release, tmp_path)
+    tls = settings.core_tls()
+    assert tls is not None and (tls.certificate_chain, tls.private_key, tls.server_name) == (None, None, "")
+    assert "MODELMAX_CORE_TLS_SERVER_NAME" not in environment(release, "bridge")
+
+
+def test_the_core_accepts_exactly_what_the_bridge_may_send(release: Rendered, tmp_path: Path) -> None:
+    """One value, bridge.maxBodyBytes, sets the bridge's body limit and the core's message limit."""
+    core, bridge = core_settings(release, tmp_path), bridge_settings(release, tmp_path)
+    assert core.max_body_bytes == bridge.max_body_bytes == release.values["bridge"]["maxBodyBytes"]
+    assert core.max_message_bytes == bridge.max_message_bytes
+    assert core.reflection is release.values["core"]["reflection"]
 
 
 # ---- every variable on both sides ----
@@ -322,5 +439,12 @@ def test_chart_sets_exactly_the_variables_the_code_reads(release: Rendered, comp
     unset = set(UNSET_ON_PURPOSE)
     if not release.values["core"]["database"]["existingSecret"]:
         unset.add("MODELMAX_DATABASE_URL")  # no database: static keys only
+    if not release.values["core"]["tls"]["existingSecret"]:  # plaintext: no files, no health-only port
+        unset |= {"MODELMAX_CORE_TLS_CERT_FILE", "MODELMAX_CORE_TLS_KEY_FILE", "MODELMAX_CORE_HEALTH_PORT"}
+        unset |= {"MODELMAX_CORE_TLS_CA_FILE"}
+    if not release.values["core"]["tls"]["clientAuth"]:
+        unset |= {"MODELMAX_CORE_TLS_CLIENT_CA_FILE", "MODELMAX_BRIDGE_TLS_CERT_FILE", "MODELMAX_BRIDGE_TLS_KEY_FILE"}
+    if not release.values["bridge"]["coreTls"]["serverName"]:
+        unset.add("MODELMAX_CORE_TLS_SERVER_NAME")
     assert chart_sets - code_reads == set(), "the chart sets variables the code never reads"
     assert code_reads - chart_sets == unset & code_reads, "the code reads variables the chart never sets"

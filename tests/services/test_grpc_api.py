@@ -161,7 +161,20 @@ async def test_health_reports_serving_per_service(channel: grpc.aio.Channel) -> 
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Channel) -> None:
+async def test_reflection_lists_and_describes_the_service(tmp_path: Path) -> None:
+    """Reflection is off unless MODELMAX_CORE_REFLECTION=true (tests/services/test_core_door.py checks that)."""
+    entry = {
+        "name": "remote-chat",
+        "provider": "openai",
+        "model": "m",
+        "options": {"base_url": "http://127.0.0.1:9/v1"},
+    }
+    async with running_core(write_catalog(tmp_path, [entry]), reflection=True) as core:
+        async with core_channel(f"127.0.0.1:{core.port}") as channel:
+            await _reflection_lists_and_describes_the_service(channel)
+
+
+async def _reflection_lists_and_describes_the_service(channel: grpc.aio.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -179,13 +192,16 @@ async def test_readme_grpcurl_example_works(local_core: CoreServer) -> None:
     request = {"params": {"model": MODEL, "messages": [{"role": "ROLE_USER", "content": "Hi"}], "max_tokens": 5}}
     result = await asyncio.to_thread(
         subprocess.run,
-        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {API_KEY}", "-d", json.dumps(request),
+        # Reflection is off by default: grpcurl reads the service from the protos, as the README says.
+        [grpcurl, "-plaintext", "-import-path", "proto", "-proto", "modelmax/v1/completion_service.proto",
+         "-H", f"authorization: Bearer {API_KEY}", "-d", json.dumps(request),
          f"127.0.0.1:{local_core.port}", "modelmax.v1.CompletionService/CreateCompletion"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    assert reply["choices"][0]["content"] and 0 < reply["usage"]["completion_tokens"] <= 5
+    # From .proto files grpcurl prints JSON names (camelCase); from reflection, it printed the proto names.
+    assert reply["choices"][0]["content"] and 0 < reply["usage"]["completionTokens"] <= 5
 
 
 async def test_trailing_metadata_names_the_deployment_and_attempts(channel: grpc.aio.Channel) -> None:

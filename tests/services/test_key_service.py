@@ -51,7 +51,8 @@ async def _core(tmp_path: Path, database_url: str) -> AsyncIterator[Core]:
         record, key = await store.create_key(KeySpec(name="admin", kind="management"))
     finally:
         await store.close()
-    async with running_core(write_catalog(tmp_path, MODELS), database_url=database_url) as core:
+    # reflection on: test_reflection_and_health_know_the_service lists the services through it
+    async with running_core(write_catalog(tmp_path, MODELS), database_url=database_url, reflection=True) as core:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{core.port}") as channel:
             yield Core(ks_grpc.KeyServiceStub(channel), channel, bearer(key), record.id)
 

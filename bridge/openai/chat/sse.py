@@ -5,6 +5,7 @@ Errors before the first byte are HTTP statuses; later ones are an error event, t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,8 +17,8 @@ import grpc
 from bridge.metrics import Observation
 from bridge.openai.chat.translate import FINISH_REASON, usage_json
 from bridge.openai.errors import OpenAIError, from_rpc_error
-from bridge.pipeline import ATTEMPTS, DEPLOYMENT, REQUEST_ID, Exchange
-from bridge.streaming import SSE_HEADERS, Cancellable, StreamResponse
+from bridge.pipeline import ATTEMPTS, DEPLOYMENT, REQUEST_ID, ClientGone, Exchange
+from bridge.streaming import SSE_HEADERS, Cancellable, StreamResponse, cancel_when_gone
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 
@@ -32,17 +33,25 @@ async def open_stream(exchange: Exchange, request: svc.StreamCompletionRequest, 
     """Start the call and wait for its first event, so a failure to start is a real HTTP status, not a 200."""
     gateway, seen = exchange.gateway, exchange.seen
     call = cast(_Events, gateway.stub.StreamCompletion(request, timeout=gateway.timeout, metadata=exchange.metadata))
+    watcher = cancel_when_gone(exchange.request.receive, call)  # a client gone before the first event ends it now
     waiting = time.perf_counter()
     try:
         first = await call.read()
-    except grpc.aio.AioRpcError as exc:
+    except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+        watcher.cancel()
+        if watcher.done() and not watcher.cancelled():  # the client left: the watcher cancelled the call
+            raise ClientGone from None
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         raise from_rpc_error(exc) from None
     except BaseException:
+        watcher.cancel()
         call.cancel()
         raise
     finally:
         seen.core_wait += time.perf_counter() - waiting
     if first is _EOF or not first.HasField("start"):
+        watcher.cancel()
         call.cancel()
         raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
     start = first.start
@@ -54,7 +63,7 @@ async def open_stream(exchange: Exchange, request: svc.StreamCompletionRequest, 
         DEPLOYMENT: start.deployment,
         ATTEMPTS: str(start.attempts),
     }
-    return StreamResponse(call, _events(call, encoder, seen), seen, headers)
+    return StreamResponse(call, _events(call, encoder, seen), seen, headers, watcher)
 
 
 class _Events(Cancellable, Protocol):
