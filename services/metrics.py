@@ -7,9 +7,9 @@ A model name that is not in the catalog is recorded as "unknown", so callers can
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -137,6 +137,38 @@ class _PolicyCollector(Collector):
 
 def watch_policy(metrics: CoreMetrics, policy: PolicyCounts) -> None:
     metrics.registry.register(_PolicyCollector(policy))
+
+
+class Queued(Protocol):
+    """A provider with a queue of its own (the embedded model's worker): its depth is a gauge."""
+
+    def queue_depth(self) -> int: ...
+
+
+class _QueueCollector(Collector):
+    """modelmax_core_local_queue_depth{model}: read at each scrape, so the hot path pays nothing for it."""
+
+    def __init__(self, queued: Mapping[str, Sequence[Queued]]) -> None:
+        self._queued = queued
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modelmax_core_local_queue_depth",
+            "Requests waiting for the embedded model's worker, the running one aside (beyond max_queue: 503).",
+            labels=["model"],
+        )
+        for model, providers in self._queued.items():
+            family.add_metric([model], sum(provider.queue_depth() for provider in providers))
+        yield family
+
+
+def watch_queues(metrics: CoreMetrics, providers: Mapping[str, Sequence[object]]) -> None:
+    """Export the queue depth of every deployment whose provider has a queue (`Queued`), by public model name."""
+    queued = {
+        model: [cast(Queued, provider) for provider in deployments if hasattr(provider, "queue_depth")]
+        for model, deployments in providers.items()
+    }
+    metrics.registry.register(_QueueCollector({model: found for model, found in queued.items() if found}))
 
 
 @dataclass(slots=True)

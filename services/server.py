@@ -18,7 +18,7 @@ from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from modelmax.v1 import key_service_pb2, key_service_pb2_grpc
 from services.catalog import load_catalog
 from services.completion.servicer import create_servicer
-from services.metrics import CoreMetrics, watch_policy
+from services.metrics import CoreMetrics, watch_policy, watch_queues
 from services.policy import open_store
 from services.policy.admin import KeyServicer
 from services.policy.gate import Policy, StaticKeys
@@ -92,6 +92,7 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         registry = await build_registry(catalog, env, stack)
         metrics = CoreMetrics()
         watch_policy(metrics, policy)
+        watch_queues(metrics, registry.providers)
         tls = settings.server_tls()
         # gRPC refuses a larger message itself (RESOURCE_EXHAUSTED) from its length prefix, before reading it in.
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_bytes)])

@@ -159,6 +159,11 @@ class _Engine:
             self.withdraw(job)
             raise
 
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet taken by the worker: the queue's depth (the running job aside)."""
+        return len(self._waiting)  # one read of a set's size: no lock needed for a gauge
+
     def withdraw(self, job: _Job) -> bool:
         """Take `job` back if the worker has not taken it yet; True if it had not (it will never run)."""
         with self._lock:
@@ -285,6 +290,10 @@ class LocalProvider:
         self._default_max_tokens = default_max_tokens
         self._max_queue = max_queue  # jobs waiting for the engine (its running one aside), counted per engine
         self._max_queue_wait = max_queue_wait  # seconds a job may wait for the worker to take it
+
+    def queue_depth(self) -> int:
+        """Requests waiting for this model's worker (services/metrics.py exports it per model)."""
+        return self._engine.waiting
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True

@@ -286,6 +286,8 @@ async def test_a_request_beyond_max_queue_is_refused_overloaded_at_once(tmp_path
         running = await started(stub, max_tokens=200)  # ~3 s of generation
         waiting = asyncio.ensure_future(drain(stub.StreamCompletion(ask("Say hi.", max_tokens=3))))
         await asyncio.sleep(0.3)  # the second request is queued behind the first
+        depth = {"model": MODEL}
+        assert core.metrics.registry.get_sample_value("modelmax_core_local_queue_depth", depth) == 1
         clock = asyncio.get_running_loop().time()
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.CreateCompletion(svc.CreateCompletionRequest(params=ask("Say hello.", max_tokens=3).params))
@@ -294,6 +296,7 @@ async def test_a_request_beyond_max_queue_is_refused_overloaded_at_once(tmp_path
         assert not waiting.done()  # still waiting: the refusal did not wait for the queue
         assert (await drain(running))[-1].HasField("finish")
         assert (await waiting)[-1].HasField("finish")  # the queued one was served once the first was done
+        assert core.metrics.registry.get_sample_value("modelmax_core_local_queue_depth", depth) == 0
 
 
 async def test_a_request_that_waited_past_max_queue_wait_is_refused_and_never_generated(tmp_path: Path) -> None:
