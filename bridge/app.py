@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
-from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
@@ -21,6 +20,7 @@ from bridge.pipeline import Gateway, Route, RouteTable, serve
 from bridge.settings import Settings
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from modelmax.v1 import key_service_pb2_grpc
+from startup.metrics_http import start_metrics_server
 
 # Every route the bridge serves. Each goes through the whole pipeline (bridge/pipeline.py); `public` routes, the
 # Kubernetes probes, are let through without a key and without a slot. A dialect adds its own entries here.
@@ -74,16 +74,14 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Brid
         gateway = app.gateway
         metrics.buffered_bytes.set_function(lambda: gateway.buffered)  # read at each scrape: free per request
         exporter = None
-        if settings.metrics_port is not None:
-            exporter, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
-            app.state.metrics_port = exporter.server_port
+        if settings.metrics_port is not None:  # on this event loop: no thread per scraping connection
+            exporter = await start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
+            app.state.metrics_port = exporter.port
         try:
             yield
         finally:
             if exporter is not None:
-                exporter.shutdown()
-                exporter.server_close()
-                thread.join(5)
+                await exporter.close()
             app.gateway = None
             await channel.close(grace=None)
 

@@ -11,7 +11,6 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -24,6 +23,7 @@ from services.policy.admin import KeyServicer
 from services.policy.gate import Policy, StaticKeys
 from services.providers import build_registry
 from services.settings import Settings
+from startup.metrics_http import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,10 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         if settings.health_port is not None:
             health_server, health_port = _health_server(settings, health_servicer, stack)
         metrics_port = None
-        if settings.metrics_port is not None:
-            http, thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
-            stack.callback(thread.join, 5)
-            stack.callback(http.server_close)
-            stack.callback(http.shutdown)
-            metrics_port = http.server_port
+        if settings.metrics_port is not None:  # on the core's event loop: no thread per scraping connection
+            exporter = await start_metrics_server(metrics.registry, settings.host, settings.metrics_port)
+            stack.push_async_callback(exporter.close)
+            metrics_port = exporter.port
         await server.start()
         for name in ("", SERVICE_NAME, KEY_SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
