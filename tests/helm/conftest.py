@@ -142,8 +142,12 @@ FULL_VALUES: dict[str, Any] = {
         "maxBodyBytes": 16777216,
         "maxBufferedBytes": 67108864,
         "transport": {
-            "maxHeaderBytes": 32768, "maxHeaders": 50, "headerTimeoutSeconds": 5, "bodyTimeoutSeconds": 30.5,
-            "keepaliveSeconds": 65, "maxConnections": 2048,
+            "maxHeaderBytes": 32768,
+            "maxHeaders": 50,
+            "headerTimeoutSeconds": 5,
+            "bodyTimeoutSeconds": 30.5,
+            "keepaliveSeconds": 65,
+            "maxConnections": 2048,
         },
         # 128Mi + 30 x 16 MiB + 64 MiB: the memory the body settings above may cost (tests/helm/test_chart.py)
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
