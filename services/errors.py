@@ -60,6 +60,7 @@ class GatewayError(Exception):
         field: str = "",
         provider: str = "",
         retry_after: float | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(message)
         self.reason = reason
@@ -67,6 +68,7 @@ class GatewayError(Exception):
         self.field = field  # the offending CompletionParams field, as a proto path ("tools[0].name"); "" if none
         self.provider = provider
         self.retry_after = retry_after  # seconds, when the upstream (or a cooldown) said when to come back
+        self.headers = headers  # initial metadata for the caller (a key's x-ratelimit-* values); usually none
 
     def to_status(self) -> grpc.Status:
         """This error as a grpc.Status carrying ErrorInfo{reason, domain, metadata}."""

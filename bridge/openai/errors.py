@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import cast
 
 import grpc
@@ -40,6 +41,8 @@ HTTP_ERROR: dict[int, tuple[int, str, str | None]] = {
 # Reasons a retry cannot cure: told to OpenAI's SDKs with `x-should-retry: false`, which they obey before the
 # status (they retry every 429 otherwise, and an exhausted budget stays exhausted).
 _NO_RETRY = frozenset({ErrorReason.ERROR_REASON_BUDGET_EXHAUSTED})
+_RATE_LIMIT = "x-ratelimit-"  # the core's initial metadata for a key with limits (services/policy/limits.py)
+_NO_LIMITS: Mapping[str, str] = MappingProxyType({})
 
 # gRPC failures that carry no ErrorInfo: they come from the channel itself, not from the core's logic.
 _BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str, str | None, str]] = {
@@ -139,6 +142,7 @@ class OpenAIError(DialectError):
         retry_after: float | None = None,
         *,
         retry: bool = True,
+        limits: Mapping[str, str] = _NO_LIMITS,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -148,11 +152,13 @@ class OpenAIError(DialectError):
         self.code = code
         self.retry_after = retry_after  # seconds; sent as Retry-After so OpenAI SDKs wait that long
         self.retry = retry  # False: `x-should-retry: false`, so OpenAI SDKs do not retry at all
+        self.limits = limits  # the key's x-ratelimit-* headers, when the core sent them
 
     def headers(self) -> dict[str, str]:
-        headers = {} if self.retry else {"x-should-retry": "false"}
+        headers = {**self.limits} if self.retry else {**self.limits, "x-should-retry": "false"}
         if self.retry_after is not None:
             headers["retry-after"] = str(max(0, math.ceil(self.retry_after)))
+            headers["retry-after-ms"] = str(max(0, math.ceil(self.retry_after * 1000)))  # what OpenAI SDKs read first
         return headers
 
     def body(self) -> dict[str, dict[str, str | None]]:
@@ -212,9 +218,24 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
             param = None  # the message may quote the request's field (a strict schema the model broke); OpenAI's
             # `param` names only what the caller got wrong
         retry_after = _seconds(info.metadata.get("retry_after"))
-        return OpenAIError(status, message, kind, param, code, retry_after, retry=reason not in _NO_RETRY)
+        limits = rate_limit_headers(exc.initial_metadata())
+        return OpenAIError(
+            status, message, kind, param, code, retry_after, retry=reason not in _NO_RETRY, limits=limits
+        )
     status, kind, code, message = _BY_GRPC_CODE.get(exc.code(), _INTERNAL)
     return OpenAIError(status, message, kind, None, code)
+
+
+def rate_limit_headers(metadata: object) -> Mapping[str, str]:
+    """The x-ratelimit-* values of the core's initial metadata (a key with rate limits), as response headers."""
+    if not metadata:
+        return _NO_LIMITS
+    found = {
+        key: value
+        for key, value in cast(Iterable[tuple[str, str | bytes]], metadata)
+        if key.startswith(_RATE_LIMIT) and isinstance(value, str)
+    }
+    return found or _NO_LIMITS
 
 
 def _seconds(value: str | None) -> float | None:

@@ -23,7 +23,8 @@ from services.dispatch import Dispatcher, Route, build_routes
 from services.errors import GatewayError, shown
 from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics, Measurement, status_of
-from services.policy.gate import Admission, Outcome, Policy, Principal, Tokens
+from services.policy.gate import Admission, Outcome, Policy, Principal, Tokens, prompt_estimate
+from services.policy.limits import Grant
 from services.providers import ProviderRegistry
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Call:
     measurement: Measurement
     principal: Principal | None = None
     admission: Admission | None = None
+    grant: Grant | None = None  # its hold on the key's rate limits, settled when it ends
 
 
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
@@ -145,6 +147,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         route = self._dispatcher.route(params.model)
         check_supported(params, route.supported, provider=route.kind)
         admission = self._policy.admit(call.principal, params, route.price)
+        call.grant = await self._policy.limit(call.principal, params, call.request_id)  # None: a key without limits
+        if call.grant is not None and (limits := call.grant.usage.metadata()):
+            await context.send_initial_metadata(limits)  # the bridge's x-ratelimit-* headers, before any event
         if admission.budget is not None:
             await self._policy.reserve(admission, params)  # a store round trip, for keys with a budget only
         call.admission = admission  # from here on the request is metered, however it ends
@@ -184,6 +189,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         except GatewayError as exc:
             status = status_of(exc.reason)
             upstream = status if exc.provider else None
+            if exc.headers:  # a key over its rate limit: its x-ratelimit-* values go with the refusal
+                await context.send_initial_metadata(exc.headers)
             # grpc.aio's context has abort_with_status (grpc/aio/_base_server.py); grpc-stubs 1.53 does not declare it
             await context.abort_with_status(exc.to_status())  # type: ignore[attr-defined]
         except (asyncio.CancelledError, GeneratorExit):
@@ -198,6 +205,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             duration = measurement.record(status, upstream)
             if call.admission is not None and self._policy.writer is not None:  # admitted, with a store: metered
                 self._policy.meter(call.admission, _outcome(call, status, duration), params)
+            if call.grant is not None:
+                self._policy.unlimit(call.grant, _used_tokens(measurement, params))
             principal = call.principal
             if requests_log.isEnabledFor(logging.INFO):  # the line's fields cost more than the check
                 requests_log.info(
@@ -273,6 +282,16 @@ def _outcome(call: Call, status: str, duration: float) -> Outcome:
         output_chars=m.output_chars,
         produced=m.first_token is not None,
     )
+
+
+def _used_tokens(m: Measurement, params: pb.CompletionParams) -> int:
+    """What a completion counts against its key's tokens per minute: the provider's usage, or for a stream cut
+    before its usage came, the prompt's estimate and the output relayed (4 characters a token); 0 if nothing ran."""
+    if m.prompt_tokens is not None and m.completion_tokens is not None:
+        return m.prompt_tokens + m.completion_tokens
+    if m.first_token is None:
+        return 0
+    return prompt_estimate(params) + -(-m.output_chars // 4)
 
 
 async def _waited(step: Awaitable[T], measurement: Measurement) -> T:

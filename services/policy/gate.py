@@ -34,6 +34,7 @@ from modelmax.v1 import completion_pb2 as pb
 from services.errors import GatewayError, shown
 from services.policy.cache import KeyCache, KeyRefused
 from services.policy.keys import Budget, KeyKind, KeyRecord
+from services.policy.limits import Grant, KeyLimits, Limiter, MemoryLimiter, RateLimited
 from services.policy.store import Reservation, Store
 from services.policy.usage import UsageRecord, UsageWriter
 from services.prices import Price
@@ -52,6 +53,11 @@ _MESSAGE_TOKENS: Final = 8  # the chat template's tokens around each message
 _UNAUTHENTICATED = pb.ErrorReason.ERROR_REASON_UNAUTHENTICATED
 _DENIED = pb.ErrorReason.ERROR_REASON_PERMISSION_DENIED
 _UNAVAILABLE = pb.ErrorReason.ERROR_REASON_POLICY_UNAVAILABLE
+_LIMIT_WORDS: Final = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "concurrency": "requests in flight at once",
+}
 _REFUSED_MESSAGES: Final[Mapping[str, str]] = {
     "malformed": "Incorrect API key provided.",
     "unknown": "Incorrect API key provided.",
@@ -147,6 +153,7 @@ class Policy:
         writer: UsageWriter | None = None,
         fail_closed: bool = False,
         reserved_output: int = DEFAULT_RESERVED_OUTPUT,
+        limiter: Limiter | None = None,
     ) -> None:
         if store is not None and (cache is None or writer is None):
             raise ValueError("a policy with a store needs its key cache and usage writer")
@@ -156,6 +163,7 @@ class Policy:
         self.writer = writer
         self.fail_closed = fail_closed
         self._reserved_output = reserved_output
+        self.limiter: Limiter = limiter or MemoryLimiter()
         self._settling: set[asyncio.Task[None]] = set()
         self.store_errors = 0  # store calls that failed (each logged); exported as a metric
 
@@ -174,6 +182,7 @@ class Policy:
         """The shutdown drain: settle what is in flight, then write every buffered usage record."""
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+        await self.limiter.aclose()
         if self.writer is not None:
             await self.writer.close()
         if self.store is not None:
@@ -283,6 +292,40 @@ class Policy:
             )
 
     # metering
+
+    async def limit(self, principal: Principal, params: pb.CompletionParams, lease: str) -> Grant | None:
+        """Count the request against its key's rate limits (services/policy/limits.py), or raise RATE_LIMITED with
+        the retry delay and the key's x-ratelimit-* values; None for a key without limits."""
+        record = principal.record
+        if record is None or (record.rpm is None and record.tpm is None and record.max_concurrent is None):
+            return None
+        limits = KeyLimits(record.rpm, record.tpm, record.max_concurrent)
+        tokens = 0
+        if limits.tpm is not None:
+            out = params.max_tokens if params.HasField("max_tokens") else self._reserved_output
+            tokens = prompt_estimate(params) + out * max(params.choice_count, 1)
+            if tokens > limits.tpm:  # could never pass: not a wait, a request to change
+                raise GatewayError(
+                    pb.ErrorReason.ERROR_REASON_INVALID_REQUEST,
+                    f"This request may use {tokens} tokens (its prompt and max_tokens), more than the key's limit of "
+                    f"{limits.tpm} tokens per minute; lower max_tokens or shorten the prompt.",
+                    field="max_tokens",
+                )
+        try:
+            return await self.limiter.acquire(principal.key_id, limits, tokens, lease)
+        except RateLimited as exc:
+            raise GatewayError(
+                pb.ErrorReason.ERROR_REASON_RATE_LIMITED,
+                f"Rate limit reached for this key: {_LIMIT_WORDS[exc.which]}. Retry after {exc.retry_after:.1f}s.",
+                retry_after=exc.retry_after,
+                headers=exc.usage.metadata(),
+            ) from None
+
+    def unlimit(self, grant: Grant, used_tokens: int) -> None:
+        """Settle a grant of `limit` to the tokens the request used, and give its slot back (off the request path)."""
+        task = asyncio.create_task(self.limiter.settle(grant, used_tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     def meter(self, admission: Admission, outcome: Outcome, params: pb.CompletionParams) -> UsageRecord | None:
         """Record what the completion used, and settle its reservation to that cost (off the request path)."""

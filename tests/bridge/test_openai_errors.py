@@ -74,7 +74,7 @@ def test_the_core_field_becomes_the_param_in_the_message_too(
 
 def test_retry_after_and_channel_failures() -> None:
     limited = rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_RATE_LIMITED", "slow down", retry_after="2.2")
-    assert from_rpc_error(limited).headers() == {"retry-after": "3"}
+    assert from_rpc_error(limited).headers() == {"retry-after": "3", "retry-after-ms": "2200"}
     unreachable = grpc.aio.AioRpcError(
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down", debug_error_string=None
     )

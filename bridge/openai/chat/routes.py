@@ -12,7 +12,7 @@ from starlette.responses import Response
 from bridge.openai.chat.request import parse_chat_request
 from bridge.openai.chat.sse import open_stream
 from bridge.openai.chat.translate import completion_json, to_params
-from bridge.openai.errors import from_rpc_error
+from bridge.openai.errors import from_rpc_error, rate_limit_headers
 from bridge.pipeline import ATTEMPTS, DEPLOYMENT, OVERHEAD, REQUEST_ID, Exchange
 from bridge.streaming import cancel_when_gone
 from modelmax.v1 import completion_service_pb2 as svc
@@ -36,6 +36,7 @@ async def chat_completions(exchange: Exchange) -> Response:
     try:
         response = await call
         trailing = await call.trailing_metadata()
+        limits = rate_limit_headers(await call.initial_metadata())
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED and watcher.done() and not watcher.cancelled():
             seen.finish(499)
@@ -53,6 +54,7 @@ async def chat_completions(exchange: Exchange) -> Response:
             OVERHEAD: f"{seen.overhead_ms():.3f}",
             DEPLOYMENT: response.deployment,
             ATTEMPTS: str(response.attempts),
+            **limits,
         },
     )  # the pipeline finishes the observation once the reply is sent
 

@@ -16,7 +16,7 @@ import grpc
 
 from bridge.metrics import Observation
 from bridge.openai.chat.translate import FINISH_REASON, usage_json
-from bridge.openai.errors import OpenAIError, from_rpc_error
+from bridge.openai.errors import OpenAIError, from_rpc_error, rate_limit_headers
 from bridge.pipeline import ATTEMPTS, DEPLOYMENT, REQUEST_ID, ClientGone, Exchange
 from bridge.streaming import SSE_HEADERS, Cancellable, StreamResponse, cancel_when_gone
 from modelmax.v1 import completion_pb2 as pb
@@ -62,6 +62,7 @@ async def open_stream(exchange: Exchange, request: svc.StreamCompletionRequest, 
         REQUEST_ID: seen.request_id,
         DEPLOYMENT: start.deployment,
         ATTEMPTS: str(start.attempts),
+        **rate_limit_headers(await call.initial_metadata()),  # arrived with the first event: no wait
     }
     return StreamResponse(call, _events(call, encoder, seen), seen, headers, watcher)
 
@@ -71,6 +72,8 @@ class _Events(Cancellable, Protocol):
     event alone because a type checker cannot narrow a sentinel, and the relay checks `is _EOF` first."""
 
     async def read(self) -> svc.StreamCompletionResponse: ...
+
+    async def initial_metadata(self) -> grpc.aio.Metadata: ...
 
 
 async def _events(call: _Events, encoder: ChunkEncoder, seen: Observation) -> AsyncGenerator[bytes, None]:
