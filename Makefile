@@ -51,11 +51,14 @@ tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/p
 
 # promtool lints the metrics expositions in tests; Debian's prometheus package is the one offline source of it.
 # PostgreSQL 15 (Debian) backs the tenant store's tests: the fixtures start a private server on 127.0.0.1.
+# redis-server (Debian) backs the shared rate limits' tests (tests/redis_server.py), also private and on 127.0.0.1.
 tools:
 	command -v promtool >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15; }
+	command -v redis-server >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 
 test: lint tools tests/node/node_modules/.package-lock.json
 	$(BIN)/python -m pytest

@@ -104,6 +104,8 @@ class PolicyCounts(Protocol):
     @property
     def store_errors(self) -> int: ...
     @property
+    def limiter_errors(self) -> int: ...
+    @property
     def writer(self) -> UsageBuffer | None: ...
 
 
@@ -119,6 +121,11 @@ class _PolicyCollector(Collector):
             "modelmax_core_policy_store_errors", "Policy store calls that failed (key lookups, budgets, settles).",
             value=policy.store_errors,
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "modelmax_core_rate_limiter_errors",
+            "Rate-limiter calls that failed (Redis unreachable or slow): served or refused as configured.",
+            value=policy.limiter_errors,
+        )
         writer = policy.writer
         if writer is None:
             return

@@ -21,6 +21,8 @@ from services.metrics import CoreMetrics, watch_policy, watch_queues
 from services.policy import open_store
 from services.policy.admin import KeyServicer
 from services.policy.gate import Policy, StaticKeys
+from services.policy.limits import MemoryLimiter
+from services.policy.redis_limits import RedisLimiter
 from services.providers import build_registry
 from services.settings import Settings
 from startup.metrics_http import start_metrics_server
@@ -81,12 +83,19 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         settings.check()
         catalog = load_catalog(settings.catalog_path)
         store = await open_store(settings.database_url) if settings.database_url else None
+        limiter = (
+            RedisLimiter.from_url(settings.limits_redis_url, timeout=settings.limits_timeout_seconds)
+            if settings.limits_redis_url
+            else MemoryLimiter()
+        )
         policy = Policy.open(
             StaticKeys(settings.api_keys),
             store,
             cache_ttl=settings.key_cache_ttl_seconds,
             fail_closed=settings.policy_fail_closed,
             max_buffer=settings.usage_buffer_records,
+            limiter=limiter,
+            limits_fail_closed=settings.limits_fail_closed,
         )
         stack.push_async_callback(policy.aclose)  # last out: the drain writes every usage record still buffered
         registry = await build_registry(catalog, env, stack)

@@ -45,6 +45,10 @@ class Settings:
     policy_fail_closed: bool = False
     key_cache_ttl_seconds: float = 5.0  # the bound on how long a revoked key keeps working on another replica
     usage_buffer_records: int = 10_000  # usage records waiting for the store; beyond it they are dropped (counted)
+    # Where keys' rate limits are counted: "" in this process (one replica), or a redis:// URL shared by a fleet.
+    limits_redis_url: str = ""
+    limits_timeout_seconds: float = 0.25  # one Redis round trip at most; then the fail mode below
+    limits_fail_closed: bool = False  # Redis unreachable: refuse keys with limits (True) or serve them unlimited
     # The bridge's body limit (MODELMAX_MAX_BODY_BYTES): a gRPC caller gets no larger a request in than an HTTP one.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # TLS on the gRPC port: PEM certificate chain and private key, both or neither; "" for plaintext.
@@ -78,6 +82,9 @@ class Settings:
             policy_fail_closed=_flag(env, "MODELMAX_POLICY_FAIL_CLOSED"),
             key_cache_ttl_seconds=_number(env, "MODELMAX_KEY_CACHE_TTL_SECONDS", 5.0, float),
             usage_buffer_records=_number(env, "MODELMAX_USAGE_BUFFER_RECORDS", 10_000, int),
+            limits_redis_url=env.get("MODELMAX_LIMITS_REDIS_URL", "").strip(),
+            limits_timeout_seconds=_number(env, "MODELMAX_LIMITS_TIMEOUT_SECONDS", 0.25, float),
+            limits_fail_closed=_flag(env, "MODELMAX_LIMITS_FAIL_CLOSED"),
             max_body_bytes=_number(env, "MODELMAX_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
             tls_cert_file=env.get("MODELMAX_CORE_TLS_CERT_FILE", "").strip(),
             tls_key_file=env.get("MODELMAX_CORE_TLS_KEY_FILE", "").strip(),

@@ -19,6 +19,7 @@ from services.settings import DEFAULT_CATALOG
 from services.settings import Settings as CoreSettings
 from tests.fakes.serve import TEST_OPTIONS, serve
 from tests.policy_stores import backend, pg_dsn, postgres_server, store  # noqa: F401 (fixtures for every test)
+from tests.redis_server import redis_server, redis_url  # noqa: F401 (fixtures for every test)
 
 API_KEY = "mm-test-key-0123456789abcdef"
 

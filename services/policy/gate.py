@@ -34,7 +34,7 @@ from modelmax.v1 import completion_pb2 as pb
 from services.errors import GatewayError, shown
 from services.policy.cache import KeyCache, KeyRefused
 from services.policy.keys import Budget, KeyKind, KeyRecord
-from services.policy.limits import Grant, KeyLimits, Limiter, MemoryLimiter, RateLimited
+from services.policy.limits import Grant, KeyLimits, Limiter, LimiterUnavailable, MemoryLimiter, RateLimited
 from services.policy.store import Reservation, Store
 from services.policy.usage import UsageRecord, UsageWriter
 from services.prices import Price
@@ -154,6 +154,7 @@ class Policy:
         fail_closed: bool = False,
         reserved_output: int = DEFAULT_RESERVED_OUTPUT,
         limiter: Limiter | None = None,
+        limits_fail_closed: bool = False,
     ) -> None:
         if store is not None and (cache is None or writer is None):
             raise ValueError("a policy with a store needs its key cache and usage writer")
@@ -164,19 +165,33 @@ class Policy:
         self.fail_closed = fail_closed
         self._reserved_output = reserved_output
         self.limiter: Limiter = limiter or MemoryLimiter()
+        self.limits_fail_closed = limits_fail_closed
+        self.limiter_errors = 0  # limiter calls that failed (Redis unreachable); exported as a metric
+        self._limiter_warned = 0.0  # when the last warning about it was logged (one per 10 s at most)
         self._settling: set[asyncio.Task[None]] = set()
         self.store_errors = 0  # store calls that failed (each logged); exported as a metric
 
     @classmethod
     def open(
-        cls, static: StaticKeys, store: Store | None, *, cache_ttl: float, fail_closed: bool, max_buffer: int
+        cls,
+        static: StaticKeys,
+        store: Store | None,
+        *,
+        cache_ttl: float,
+        fail_closed: bool,
+        max_buffer: int,
+        limiter: Limiter | None = None,
+        limits_fail_closed: bool = False,
     ) -> Policy:
         """A policy over `store` (None: static keys only), with its cache and a started usage writer."""
         if store is None:
-            return cls(static, fail_closed=fail_closed)
+            return cls(static, fail_closed=fail_closed, limiter=limiter, limits_fail_closed=limits_fail_closed)
         writer = UsageWriter(store, max_buffer=max_buffer, batch_size=min(500, max_buffer))
         writer.start()
-        return cls(static, store, cache=KeyCache(store, ttl=cache_ttl), writer=writer, fail_closed=fail_closed)
+        return cls(
+            static, store, cache=KeyCache(store, ttl=cache_ttl), writer=writer, fail_closed=fail_closed,
+            limiter=limiter, limits_fail_closed=limits_fail_closed,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         """The shutdown drain: settle what is in flight, then write every buffered usage record."""
@@ -313,6 +328,14 @@ class Policy:
                 )
         try:
             return await self.limiter.acquire(principal.key_id, limits, tokens, lease)
+        except LimiterUnavailable as exc:
+            self._limiter_failed("check", exc)
+            if self.limits_fail_closed:
+                raise GatewayError(
+                    _UNAVAILABLE, "The gateway cannot check this key's rate limits right now; retry shortly.",
+                    retry_after=1,
+                ) from None  # fmt: skip
+            return None  # fail-open: served, uncounted
         except RateLimited as exc:
             raise GatewayError(
                 pb.ErrorReason.ERROR_REASON_RATE_LIMITED,
@@ -323,9 +346,23 @@ class Policy:
 
     def unlimit(self, grant: Grant, used_tokens: int) -> None:
         """Settle a grant of `limit` to the tokens the request used, and give its slot back (off the request path)."""
-        task = asyncio.create_task(self.limiter.settle(grant, used_tokens))
+        task = asyncio.create_task(self._unlimit(grant, used_tokens))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+
+    async def _unlimit(self, grant: Grant, used_tokens: int) -> None:
+        try:
+            await self.limiter.settle(grant, used_tokens)
+        except LimiterUnavailable as exc:  # the slot frees itself when its lease expires, the tokens with the window
+            self._limiter_failed("settlement", exc)
+
+    def _limiter_failed(self, what: str, exc: Exception) -> None:
+        self.limiter_errors += 1
+        now = time.monotonic()
+        if now - self._limiter_warned >= 10.0:  # an outage is one line per 10 s, not one per request
+            self._limiter_warned = now
+            mode = "refusing keys with limits" if self.limits_fail_closed else "serving keys with limits uncounted"
+            log.warning("rate limiter unavailable (%s failed: %s); %s", what, exc.__cause__ or exc, mode)
 
     def meter(self, admission: Admission, outcome: Outcome, params: pb.CompletionParams) -> UsageRecord | None:
         """Record what the completion used, and settle its reservation to that cost (off the request path)."""

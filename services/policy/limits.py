@@ -84,6 +84,10 @@ class RateLimited(Exception):
         self.usage = usage
 
 
+class LimiterUnavailable(Exception):
+    """A shared limiter did not answer in time or at all; the policy fails open or closed, as configured."""
+
+
 class Limiter(Protocol):
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int, lease: str) -> Grant:
         """Count one request, `tokens` reserved and one slot, or raise RateLimited having counted nothing."""

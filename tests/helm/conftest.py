@@ -161,6 +161,11 @@ FULL_VALUES: dict[str, Any] = {
         "podAnnotations": {"example.com/owner": "llm-platform"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
     },
+    "limits": {
+        "redis": {"existingSecret": "modelmax-limits-redis", "secretKey": "url"},
+        "failClosed": True,
+        "timeoutSeconds": 0.5,
+    },  # fmt: skip
     "metrics": {
         "serviceMonitor": {
             "enabled": True,

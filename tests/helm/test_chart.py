@@ -482,6 +482,19 @@ def test_the_bridge_s_memory_limit_covers_its_body_limits(release: Rendered) -> 
     assert int(number) * _MI[unit] >= _BRIDGE_BASE_BYTES + _PARSE_FACTOR * body + buffered, limit
 
 
+def test_the_limits_redis_url_comes_from_its_secret_only(default_release: Rendered, full_release: Rendered) -> None:
+    core = {e["name"]: e for e in container(full_release.one("Deployment", "core"))["env"]}
+    assert core["MODELMAX_LIMITS_REDIS_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "modelmax-limits-redis", "key": "url"}
+    }
+    assert (core["MODELMAX_LIMITS_FAIL_CLOSED"]["value"], core["MODELMAX_LIMITS_TIMEOUT_SECONDS"]["value"]) == (
+        "true",
+        "0.5",
+    )
+    default = {e["name"] for e in container(default_release.one("Deployment", "core"))["env"]}
+    assert "MODELMAX_LIMITS_REDIS_URL" not in default  # counted in each process without one
+
+
 def test_buffered_bytes_below_the_body_limit_are_refused(chart: helm_python.Chart) -> None:
     with pytest.raises(helm_python.HelmRenderError, match="bridge.maxBufferedBytes must be at least"):
         render(chart, {"bridge": {"maxBodyBytes": 1024, "maxBufferedBytes": 1000}})

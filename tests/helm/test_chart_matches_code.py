@@ -439,6 +439,8 @@ def test_chart_sets_exactly_the_variables_the_code_reads(release: Rendered, comp
     unset = set(UNSET_ON_PURPOSE)
     if not release.values["core"]["database"]["existingSecret"]:
         unset.add("MODELMAX_DATABASE_URL")  # no database: static keys only
+    if not release.values["limits"]["redis"]["existingSecret"]:
+        unset.add("MODELMAX_LIMITS_REDIS_URL")  # no Redis: each core counts its own
     if not release.values["core"]["tls"]["existingSecret"]:  # plaintext: no files, no health-only port
         unset |= {"MODELMAX_CORE_TLS_CERT_FILE", "MODELMAX_CORE_TLS_KEY_FILE", "MODELMAX_CORE_HEALTH_PORT"}
         unset |= {"MODELMAX_CORE_TLS_CA_FILE"}
