@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,9 +33,10 @@ class Gateways:
     """The two gateways. With `baseline` (another checkout), the first runs that tree's code with a static key and
     the second this tree's, also with a static key: the same paired measurement, of a change to the hot path."""
 
-    def __init__(self, workdir: Path, baseline: Path | None = None) -> None:
+    def __init__(self, workdir: Path, baseline: Path | None = None, limits: bool = False) -> None:
         self.workdir = workdir
         self.baseline = baseline
+        self.limits = limits  # both sides database keys; the second's key has limits counted in a Redis
         self.upstream = free_port()
         self.ports = {"static": (free_port(), free_port()), "database": (free_port(), free_port())}  # core, bridge
         self.keys = {"static": KEY, "database": ""}
@@ -54,13 +56,22 @@ class Gateways:
         self.keys["database"] = asyncio.run(_database_key(url))
         if self.baseline is not None:
             self.keys["database"] = KEY
+        redis_url = ""
+        if self.limits:  # never reached, so every request is counted and admitted
+            redis_url = self._start_redis(env, other_cpu)
+            self.keys["static"] = asyncio.run(_database_key(url))
+            self.keys["database"] = asyncio.run(
+                _database_key(url, rpm=2**31 - 1, tpm=2**31 - 1, max_concurrent=2**31 - 1)
+            )
         for name, (core, bridge) in self.ports.items():
             root = self.baseline if self.baseline is not None and name == "static" else ROOT
             tree = {**env, "PYTHONPATH": f"{root / 'gen'}:{root}", "MODELMAX_API_KEY": KEY}  # older bridges read it
             core_env = {**tree, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core)}
-            if name == "database" and self.baseline is None:
+            if (name == "database" and self.baseline is None) or self.limits:
                 core_env.pop("MODELMAX_API_KEY")
                 core_env["MODELMAX_DATABASE_URL"] = url
+            if name == "database" and redis_url:
+                core_env["MODELMAX_LIMITS_REDIS_URL"] = redis_url
             self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu, root)
             bridge_env = {**tree, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}", "MODELMAX_BRIDGE_PORT": str(bridge)}
             self._spawn([sys.executable, "-m", "bridge"], bridge_env, gateway_cpu, root)
@@ -75,6 +86,24 @@ class Gateways:
                     if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
                         raise RuntimeError("the gateways did not start") from None
                     time.sleep(0.2)
+
+    def _start_redis(self, env: dict[str, str], cpu: int | None) -> str:
+        """A private redis-server on 127.0.0.1 (`make tools` installs it), on the load's CPU like the upstream."""
+        port = free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._spawn(argv, env, cpu, self.workdir)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        return f"redis://127.0.0.1:{port}/0"
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start (make tools installs it)")
+            time.sleep(0.1)
 
     def _spawn(self, argv: list[str], env: dict[str, str], cpu: int | None, cwd: Path = ROOT) -> None:
         prefix = ["taskset", "-c", str(cpu)] if cpu is not None else []
@@ -186,13 +215,18 @@ def main() -> None:
         help="another checkout: compare its static-key gateway with this "
         "tree's (a hot-path change, before and after) instead of static with database keys",
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="compare a database key without limits with one whose limits are counted in Redis (rate-limit cost)",
+    )
     args = parser.parse_args()
     raise_fd_limit()
     _, other_cpu = cpus()
     if other_cpu is not None:
         os.sched_setaffinity(0, {other_cpu})
     with tempfile.TemporaryDirectory() as workdir:
-        gateways = Gateways(Path(workdir), args.baseline)
+        gateways = Gateways(Path(workdir), args.baseline, args.limits)
         gateways.start()
         try:
             import uvloop
@@ -205,12 +239,16 @@ def main() -> None:
         "c=1 p50 growth <= 0.1 ms": results["p50_growth_ms"] <= 0.1,
         "c=64 throughput drop <= 10%": results["rps_ratio"] >= 0.9,
     }
+    if args.limits:  # the fleet issue's target for a Redis-backed limit
+        verdicts = {"c=1 p50 growth <= 0.2 ms": results["p50_growth_ms"] <= 0.2}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("baseline.json" if args.baseline else "keys.json")).write_text(
+    (out / ("baseline.json" if args.baseline else "limits.json" if args.limits else "keys.json")).write_text(
         json.dumps({"results": results, "targets": verdicts, "baseline": str(args.baseline or "")}, indent=2)
     )
     first, second = ("baseline tree", "this tree") if args.baseline else ("static keys", "database keys + metering")
+    if args.limits:
+        first, second = ("database key, no limits", "database key, limits in Redis")
     print(
         f"\n{first}: +{results['static_added_p50_ms']:.3f} ms p50 at c=1, {results['static_rps']:.0f} req/s at c=64"
         f"\n{second}: +{results['database_added_p50_ms']:.3f} ms, "

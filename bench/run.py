@@ -132,13 +132,13 @@ class Stack:
                 process.kill()
 
 
-async def _database_key(url: str) -> str:
+async def _database_key(url: str, **limits: int) -> str:
     from services.policy import open_store
     from services.policy.keys import KeySpec
 
     store = await open_store(url)
     try:
-        _, key = await store.create_key(KeySpec("bench"))
+        _, key = await store.create_key(KeySpec("bench", **limits))  # type: ignore[arg-type]
     finally:
         await store.close()
     return key
