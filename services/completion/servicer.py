@@ -106,7 +106,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 async for event in events:
                     fold.add(event)
             response = fold.result(request.params.model)
-            context.set_trailing_metadata(_trailers(call.measurement))
+            limits = call.grant.usage.metadata() if call.grant is not None else ()
+            context.set_trailing_metadata(_trailers(call.measurement) + limits)  # the bridge reads them from here
         return response
 
     async def ListModels(  # noqa: N802
