@@ -49,9 +49,16 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Brid
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert isinstance(app, BridgeApp)
+        # Calls are balanced over every address the target resolves to (round robin; one address: as before). With
+        # a headless Service (dns:///<name>:<port>) those are the core pods. gRPC's DNS resolver re-resolves when a
+        # connection goes away: a core pod leaving, or the core's max connection age sending a GOAWAY every few
+        # minutes (MODELMAX_CORE_MAX_CONNECTION_AGE_SECONDS), which is how pods added later get traffic. It re-resolves
+        # at most every 5 s (gRPC's default is 30 s): CoreDNS's TTL, so a rollout's new pods are found promptly.
         options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", _GRPC_RECEIVE_BYTES),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ]
         tls = settings.core_tls()  # the PEM files, read once: SettingsError naming the variable if one is unusable
         if tls is None:

@@ -104,7 +104,14 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         watch_queues(metrics, registry.providers)
         tls = settings.server_tls()
         # gRPC refuses a larger message itself (RESOURCE_EXHAUSTED) from its length prefix, before reading it in.
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_message_bytes)])
+        options: list[tuple[str, int]] = [("grpc.max_receive_message_length", settings.max_message_bytes)]
+        if settings.max_connection_age_seconds > 0:
+            # A GOAWAY after the connection's age: the client opens a new connection and re-resolves the core's name
+            # (round robin over a headless Service then reaches pods added since). In-flight streams are not cut:
+            # the grace (gRPC's default, unbounded; given here so it stays so) lets each run to its own deadline.
+            options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_seconds * 1000))))
+            options.append(("grpc.max_connection_age_grace_ms", 2**31 - 1))  # INT_MAX: gRPC's "infinite"
+        server = grpc.aio.server(options=options)
         servicer = create_servicer(registry, metrics, policy, settings.max_concurrent_requests)
         stack.push_async_callback(servicer.aclose)
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)

@@ -61,6 +61,9 @@ class Settings:
     health_port: int | None = None
     # Server reflection lists every service and message to whoever reaches the port: off unless asked for.
     reflection: bool = False
+    # Each client connection is sent a GOAWAY after this long (0: never), so clients reconnect and re-resolve the
+    # core's name: a bridge balancing over a headless Service then finds core pods added since it connected.
+    max_connection_age_seconds: float = 300.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -91,6 +94,7 @@ class Settings:
             tls_client_ca_file=env.get("MODELMAX_CORE_TLS_CLIENT_CA_FILE", "").strip(),
             health_port=_optional_port(env, "MODELMAX_CORE_HEALTH_PORT", None),
             reflection=_flag(env, "MODELMAX_CORE_REFLECTION"),
+            max_connection_age_seconds=_number(env, "MODELMAX_CORE_MAX_CONNECTION_AGE_SECONDS", 300.0, float),
         )
 
     def check(self) -> None:
@@ -105,6 +109,10 @@ class Settings:
             raise SettingsError("MODELMAX_KEY_CACHE_TTL_SECONDS and MODELMAX_USAGE_BUFFER_RECORDS must be positive")
         if self.max_body_bytes <= 0:
             raise SettingsError(f"MODELMAX_MAX_BODY_BYTES={self.max_body_bytes} must be positive")
+        if self.max_connection_age_seconds < 0:
+            raise SettingsError(
+                f"MODELMAX_CORE_MAX_CONNECTION_AGE_SECONDS={self.max_connection_age_seconds} must be 0 (never) or more"
+            )
         if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
             raise SettingsError("MODELMAX_CORE_HEALTH_PORT must differ from MODELMAX_CORE_PORT")
         self.server_tls()  # the files exist, are readable, and hold a certificate and its key

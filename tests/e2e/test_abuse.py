@@ -30,7 +30,7 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from services.server import CoreServer
-from tests.bridge.test_transport import closed, read_response
+from tests.bridge.test_transport import closed, head, read_response
 from tests.conftest import API_KEY, running_bridge_app, running_core
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
 from tests.services.test_hostile_upstream import ALL_CASES, raw_server
@@ -93,13 +93,6 @@ async def gateway(
         base_url, app = await stack.enter_async_context(running_bridge_app(f"127.0.0.1:{core.port}", **bridge_settings))
         port = int(base_url.removesuffix("/v1").rsplit(":", 1)[1])
         yield Gateway(base_url, port, app, core, good, silent)
-
-
-def head(method: str, path: str, *headers: str, body: bytes = b"") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: {AUTH['Authorization']}", *headers]
-    if body:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 def chat(model: str = "good", **fields: Any) -> dict[str, Any]:

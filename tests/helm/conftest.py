@@ -30,10 +30,13 @@ IRSA_ROLE = "arn:aws:iam::123456789012:role/modelmax-bedrock"
 # ServiceMonitors and the dashboard in another namespace, scheduling constraints, a digest-pinned image.
 FULL_VALUES: dict[str, Any] = {
     "imagePullSecrets": ["registry-credentials"],
+    "clusterDomain": "k8s.example.internal",
     "logFormat": "text",
     "core": {
         "image": {"tag": "0.1.0", "digest": "sha256:" + "a" * 64},
         "drainSeconds": 300,
+        "maxConnectionAgeSeconds": 120.5,
+        "networkPolicy": {"enabled": True, "allowNamespaces": ["batch-jobs", "agents"], "metricsNamespaces": ["obs"]},
         "logLevel": "DEBUG",
         "catalog": {
             "models": [

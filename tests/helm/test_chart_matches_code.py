@@ -298,14 +298,17 @@ def test_bridge_listens_where_the_chart_points(release: Rendered, tmp_path: Path
     assert container_port(bridge, ports["metrics"]["targetPort"]) == settings.metrics_port
 
 
-def test_bridge_dials_the_core_service_grpc_port(release: Rendered, tmp_path: Path) -> None:
+def test_bridge_dials_the_headless_core_service_grpc_port(release: Rendered, tmp_path: Path) -> None:
+    """gRPC's DNS resolver on the headless Service's full name: every core pod's address, balanced round robin."""
     settings = bridge_settings(release, tmp_path)
     host, _, port = settings.core_target.rpartition(":")
-    service = release.one("Service", "core")
-    assert host == service["metadata"]["name"]  # same namespace: the short name resolves
-    grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    service = release.one("Service", "core-headless")
+    assert service["spec"]["clusterIP"] == "None"
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert host == f"dns:///{name}.{namespace}.svc.{release.values['clusterDomain']}"
+    (grpc,) = service["spec"]["ports"]
     assert int(port) == grpc["port"]
-    # Headless or not, clients reach the pod on the Service port: it must equal the port the core listens on.
+    # Headless, clients reach the pod on the Service port: it must equal the port the core listens on.
     assert grpc["port"] == core_settings(release, tmp_path).port
 
 
@@ -414,11 +417,12 @@ def test_bridge_verifies_the_core_and_presents_its_certificate(full_release: Ren
 def test_bridge_over_tls_without_a_client_certificate_verifies_the_service_name(
     chart: helm_python.Chart, tmp_path: Path
 ) -> None:
+    """It dials the headless Service, but requires the name the certificate carries: the core Service's."""
     release = render(chart, {"core": {"tls": {"existingSecret": "modelmax-core-tls"}}})
     settings = bridge_settings(release, tmp_path)
     tls = settings.core_tls()
-    assert tls is not None and (tls.certificate_chain, tls.private_key, tls.server_name) == (None, None, "")
-    assert "MODELMAX_CORE_TLS_SERVER_NAME" not in environment(release, "bridge")
+    assert tls is not None and (tls.certificate_chain, tls.private_key) == (None, None)
+    assert tls.server_name == release.one("Service", "core")["metadata"]["name"] == "modelmax-core"
 
 
 def test_the_core_accepts_exactly_what_the_bridge_may_send(release: Rendered, tmp_path: Path) -> None:
@@ -446,7 +450,7 @@ def test_chart_sets_exactly_the_variables_the_code_reads(release: Rendered, comp
         unset |= {"MODELMAX_CORE_TLS_CA_FILE"}
     if not release.values["core"]["tls"]["clientAuth"]:
         unset |= {"MODELMAX_CORE_TLS_CLIENT_CA_FILE", "MODELMAX_BRIDGE_TLS_CERT_FILE", "MODELMAX_BRIDGE_TLS_KEY_FILE"}
-    if not release.values["bridge"]["coreTls"]["serverName"]:
-        unset.add("MODELMAX_CORE_TLS_SERVER_NAME")
+    if not release.values["core"]["tls"]["existingSecret"]:
+        unset.add("MODELMAX_CORE_TLS_SERVER_NAME")  # plaintext: no certificate to check
     assert chart_sets - code_reads == set(), "the chart sets variables the code never reads"
     assert code_reads - chart_sets == unset & code_reads, "the code reads variables the chart never sets"

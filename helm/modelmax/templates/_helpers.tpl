@@ -118,10 +118,27 @@ The ConfigMap the core reads its catalog from.
 {{- end }}
 
 {{/*
-The core's gRPC target as the bridge dials it: the core Service's name and gRPC port (same namespace).
+The core's gRPC target as the bridge dials it: gRPC's DNS resolver on the headless core Service's full name (every
+ready core pod's address, balanced round robin by the bridge), and the gRPC port.
 */}}
 {{- define "modelmax.coreTarget" -}}
-{{- printf "%s:%d" (include "modelmax.componentName" (dict "ctx" . "component" "core")) (int .Values.core.grpcPort) }}
+{{- printf "dns:///%s.%s.svc.%s:%d" (include "modelmax.coreHeadlessName" .) .Release.Namespace .Values.clusterDomain (int .Values.core.grpcPort) }}
+{{- end }}
+
+{{/*
+The headless core Service's name, "<fullname>-core-headless": its suffix is longer than the 10 characters the
+fullname leaves room for, so it is cut to the 63 of a DNS label.
+*/}}
+{{- define "modelmax.coreHeadlessName" -}}
+{{- include "modelmax.componentName" (dict "ctx" . "component" "core-headless") | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The name the bridge requires in the core's certificate: bridge.coreTls.serverName, else the core Service's name
+"<fullname>-core" (the bridge dials the headless Service, whose name the certificate need not carry).
+*/}}
+{{- define "modelmax.coreServerName" -}}
+{{- .Values.bridge.coreTls.serverName | default (include "modelmax.componentName" (dict "ctx" . "component" "core")) }}
 {{- end }}
 
 {{/*
