@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
+
+from startup.tls import TlsFileError, check_ca, check_key_pair, read_pem
 
 N = TypeVar("N", int, float)
 
@@ -114,27 +114,18 @@ class Settings:
                 if value:
                     raise SettingsError(f"{variable} needs MODELMAX_CORE_TLS_CA_FILE: it is used only on a TLS channel")
             return None
-        tls = CoreTls(
-            root_certificates=_read_pem("MODELMAX_CORE_TLS_CA_FILE", ca, "CERTIFICATE"),
-            certificate_chain=_read_pem("MODELMAX_BRIDGE_TLS_CERT_FILE", cert, "CERTIFICATE") if cert else None,
-            private_key=_read_pem("MODELMAX_BRIDGE_TLS_KEY_FILE", key, "PRIVATE KEY") if key else None,
-            server_name=self.core_tls_server_name,
-        )
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            context.load_verify_locations(cadata=tls.root_certificates.decode("ascii", "replace"))
-        except ssl.SSLError as exc:
-            raise SettingsError(
-                f"MODELMAX_CORE_TLS_CA_FILE={ca!r} holds no valid PEM CA certificate: {exc.reason or exc}"
-            ) from None
-        if cert:
-            try:
-                context.load_cert_chain(cert, key, password=lambda: b"")  # never an interactive passphrase prompt
-            except ssl.SSLError as exc:
-                raise SettingsError(
-                    f"MODELMAX_BRIDGE_TLS_CERT_FILE={cert!r} and MODELMAX_BRIDGE_TLS_KEY_FILE={key!r} are not a "
-                    f"certificate and its unencrypted private key: {exc.reason or exc}"
-                ) from None
+            tls = CoreTls(
+                root_certificates=read_pem("MODELMAX_CORE_TLS_CA_FILE", ca, "CERTIFICATE"),
+                certificate_chain=read_pem("MODELMAX_BRIDGE_TLS_CERT_FILE", cert, "CERTIFICATE") if cert else None,
+                private_key=read_pem("MODELMAX_BRIDGE_TLS_KEY_FILE", key, "PRIVATE KEY") if key else None,
+                server_name=self.core_tls_server_name,
+            )
+            check_ca("MODELMAX_CORE_TLS_CA_FILE", ca, tls.root_certificates)
+            if cert:
+                check_key_pair("MODELMAX_BRIDGE_TLS_CERT_FILE", cert, "MODELMAX_BRIDGE_TLS_KEY_FILE", key)
+        except TlsFileError as exc:
+            raise SettingsError(str(exc)) from None
         return tls
 
 
@@ -146,16 +137,6 @@ class CoreTls:
     certificate_chain: bytes | None  # the bridge's client certificate (mTLS), or None
     private_key: bytes | None
     server_name: str  # the name to verify instead of the target's host; "" for the host
-
-
-def _read_pem(variable: str, path: str, kind: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
-    if f"{kind}-----".encode() not in data or b"-----BEGIN " not in data:
-        raise SettingsError(f"{variable}={path!r} holds no PEM {kind.lower()}")
-    return data
 
 
 def _number(env: Mapping[str, str], name: str, default: N, kind: type[N], *, allow_zero: bool = False) -> N:

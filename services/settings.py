@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from startup.tls import TlsFileError, check_ca, check_key_pair, read_pem
 
 N = TypeVar("N", int, float)
 
@@ -134,14 +135,17 @@ class Settings:
             )
         if not cert:
             return None
-        tls = ServerTls(
-            certificate_chain=_read_pem("MODELMAX_CORE_TLS_CERT_FILE", cert, "CERTIFICATE"),
-            private_key=_read_pem("MODELMAX_CORE_TLS_KEY_FILE", key, "PRIVATE KEY"),
-            client_ca=_read_pem("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, "CERTIFICATE") if client_ca else None,
-        )
-        _check_key_pair("MODELMAX_CORE_TLS_CERT_FILE", cert, "MODELMAX_CORE_TLS_KEY_FILE", key)
-        if tls.client_ca is not None:
-            _check_ca("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, tls.client_ca)
+        try:
+            tls = ServerTls(
+                certificate_chain=read_pem("MODELMAX_CORE_TLS_CERT_FILE", cert, "CERTIFICATE"),
+                private_key=read_pem("MODELMAX_CORE_TLS_KEY_FILE", key, "PRIVATE KEY"),
+                client_ca=read_pem("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, "CERTIFICATE") if client_ca else None,
+            )
+            check_key_pair("MODELMAX_CORE_TLS_CERT_FILE", cert, "MODELMAX_CORE_TLS_KEY_FILE", key)
+            if tls.client_ca is not None:
+                check_ca("MODELMAX_CORE_TLS_CLIENT_CA_FILE", client_ca, tls.client_ca)
+        except TlsFileError as exc:
+            raise SettingsError(str(exc)) from None
         return tls
 
 
@@ -152,39 +156,6 @@ class ServerTls:
     certificate_chain: bytes
     private_key: bytes
     client_ca: bytes | None  # set: a client without a certificate from this CA cannot complete the handshake
-
-
-def _read_pem(variable: str, path: str, kind: str) -> bytes:
-    """The PEM file a variable names; SettingsError naming the variable when it cannot be read or holds no `kind`
-    block ("CERTIFICATE", "PRIVATE KEY", which also matches "RSA PRIVATE KEY" and "EC PRIVATE KEY")."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SettingsError(f"{variable}={path!r} cannot be read: {exc.strerror}") from None
-    if f"{kind}-----".encode() not in data or b"-----BEGIN " not in data:
-        raise SettingsError(f"{variable}={path!r} holds no PEM {kind.lower()}")
-    return data
-
-
-def _check_key_pair(cert_variable: str, cert: str, key_variable: str, key: str) -> None:
-    """Refuse a certificate and key that do not belong together (or a key encrypted with a passphrase, which gRPC
-    cannot use) now, with the variables named, rather than as failed handshakes later."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert, key, password=lambda: b"")  # never an interactive passphrase prompt
-    except ssl.SSLError as exc:
-        raise SettingsError(
-            f"{cert_variable}={cert!r} and {key_variable}={key!r} are not a certificate and its unencrypted private "
-            f"key: {exc.reason or exc}"
-        ) from None
-
-
-def _check_ca(variable: str, path: str, data: bytes) -> None:
-    """Refuse a CA file whose certificates do not parse."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii", "replace"))
-    except ssl.SSLError as exc:
-        raise SettingsError(f"{variable}={path!r} holds no valid PEM CA certificate: {exc.reason or exc}") from None
 
 
 def static_keys(env: Mapping[str, str]) -> tuple[str, ...]:
