@@ -106,8 +106,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 async for event in events:
                     fold.add(event)
             response = fold.result(request.params.model)
-            limits = call.grant.usage.metadata() if call.grant is not None else ()
-            context.set_trailing_metadata(_trailers(call.measurement) + limits)  # the bridge reads them from here
+            context.set_trailing_metadata(_trailers(call.measurement))
         return response
 
     async def ListModels(  # noqa: N802

@@ -36,7 +36,7 @@ async def chat_completions(exchange: Exchange) -> Response:
     try:
         response = await call
         trailing = await call.trailing_metadata()
-        limits = rate_limit_headers(trailing)  # the core repeats a key's x-ratelimit-* values in the trailers
+        limits = rate_limit_headers(await call.initial_metadata())
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED and watcher.done() and not watcher.cancelled():
             seen.finish(499)
