@@ -18,10 +18,9 @@ from typing import Any
 import httpx
 import openai
 
-from services.policy import open_store
-from services.policy.keys import KeySpec
 from services.policy.limits import window_of
 from tests.conftest import running_bridge, running_core, write_catalog
+from tests.e2e.test_rate_limits import key_with_limits
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
 from tests.redis_server import RedisServer
 
@@ -36,12 +35,7 @@ class Fleet:
     database_url: str
 
     async def key(self, **limits: int) -> str:
-        store = await open_store(self.database_url)
-        try:
-            _, secret = await store.create_key(KeySpec(name="fleet", **limits))  # type: ignore[arg-type]
-        finally:
-            await store.close()
-        return secret
+        return await key_with_limits(self.database_url, **limits)
 
 
 @asynccontextmanager

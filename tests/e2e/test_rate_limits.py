@@ -46,12 +46,17 @@ class Gateway:
     database_url: str
 
     async def key(self, **limits: int) -> str:
-        store = await open_store(self.database_url)
-        try:
-            _, secret = await store.create_key(KeySpec(name="limited", **limits))  # type: ignore[arg-type]
-        finally:
-            await store.close()
-        return secret
+        return await key_with_limits(self.database_url, **limits)
+
+
+async def key_with_limits(database_url: str, **limits: int) -> str:
+    """A new inference key with these limits (rpm, tpm, max_concurrent) in the store at `database_url`."""
+    store = await open_store(database_url)
+    try:
+        _, secret = await store.create_key(KeySpec(name="limited", **limits))  # type: ignore[arg-type]
+    finally:
+        await store.close()
+    return secret
 
 
 @asynccontextmanager
