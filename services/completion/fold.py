@@ -1,7 +1,14 @@
-"""Folds one completion's event stream into the whole CreateCompletionResponse that the unary RPC returns."""
+"""Folds one completion's event stream into the whole CreateCompletionResponse that the unary RPC returns.
+
+Reasoning folds twice: its text joined (`Choice.reasoning`), and as blocks (`Choice.reasoning_blocks`), which is
+what a caller gives back in the next turn: consecutive text deltas form one block, a signature delta closes the
+open block with that signature (or makes a block of its own when none is open), and a redacted delta is a whole
+block. A stream without signatures or redacted blocks (most providers) still gets its text as one block.
+"""
 
 from __future__ import annotations
 
+from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.completion.relay import protocol_error
 
@@ -13,12 +20,13 @@ class Fold:
     go to a `_More` created only when the answer has any.
     """
 
-    __slots__ = ("response", "_text", "_reasoning", "_more")
+    __slots__ = ("response", "_text", "_reasoning", "_blocks", "_more")
 
     def __init__(self) -> None:
         self.response = svc.CreateCompletionResponse()
         self._text: list[str] = []  # choice 0's text pieces
         self._reasoning: list[str] = []
+        self._blocks: _Blocks | None = None  # choice 0's reasoning blocks, once a signature or redaction came
         self._more: _More | None = None
 
     def add(self, event: svc.StreamCompletionResponse) -> None:
@@ -49,8 +57,11 @@ class Fold:
                 elif part == "reasoning":
                     thought = item.reasoning
                     if thought.choice_index:
-                        more = self._extra()
-                        more.text(more.reasonings, thought.choice_index, thought.text)
+                        self._extra().reasoning(thought)
+                    elif thought.signature or thought.redacted:
+                        if self._blocks is None:
+                            self._blocks = _Blocks()
+                        self._blocks.add(thought, self._reasoning)
                     else:
                         self._reasoning.append(thought.text)
 
@@ -62,7 +73,11 @@ class Fold:
             raise protocol_error("the provider finished no choice", model)
         first = choices[0]
         first.content = "".join(self._text)
-        first.reasoning = "".join(self._reasoning)
+        if self._blocks is not None:
+            self._blocks.fill(first, self._reasoning)
+        elif self._reasoning:
+            first.reasoning = "".join(self._reasoning)
+            first.reasoning_blocks.add(text=first.reasoning)
         if self._more is not None:
             self._more.fill(response, model)
         return response
@@ -72,6 +87,40 @@ class Fold:
         if more is None:
             more = self._more = _More()
         return more
+
+
+class _Blocks:
+    """One choice's reasoning once it has a signature or a redacted block: the blocks closed so far, and their text.
+
+    The open block's text pieces stay in the caller's list (the plain path's), so the common case never lands here.
+    """
+
+    __slots__ = ("blocks", "texts")
+
+    def __init__(self) -> None:
+        self.blocks: list[pb.Reasoning] = []
+        self.texts: list[str] = []  # the text of every closed block, for Choice.reasoning
+
+    def add(self, delta: svc.ReasoningDelta, open_text: list[str]) -> None:
+        """A signature closes the open block (`open_text`, emptied here); a redacted delta is a block of its own."""
+        if delta.redacted:
+            self._close(open_text, "")
+            self.blocks.append(pb.Reasoning(redacted=delta.redacted))
+        else:
+            self._close(open_text, delta.signature, always=True)
+
+    def _close(self, open_text: list[str], signature: str, *, always: bool = False) -> None:
+        if open_text or always:
+            text = "".join(open_text)
+            open_text.clear()
+            self.texts.append(text)
+            self.blocks.append(pb.Reasoning(text=text, signature=signature))
+
+    def fill(self, choice: svc.Choice, open_text: list[str]) -> None:
+        """Write the blocks (an unsigned one last, for text after the last signature) and the joined text."""
+        self._close(open_text, "")
+        choice.reasoning = "".join(self.texts)
+        choice.reasoning_blocks.extend(self.blocks)
 
 
 class _Call:
@@ -88,11 +137,12 @@ class _Call:
 class _More:
     """What a fold holds beyond choice 0's text and reasoning: tool calls, and choices 1..n-1."""
 
-    __slots__ = ("contents", "reasonings", "calls")
+    __slots__ = ("contents", "reasonings", "blocks", "calls")
 
     def __init__(self) -> None:
         self.contents: dict[int, list[str]] = {}  # choice index -> text pieces
-        self.reasonings: dict[int, list[str]] = {}
+        self.reasonings: dict[int, list[str]] = {}  # choice index -> the open reasoning block's text pieces
+        self.blocks: dict[int, _Blocks] = {}  # choice index -> its closed reasoning blocks, once it has any
         self.calls: dict[tuple[int, int], _Call] = {}  # (choice index, call index) -> call
 
     @staticmethod
@@ -102,6 +152,14 @@ class _More:
             into[choice] = [text]
         else:
             pieces.append(text)
+
+    def reasoning(self, delta: svc.ReasoningDelta) -> None:
+        choice = delta.choice_index
+        if delta.signature or delta.redacted:
+            open_text = self.reasonings.setdefault(choice, [])
+            self.blocks.setdefault(choice, _Blocks()).add(delta, open_text)
+        else:
+            self.text(self.reasonings, choice, delta.text)
 
     def tool_call(self, delta: svc.ToolCallDelta) -> None:
         key = (delta.choice_index, delta.index)
@@ -123,7 +181,14 @@ class _More:
 
         for index, pieces in self.contents.items():
             choice(index).content = "".join(pieces)
-        for index, pieces in self.reasonings.items():
-            choice(index).reasoning = "".join(pieces)
+        for index in sorted(self.reasonings.keys() | self.blocks.keys()):
+            pieces = self.reasonings.get(index, [])
+            blocks = self.blocks.get(index)
+            if blocks is not None:
+                blocks.fill(choice(index), pieces)
+            elif pieces:
+                target = choice(index)
+                target.reasoning = "".join(pieces)
+                target.reasoning_blocks.add(text=target.reasoning)
         for (index, _), call in sorted(self.calls.items(), key=lambda item: item[0]):
             choice(index).tool_calls.add(id=call.id, name=call.name, arguments="".join(call.arguments))

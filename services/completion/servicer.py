@@ -1,4 +1,8 @@
-"""CompletionService, thin: observe the call, check the request, dispatch it to a deployment, relay the events."""
+"""CompletionService, thin: observe the call, check the request, dispatch it to a deployment, relay the events.
+
+CountTokens shares the door (the same authentication, key check and validation, in the same order) but not the rest:
+it generates nothing, so it is neither metered nor held against the key's rate limits or budget.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import grpc
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from services.completion.count import count_tokens
 from services.completion.fold import Fold
 from services.completion.relay import relay
 from services.completion.validation import MAX_USER, check_params, check_supported
@@ -25,7 +30,7 @@ from services.images import ImageFetcher, remote_images
 from services.metrics import CoreMetrics, Measurement, status_of
 from services.policy.gate import Admission, Outcome, Policy, Principal, Tokens, prompt_estimate
 from services.policy.limits import Grant
-from services.providers import ProviderRegistry
+from services.providers import ProviderRegistry, TokenCounter
 
 log = logging.getLogger(__name__)
 requests_log = logging.getLogger("services.requests")
@@ -126,6 +131,34 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 if principal.allows(entry.name)  # a key sees only the models it may use
             ]
         )
+
+    async def CountTokens(  # noqa: N802
+        self,
+        request: svc.CountTokensRequest,
+        context: grpc.aio.ServicerContext[svc.CountTokensRequest, svc.CountTokensResponse],
+    ) -> svc.CountTokensResponse:
+        params = request.params
+        try:
+            principal = await self._policy.authenticate(context.invocation_metadata())
+            check_params(params)
+            self._policy.check_model(principal, params.model)
+            route = self._dispatcher.route(params.model)
+            check_supported(params, route.supported, provider=route.kind)
+            # Not admitted, limited or metered: nothing is generated or billed, and a caller sizing its prompt
+            # before a completion must not spend the rate or budget that completion needs.
+            deployment = route.deployments[0]  # the one a completion tries first when none is cooling down
+            wanted = remote_images(params)
+            if wanted and isinstance(deployment.provider, TokenCounter):  # an upstream count needs the bytes
+                await self._images.resolve(wanted)
+            tokens, estimated = await count_tokens(deployment.provider, params)
+        except GatewayError as exc:
+            await context.abort_with_status(exc.to_status())  # type: ignore[attr-defined]  # a grpc-stubs gap
+            raise  # not reached: abort raises
+        except Exception as exc:  # noqa: BLE001 (a bug: report INTERNAL, log once with the traceback)
+            internal = _internal(exc, params.model, _request_id(context.invocation_metadata())).to_status()
+            await context.abort_with_status(internal)  # type: ignore[attr-defined]  # as above
+            raise  # not reached
+        return svc.CountTokensResponse(input_tokens=tokens, estimated=estimated, deployment=deployment.label)
 
     async def aclose(self) -> None:
         """Release what the servicer owns (the remote-image session); called once, when the core stops."""

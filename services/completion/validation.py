@@ -96,6 +96,23 @@ def check_params(params: pb.CompletionParams) -> None:
             "'high' and 'xhigh'.",
             field="reasoning_effort",
         )
+    if params.HasField("top_k") and params.top_k < 1:
+        raise invalid_request(_below_one("top_k", params.top_k), field="top_k")
+    if params.HasField("reasoning_budget_tokens"):
+        _check_reasoning_budget(params)
+
+
+def _check_reasoning_budget(params: pb.CompletionParams) -> None:
+    """A budget of at least one token, and never beside an effort: the two ask for the same setting two ways."""
+    if params.reasoning_budget_tokens < 1:
+        raise invalid_request(
+            _below_one("reasoning_budget_tokens", params.reasoning_budget_tokens), field="reasoning_budget_tokens"
+        )
+    if params.reasoning_effort != _NO_EFFORT:
+        raise invalid_request(
+            "Invalid parameter: set either 'reasoning_budget_tokens' or 'reasoning_effort', not both.",
+            field="reasoning_budget_tokens",
+        )
 
 
 def _check_messages(messages: Sequence[pb.Message]) -> None:
@@ -110,6 +127,13 @@ def _check_messages(messages: Sequence[pb.Message]) -> None:
             )
         if message.parts:
             _check_parts(message, index)
+        if message.is_error and role != _TOOL:
+            raise invalid_request(
+                "Invalid parameter: only messages with role 'tool' can have 'is_error'.",
+                field=f"messages[{index}].is_error",
+            )
+        if message.reasoning:
+            _check_reasoning(message, index)
         if message.tool_calls:
             if role != _ASSISTANT:
                 raise invalid_request(
@@ -121,6 +145,21 @@ def _check_messages(messages: Sequence[pb.Message]) -> None:
             _check_tool_message(message, index, answerable)
         else:
             answerable = None  # tool messages answer only the assistant message right before them
+
+
+def _check_reasoning(message: pb.Message, index: int) -> None:
+    """Reasoning given back only on assistant turns; each block is text (with its signature) or redacted bytes."""
+    if message.role != _ASSISTANT:
+        raise invalid_request(
+            "Invalid parameter: only messages with role 'assistant' can have 'reasoning'.",
+            field=f"messages[{index}].reasoning",
+        )
+    for block_index, block in enumerate(message.reasoning):
+        if bool(block.redacted) == bool(block.text or block.signature):
+            raise invalid_request(
+                "Invalid reasoning block: give either its text (and signature) or its redacted bytes.",
+                field=f"messages[{index}].reasoning[{block_index}]",
+            )
 
 
 def _check_parts(message: pb.Message, index: int) -> None:
@@ -285,6 +324,10 @@ def _too_long(param: str, length: int, limit: int) -> str:
     )
 
 
+def _below_one(param: str, value: int) -> str:
+    return f"Invalid '{param}': integer below minimum value. Expected a value >= 1, but got {value} instead."
+
+
 def _check_range(param: str, value: int, low: int, high: int) -> None:
     if value < low:
         raise invalid_request(
@@ -333,6 +376,10 @@ def requested_features(params: pb.CompletionParams) -> dict[str, str]:
         used["logprobs"] = "logprobs" if params.logprobs else "top_logprobs"
     if params.reasoning_effort != _NO_EFFORT:
         used["reasoning_effort"] = "reasoning_effort"
+    if params.HasField("top_k"):
+        used["top_k"] = "top_k"
+    if params.HasField("reasoning_budget_tokens"):
+        used["reasoning_budget_tokens"] = "reasoning_budget_tokens"
     return used
 
 
@@ -364,5 +411,7 @@ _FEATURE_WORDS = {
     "logprobs": "log probabilities",
     "reasoning_effort": "a reasoning effort",
     "images": "image input",
+    "top_k": "top-k sampling",
+    "reasoning_budget_tokens": "a reasoning budget in tokens",
 }
 assert set(_FEATURE_WORDS) == set(FEATURES), "every feature a provider can declare has its words here"

@@ -6,7 +6,7 @@ import importlib
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
@@ -29,6 +29,8 @@ FEATURES = (
     "logprobs",  # logprobs=true or top_logprobs
     "reasoning_effort",
     "images",  # image content parts
+    "top_k",
+    "reasoning_budget_tokens",  # an explicit thinking budget (Anthropic's thinking.budget_tokens)
 )
 
 # Provider kind (the catalog's `provider:`) -> the module that implements it. Imported only when a catalog
@@ -52,6 +54,9 @@ class Provider(Protocol):
 
     The finish carries one ChoiceFinish per choice the request asked for, in index order; `stop_sequence` is set
     only when the provider knows which of the request's stop sequences ended that choice.
+
+    A provider that can count a prompt's tokens itself also implements TokenCounter (`count_tokens`); the core's
+    CountTokens answers the others with its own estimate, marked as one.
     """
 
     supported: frozenset[str]
@@ -63,6 +68,16 @@ class Provider(Protocol):
     ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         """The completion as events. `incremental=False` says the caller only wants the whole answer (the core's
         CreateCompletion), so a provider may make one non-streaming upstream call and yield its result as events."""
+        ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """The optional part of a Provider: counting a prompt's tokens the way the upstream counts them."""
+
+    async def count_tokens(self, params: pb.CompletionParams) -> int:
+        """The input tokens a completion of `params` would use: the same conversation, system prompt and tools the
+        provider would send. Raises GatewayError like `stream` (never falls back to an estimate)."""
         ...
 
 
@@ -130,3 +145,7 @@ class UnavailableProvider:
     ) -> AsyncGenerator[svc.StreamCompletionResponse, None]:
         raise GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_AUTH, self._message)
         yield  # an async generator, like every provider
+
+    async def count_tokens(self, params: pb.CompletionParams) -> int:
+        """The credentials error too: an estimate would hide that this entry cannot serve."""
+        raise GatewayError(pb.ErrorReason.ERROR_REASON_UPSTREAM_AUTH, self._message)

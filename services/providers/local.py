@@ -6,6 +6,8 @@ requests queue for it in order, and the event loop never waits on generation. To
 request stops generating at once and the next one starts. The provider matches the stop sequences itself, so a
 finish names the one that ended the answer.
 
+CountTokens is exact: the prompt as the chat template renders it for a completion, through the model's tokenizer.
+
 The queue is bounded: a request finding `max_queue` jobs already waiting for the engine, or waiting longer than
 `max_queue_wait_seconds` for the worker, is refused as OVERLOADED with a Retry-After, and nothing is generated for it.
 A conversation that cannot fit the context (more messages than tokens, or more characters than the longest token
@@ -44,6 +46,7 @@ _ROLE_NAMES: dict[pb.Role.ValueType, Literal["system", "user", "assistant"]] = {
     pb.Role.ROLE_ASSISTANT: "assistant",
 }
 _RETRY_AFTER = 1.0  # seconds, in an OVERLOADED refusal: a job ahead is likely done by then
+_TOP_K = 40  # llama.cpp's default, when the request sets none
 _SEEDS = 0xFFFFFFFF  # llama.cpp seeds are uint32, and 0xFFFFFFFF (LLAMA_DEFAULT_SEED) itself means "random"
 
 
@@ -59,8 +62,10 @@ def resolve_model_path(model: str) -> Path:
 
 
 def _chat_message(message: pb.Message) -> ChatCompletionRequestMessage:
-    """One message as llama-cpp-python's chat formatter takes it: its role's name and its text."""
-    role = _ROLE_NAMES[message.role]  # no tool messages: `supported` has no "tools", so the core refuses them
+    """One message as llama-cpp-python's chat formatter takes it: its role's name and its text. An assistant
+    message's `reasoning` is not sent: the chat template has no place for another model's thinking."""
+    # No tool messages (and so no `is_error`): `supported` has no "tools", so the core refuses them.
+    role = _ROLE_NAMES[message.role]
     if role == "system":
         return {"role": "system", "content": message.content}
     if role == "user":
@@ -75,6 +80,7 @@ class _Job:
     messages: list[ChatCompletionRequestMessage]
     temperature: float
     top_p: float
+    top_k: int
     max_tokens: int | None
     stops: tuple[str, ...]
     seed: int | None  # None: the engine's own (the catalog's `seed` option, random by default)
@@ -190,10 +196,18 @@ class _Engine:
         except Exception as exc:  # a llama.cpp failure is a bug to report, not to hang on
             job.emit(("error", exc))
 
+    def prompt_tokens(self, messages: list[ChatCompletionRequestMessage]) -> list[int]:
+        """The prompt of a completion of `messages`: the chat template's rendering, tokenized.
+
+        Safe beside the worker's generation (CountTokens calls it from another thread): the template only renders
+        text, and llama.cpp's tokenizer reads the model's vocabulary, never the context the worker evaluates in.
+        """
+        formatted = self._formatter(messages=messages)
+        return self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+
     def _generate(self, job: _Job) -> None:
         llm = self._llm
-        formatted = self._formatter(messages=job.messages)
-        prompt = llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        prompt = self.prompt_tokens(job.messages)
         room = self._context_length - len(prompt)
         if room < 1:
             raise GatewayError(
@@ -219,6 +233,7 @@ class _Engine:
             prompt,
             temp=job.temperature,
             top_p=job.top_p,
+            top_k=job.top_k,
             presence_penalty=job.presence_penalty,
             frequency_penalty=job.frequency_penalty,
             grammar=self._json if job.json else None,
@@ -279,9 +294,10 @@ class LocalProvider:
     """Serves one catalog entry from a shared engine."""
 
     # What llama.cpp's sampler honours: Llama.generate takes the penalties, its dist sampler the seed, and a grammar
-    # holds the output to JSON (response_format json_object only; see _refuse_json_schema). Tools, images, several
-    # choices, log probabilities and reasoning effort have no honest mapping onto a small chat model here.
-    supported = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format"})
+    # holds the output to JSON (response_format json_object only; see _refuse_json_schema), and its top-k sampler
+    # top_k. Tools, images, several choices, log probabilities and reasoning (an effort or a budget) have no honest
+    # mapping onto a small chat model here.
+    supported = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format", "top_k"})
 
     def __init__(
         self, engine: _Engine, default_max_tokens: int | None, *, max_queue: int = 16, max_queue_wait: float = 30.0
@@ -307,6 +323,7 @@ class LocalProvider:
             messages=[_chat_message(m) for m in params.messages],
             temperature=params.temperature if params.HasField("temperature") else 0.8,
             top_p=params.top_p if params.HasField("top_p") else 0.95,
+            top_k=params.top_k if params.HasField("top_k") else _TOP_K,
             max_tokens=params.max_tokens if params.HasField("max_tokens") else self._default_max_tokens,
             stops=tuple(params.stop_sequences),
             seed=params.seed if params.HasField("seed") else None,
@@ -354,6 +371,12 @@ class LocalProvider:
         finally:
             job.cancelled.set()  # stops the worker before its next token if we were cancelled or failed
             self._engine.withdraw(job)  # a caller gone while waiting frees its place in the queue at once
+
+    async def count_tokens(self, params: pb.CompletionParams) -> int:
+        """The prompt's tokens exactly as a completion would evaluate them, counted on a thread of its own (see
+        _Engine.prompt_tokens), so a count never waits behind the queue of generations."""
+        messages = [_chat_message(m) for m in params.messages]
+        return len(await asyncio.to_thread(self._engine.prompt_tokens, messages))
 
 
 def _refuse_json_schema(model: str) -> None:

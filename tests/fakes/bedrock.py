@@ -116,10 +116,12 @@ class BedrockUpstream:
     """The script (set its fields in a test, before the request) and what the fake observed.
 
     A stream is: messageStart; when `reasoning` is set, a reasoning content block (one reasoningContent delta per
-    piece, then a `reasoning_signature` delta when set) and its contentBlockStop; a text block (one text delta per
-    item of `text`) and its contentBlockStop, left out when `text` is empty and there are `tool_uses`; per tool use,
-    a block of its own: contentBlockStart (id and name), one toolUse delta per input piece, contentBlockStop;
-    messageStop with `stop_reason`; metadata with `usage`. Converse answers the same script as one message.
+    piece, then a `reasoning_signature` delta when set) and its contentBlockStop; when `reasoning_redacted` is set, a
+    block of one redactedContent delta (base64 on the wire, as for any blob) and its contentBlockStop; a text block
+    (one text delta per item of `text`) and its contentBlockStop, left out when `text` is empty and there are
+    `tool_uses`; per tool use, a block of its own: contentBlockStart (id and name), one toolUse delta per input
+    piece, contentBlockStop; messageStop with `stop_reason`; metadata with `usage`. Converse answers the same script
+    as one message.
     `events`, when set, replaces the generated event list entirely.
     """
 
@@ -127,6 +129,7 @@ class BedrockUpstream:
     text: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
     reasoning: list[str] = field(default_factory=list)
     reasoning_signature: str | None = None  # a final reasoningContent delta carrying only a signature
+    reasoning_redacted: bytes | None = None  # a redacted reasoning block, after the reasoning text's block
     tool_uses: list[ToolUse] = field(default_factory=list)  # tool calls, after the text (stop_reason: set it too)
     stop_reason: str = "end_turn"
     usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))  # None: no usage / metadata
@@ -192,6 +195,8 @@ class BedrockUpstream:
             if self.reasoning_signature is not None:
                 reasoning_text["signature"] = self.reasoning_signature
             content.append({"reasoningContent": {"reasoningText": reasoning_text}})
+        if self.reasoning_redacted is not None:
+            content.append({"reasoningContent": {"redactedContent": _blob(self.reasoning_redacted)}})
         if self.text:
             content.append({"text": "".join(self.text)})
         for tool in self.tool_uses:
@@ -227,6 +232,11 @@ class BedrockUpstream:
                 events.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": delta}))
             events.append(("contentBlockStop", {"contentBlockIndex": 0}))
             index = 1
+        if self.reasoning_redacted is not None:
+            delta = {"reasoningContent": {"redactedContent": _blob(self.reasoning_redacted)}}
+            events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": delta}))
+            events.append(("contentBlockStop", {"contentBlockIndex": index}))
+            index += 1
         if self.text or not self.tool_uses:
             for piece in self.text:
                 events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
@@ -286,6 +296,11 @@ class BedrockUpstream:
             # Starlette cancels this generator when uvicorn reports http.disconnect mid-stream.
             if not ended:
                 self.disconnected.set()
+
+
+def _blob(data: bytes) -> str:
+    """A blob as AWS JSON carries it (botocore decodes it back to bytes)."""
+    return base64.b64encode(data).decode("ascii")
 
 
 def _position_after(events: list[tuple[str, dict[str, Any]]], deltas: int) -> int:

@@ -1,7 +1,8 @@
-"""A scriptable fake of the Gemini API's generateContent and streamGenerateContent, on real uvicorn.
+"""A scriptable fake of the Gemini API's generateContent, streamGenerateContent and countTokens, on real uvicorn.
 
 Speaks the wire format google-genai expects (camelCase JSON; `?alt=sse` streams of `data: {json}` events with no
-terminator; errors as `{"error": {"code", "message", "status", "details"}}`), and records every request.
+terminator; errors as `{"error": {"code", "message", "status", "details"}}`), and records every request. countTokens
+answers `{"totalTokens": N}` with N from `count_tokens` (below), so a test can predict it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,24 @@ class Candidate:
         return groups + [[part] for part in self.function_calls]
 
 
+def count_tokens(body: dict[str, Any]) -> int:
+    """The fake's token count of a countTokens body: one token per whitespace-separated word of every string in it
+    (a generateContentRequest's contents, systemInstruction and tools, or bare `contents`), the model name aside."""
+    request = body.get("generateContentRequest", body)
+    counted = {key: value for key, value in request.items() if key != "model"}
+    return _words(counted)
+
+
+def _words(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, dict):
+        return sum(_words(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    return 0
+
+
 def _finish(candidate: dict[str, Any], reason: str | None) -> None:
     if reason is not None:
         candidate["finishReason"] = reason
@@ -73,7 +92,7 @@ class ReceivedRequest:
 
     version: str  # "v1beta"
     model: str  # "gemini-3-flash-preview"
-    action: str  # "generateContent" or "streamGenerateContent"
+    action: str  # "generateContent", "streamGenerateContent" or "countTokens"
     query: str  # "alt=sse" for streams
     body: dict[str, Any]
     headers: dict[str, str]  # lower-case names
@@ -140,6 +159,8 @@ class GeminiUpstream:
             return JSONResponse(error, status_code=self.error_status)
         if action == "streamGenerateContent":
             return StreamingResponse(self._stream(model), media_type="text/event-stream")
+        if action == "countTokens":
+            return JSONResponse({"totalTokens": count_tokens(body)})
         if action != "generateContent":
             return JSONResponse(google_error(404, f"unknown action {action!r}"), status_code=404)
         await asyncio.sleep(self.chunk_delay)

@@ -69,7 +69,8 @@ def make_params(*messages: pb.Message, **fields: Any) -> pb.CompletionParams:
 async def run(
     provider: Provider, params: pb.CompletionParams | None = None, *, incremental: bool = True
 ) -> tuple[list[str], list[str], svc.CompletionFinish]:
-    """Texts of the deltas, texts of the reasoning deltas, and the finish, which must come last and once."""
+    """Texts of the deltas, texts of the reasoning deltas, and the finish, which must come last and once. Reasoning
+    deltas without text carry a signature or redacted bytes (see test_reasoning_blocks_...)."""
     texts: list[str] = []
     reasoning: list[str] = []
     finish: svc.CompletionFinish | None = None
@@ -81,8 +82,10 @@ async def run(
                 assert event.delta.text
                 texts.append(event.delta.text)
             elif kind == "reasoning":
-                assert event.reasoning.text
-                reasoning.append(event.reasoning.text)
+                thought = event.reasoning
+                assert [bool(thought.text), bool(thought.signature), bool(thought.redacted)].count(True) == 1
+                if thought.text:
+                    reasoning.append(thought.text)
             else:
                 assert kind == "finish"
                 finish = event.finish
@@ -349,9 +352,22 @@ async def test_stop_reasons_map_to_finish_reasons(
 async def test_a_stop_sequence_stop_does_not_name_the_sequence(
     upstream: BedrockUpstream, provider: Provider, incremental: bool
 ) -> None:
-    # Converse says only that a stop sequence matched, never which one: the finish leaves it empty, never guessed.
+    # Converse says only that a stop sequence matched, never which one: with several, the finish leaves it empty.
     upstream.stop_reason = "stop_sequence"
     _, _, finish = await run(provider, make_params(stop_sequences=["world", "END"]), incremental=incremental)
+    assert list(finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)]
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_a_stop_sequence_stop_names_the_requests_only_stop_sequence(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    # With one stop sequence, Converse's `stop_sequence` can only mean that one: it is known, not guessed.
+    upstream.stop_reason = "stop_sequence"
+    _, _, finish = await run(provider, make_params(stop_sequences=["END"]), incremental=incremental)
+    assert list(finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP, stop_sequence="END")]
+    upstream.stop_reason = "end_turn"  # a natural end names none, one stop sequence or not
+    _, _, finish = await run(provider, make_params(stop_sequences=["END"]), incremental=incremental)
     assert list(finish.choices) == [svc.ChoiceFinish(index=0, finish_reason=F.FINISH_REASON_STOP)]
 
 
@@ -408,10 +424,75 @@ async def test_bad_usage_is_a_protocol_error(upstream: BedrockUpstream, provider
 
 async def test_reasoning_streams_apart_from_the_answer(upstream: BedrockUpstream, provider: Provider) -> None:
     upstream.reasoning = ["The user ", "greets me."]
-    upstream.reasoning_signature = "c2lnbmF0dXJl"  # a signature-only delta shows nothing
+    upstream.reasoning_signature = "c2lnbmF0dXJl"  # a signature-only delta: no text (see the test below)
     texts, reasoning, _ = await run(provider)
     assert reasoning == ["The user ", "greets me."]
     assert texts == ["Hello", ", ", "world", "!"]
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_reasoning_blocks_come_back_with_their_signature_and_redactions(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    upstream.reasoning = ["The user ", "greets me."]
+    upstream.reasoning_signature = "c2lnbmF0dXJl"
+    upstream.reasoning_redacted = b"\x00opaque\xff"
+    events = await events_of(provider, make_params(), incremental=incremental)
+    thoughts = [event.reasoning for event in events if event.HasField("reasoning")]
+    texts = [svc.ReasoningDelta(text=t) for t in (upstream.reasoning if incremental else ["The user greets me."])]
+    assert thoughts == [
+        *texts,
+        svc.ReasoningDelta(signature="c2lnbmF0dXJl"),  # after its block's text, ending the block
+        svc.ReasoningDelta(redacted=b"\x00opaque\xff"),  # botocore decoded the blob's base64
+    ]
+    assert [e.delta.text for e in events if e.HasField("delta")] == (
+        ["Hello", ", ", "world", "!"] if incremental else ["Hello, world!"]
+    )
+
+
+@pytest.mark.parametrize("incremental", [True, False], ids=["stream", "whole"])
+async def test_reasoning_and_a_failed_tool_in_the_history_become_converse_blocks(
+    upstream: BedrockUpstream, provider: Provider, incremental: bool
+) -> None:
+    thinking = [pb.Reasoning(text="Paris, so the tool.", signature="c2ln"), pb.Reasoning(redacted=b"\x01\x02")]
+    assistant = pb.Message(
+        role=pb.Role.ROLE_ASSISTANT,
+        content="Let me check.",
+        reasoning=thinking,
+        tool_calls=[pb.ToolCall(id="tooluse_1", name="get_weather", arguments='{"city":"Paris"}')],
+    )
+    failed = pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="tooluse_1", content="city not found", is_error=True)
+    params = make_params(user("Weather in Paris?"), assistant, failed, tools=[WEATHER])
+    await events_of(provider, params, incremental=incremental)
+    assert upstream.requests[0].body["messages"] == [
+        {"role": "user", "content": [{"text": "Weather in Paris?"}]},
+        {
+            "role": "assistant",
+            "content": [  # the reasoning first, in order, then the text, then the call
+                {"reasoningContent": {"reasoningText": {"text": "Paris, so the tool.", "signature": "c2ln"}}},
+                {"reasoningContent": {"redactedContent": base64.b64encode(b"\x01\x02").decode()}},
+                {"text": "Let me check."},
+                {"toolUse": {"toolUseId": "tooluse_1", "name": "get_weather", "input": {"city": "Paris"}}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "city not found"}], "status": "error"}}
+            ],
+        },
+    ]
+
+
+async def test_a_reasoning_block_without_a_signature_is_sent_without_one(
+    upstream: BedrockUpstream, provider: Provider
+) -> None:
+    assistant = pb.Message(role=pb.Role.ROLE_ASSISTANT, content="Hi.", reasoning=[pb.Reasoning(text="Greet back.")])
+    await run(provider, make_params(user("Hi"), assistant, user("Again")))
+    assert upstream.requests[0].body["messages"][1] == {
+        "role": "assistant",
+        "content": [{"reasoningContent": {"reasoningText": {"text": "Greet back."}}}, {"text": "Hi."}],
+    }
 
 
 async def test_frames_split_across_reads_and_unknown_events_are_fine(
@@ -1201,6 +1282,8 @@ async def test_a_strict_schema_that_is_not_a_valid_json_schema_is_a_400_naming_i
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"reasoning_effort": pb.REASONING_EFFORT_HIGH}, "reasoning_effort"),
+        ({"top_k": 40}, "top_k"),
+        ({"reasoning_budget_tokens": 2048}, "reasoning_budget_tokens"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )

@@ -1218,3 +1218,128 @@ async def test_an_unset_key_variable_is_a_missing_secret() -> None:
     with pytest.raises(MissingSecret, match="GEMINI_API_KEY"):
         await backend.provider_for(make_entry({"api_key_env": "GEMINI_API_KEY"}))
     await backend.aclose()
+
+
+# --- top_k, a reasoning budget, a failed tool ------------------------------------------------------------------
+
+
+@MODES
+async def test_top_k_and_a_reasoning_budget_go_into_the_config(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    await run(provider, make_params(top_k=5, reasoning_budget_tokens=2048), incremental=incremental)
+    [request] = upstream.requests
+    # The budget is thinking the caller asked to see: its thoughts are included (the SDK's Python field names).
+    assert request.body["generationConfig"] == {
+        "topK": 5,
+        "thinkingConfig": {"thinking_budget": 2048, "include_thoughts": True},
+    }
+
+
+@MODES
+async def test_a_failed_tools_result_is_the_function_responses_error(
+    upstream: GeminiUpstream, provider: Provider, incremental: bool
+) -> None:
+    # The reasoning given back is not sent: Gemini's thought signatures travel in the call ids instead.
+    thinking = pb.Message(
+        role=pb.Role.ROLE_ASSISTANT,
+        tool_calls=[pb.ToolCall(id="fc-9", name="get_weather", arguments='{"city":"Atlantis"}')],
+        reasoning=[pb.Reasoning(text="A tool call.", signature="c2ln")],
+    )
+    failed = pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="fc-9", content='{"code": 404}', is_error=True)
+    params = conversation(user("Weather in Atlantis?"), thinking, failed, tools=[WEATHER])
+    await run(provider, params, incremental=incremental)
+    [request] = upstream.requests
+    assert request.body["contents"][1:] == [
+        {
+            "role": "model",
+            "parts": [
+                {
+                    "functionCall": {"id": "fc-9", "name": "get_weather", "args": {"city": "Atlantis"}},
+                    "thoughtSignature": PLACEHOLDER_WIRE,
+                }
+            ],
+        },
+        # the error text as it is (even when it is JSON), under "error" instead of being the response
+        {"role": "user", "parts": [{"functionResponse": {"id": "fc-9", "name": "get_weather",
+                                                         "response": {"error": '{"code": 404}'}}}]},
+    ]  # fmt: skip
+
+
+# --- CountTokens -------------------------------------------------------------------------------------------------
+
+
+async def test_count_tokens_asks_count_tokens_with_the_system_instruction_and_tools(
+    upstream: GeminiUpstream, provider: GeminiProvider
+) -> None:
+    params = conversation(
+        pb.Message(role=pb.Role.ROLE_SYSTEM, content="Be brief."),
+        user("Weather in Paris?"),
+        pb.Message(
+            role=pb.Role.ROLE_USER, parts=[pb.ContentPart(image=pb.Image(data=SIGNATURE, media_type="image/png"))]
+        ),
+        tools=[WEATHER],
+        max_tokens=10,  # a generation parameter: not part of the count
+    )
+    tokens = await provider.count_tokens(params)
+    [request] = upstream.requests
+    assert (request.version, request.model, request.action) == ("v1beta", MODEL, "countTokens")
+    assert request.headers["x-goog-api-key"] == KEY
+    # The Gemini API takes the system instruction and tools only inside a generateContentRequest (google-genai's
+    # count_tokens refuses them there), in the wire's camelCase, bytes as the SDK encodes them.
+    assert request.body == {
+        "generateContentRequest": {
+            "model": f"models/{MODEL}",
+            "contents": [
+                {"role": "user", "parts": [{"text": "Weather in Paris?"},
+                                           {"inlineData": {"mimeType": "image/png", "data": SIGNATURE_WIRE}}]},
+            ],
+            "systemInstruction": {"parts": [{"text": "Be brief."}]},
+            "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Current weather in a city.",
+                                                 "parametersJsonSchema": SCHEMA}]}],
+        }
+    }  # fmt: skip
+    # The fake's count: a word a token over every string of the request (see tests/fakes/gemini.py).
+    words = ["user", "Weather", "in", "Paris?", "image/png", SIGNATURE_WIRE, "Be", "brief."]
+    words += ["get_weather", "Current", "weather", "in", "a", "city."]
+    assert tokens == len(words) + _schema_words(SCHEMA)
+
+
+def _schema_words(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, dict):
+        return sum(_schema_words(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_schema_words(item) for item in value)
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (429, R.ERROR_REASON_RATE_LIMITED),
+        (400, R.ERROR_REASON_INVALID_REQUEST),
+        (503, R.ERROR_REASON_UPSTREAM_UNAVAILABLE),
+        (403, R.ERROR_REASON_UPSTREAM_AUTH),
+    ],
+)
+async def test_count_tokens_failures_map_like_a_completions(
+    upstream: GeminiUpstream, provider: GeminiProvider, code: int, reason: pb.ErrorReason.ValueType
+) -> None:
+    upstream.error_status = code
+    with pytest.raises(GatewayError) as raised:
+        await provider.count_tokens(make_params())
+    assert (raised.value.reason, raised.value.provider) == (reason, "gemini")
+    assert len(upstream.requests) == 1  # one try: the SDK's retries are off
+
+
+async def test_count_tokens_on_an_unreachable_upstream_is_unavailable(backend: GeminiBackend) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    options = {"api_key_env": "GEMINI_API_KEY", "base_url": f"http://127.0.0.1:{port}"}
+    provider = await backend.provider_for(make_entry(options))
+    with pytest.raises(GatewayError) as raised:
+        await provider.count_tokens(make_params())
+    assert raised.value.reason == R.ERROR_REASON_UPSTREAM_UNAVAILABLE

@@ -89,7 +89,7 @@ async def _answer(provider: LocalProvider, params: pb.CompletionParams) -> tuple
 
 
 def test_the_local_provider_supports_what_llama_cpp_honours() -> None:
-    assert LocalProvider.supported == {"seed", "presence_penalty", "frequency_penalty", "response_format"}
+    assert LocalProvider.supported == {"seed", "presence_penalty", "frequency_penalty", "response_format", "top_k"}
     assert LocalProvider.supported <= set(FEATURES)
 
 
@@ -165,9 +165,10 @@ CALL = pb.ToolCall(id="call_1", name="now", arguments="{}")
         ({"reasoning_effort": pb.ReasoningEffort.REASONING_EFFORT_LOW}, "reasoning_effort"),
         ({"messages": [pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(image=PNG)])]},
          "messages[0].parts[0]"),
+        ({"reasoning_budget_tokens": 1024}, "reasoning_budget_tokens"),
     ],
     ids=["tools", "tool history", "parallel_tool_calls", "json_schema", "n", "logprobs", "reasoning_effort",
-         "images"],
+         "images", "reasoning_budget_tokens"],
 )  # fmt: skip
 async def test_what_llama_cpp_cannot_honour_is_a_400_naming_the_field(
     local_core: CoreServer, fields: dict[str, object], field: str
@@ -202,6 +203,39 @@ async def test_a_seed_makes_sampling_repeatable(local_core: CoreServer) -> None:
         others = {await story(seed=8), await story(seed=9), await story()}
     assert seeded[0] == seeded[1]  # at temperature 1: only the seed can make two answers equal
     assert len(others | {seeded[0]}) >= 3, "other seeds (and none) sample other answers"
+
+
+async def test_top_k_one_samples_only_the_most_likely_token(local_core: CoreServer) -> None:
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+
+        async def story(**fields: object) -> str:
+            request = svc.CreateCompletionRequest(params=ask("Tell me a story.", max_tokens=20, **fields).params)
+            return (await stub.CreateCompletion(request, timeout=60)).choices[0].content
+
+        greedy = await story(temperature=0.0)
+        # At temperature 1 the seeds sample different stories (test_a_seed_makes_sampling_repeatable); with k = 1
+        # only the most likely token is left to sample, so every seed writes the greedy story.
+        sampled = {await story(temperature=1.0, top_k=1, seed=seed) for seed in (7, 8, 9)}
+    assert sampled == {greedy}
+
+
+async def test_count_tokens_is_the_prompt_a_completion_evaluates(local_core: CoreServer) -> None:
+    messages = [
+        pb.Message(role=pb.Role.ROLE_SYSTEM, content="You are terse."),
+        pb.Message(role=pb.Role.ROLE_USER, content="Name a colour."),
+        pb.Message(role=pb.Role.ROLE_ASSISTANT, content="Blue."),
+        pb.Message(role=pb.Role.ROLE_USER, content="Another one, please."),
+    ]
+    params = pb.CompletionParams(model=MODEL, messages=messages, temperature=0.0, max_tokens=2)
+    async with core_channel(f"127.0.0.1:{local_core.port}") as channel:
+        stub = svc_grpc.CompletionServiceStub(channel)
+        counted = await stub.CountTokens(svc.CountTokensRequest(params=params), timeout=60)
+        answered = await stub.CreateCompletion(svc.CreateCompletionRequest(params=params), timeout=60)
+    assert counted == svc.CountTokensResponse(
+        input_tokens=answered.usage.prompt_tokens, estimated=False, deployment=f"0:local:{GGUF}"
+    )
+    assert counted.input_tokens > 20  # the chat template's markers and the system prompt count too
 
 
 @pytest.mark.parametrize(

@@ -646,9 +646,36 @@ async def test_logprobs_are_refused_before_any_upstream_call(
     assert upstream.requests == []
 
 
-def test_every_feature_but_log_probabilities_is_supported() -> None:
-    # The core refuses log probabilities before dispatch (the test above): no proto field carries them back.
-    assert OpenAICompatibleProvider.supported == set(FEATURES) - {"logprobs"}
+def test_every_feature_but_log_probabilities_top_k_and_a_reasoning_budget_is_supported() -> None:
+    # The core refuses these before dispatch: no proto field carries log probabilities back, and chat completions
+    # has no top_k and no thinking budget.
+    assert OpenAICompatibleProvider.supported == set(FEATURES) - {"logprobs", "top_k", "reasoning_budget_tokens"}
+
+
+async def test_a_failed_tool_is_its_content_and_reasoning_given_back_is_not_sent(
+    upstream: OpenAIUpstream, provider: Provider
+) -> None:
+    call = pb.ToolCall(id="call_1", name="now", arguments="{}")
+    params = pb.CompletionParams(
+        model="gpt-test",
+        messages=[
+            pb.Message(role=pb.Role.ROLE_USER, content="Time?"),
+            pb.Message(
+                role=pb.Role.ROLE_ASSISTANT, tool_calls=[call], reasoning=[pb.Reasoning(text="Ask.", signature="s")]
+            ),
+            pb.Message(role=pb.Role.ROLE_TOOL, tool_call_id="call_1", content="clock broken", is_error=True),
+        ],
+    )
+    await run(provider, params)
+    assert upstream.requests[0].body["messages"] == [
+        {"role": "user", "content": "Time?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "now", "arguments": "{}"}}],
+        },
+        {"role": "tool", "content": "clock broken", "tool_call_id": "call_1"},  # no error flag in OpenAI's shape
+    ]
 
 
 # --- vLLM's stop_reason: the stop sequence that ended a choice ------------------------------------------------------

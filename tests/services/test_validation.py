@@ -77,6 +77,18 @@ VALID = {
     "every reasoning effort": base(reasoning_effort=pb.ReasoningEffort.REASONING_EFFORT_XHIGH),
     "seed and user": base(seed=-(2**63), user="end-user-42"),
     "model, user and stop at their length bounds": base(model="m" * 256, user="u" * 256, stop_sequences=["s" * 512]),
+    "top_k and a reasoning budget at their bounds": base(top_k=1, reasoning_budget_tokens=1),
+    "a failed tool and reasoning given back": base(
+        messages=[
+            user("Weather in Paris?"),
+            pb.Message(
+                role=R.ROLE_ASSISTANT,
+                tool_calls=[CALL],
+                reasoning=[pb.Reasoning(text="I need the weather.", signature="c2ln"), pb.Reasoning(redacted=b"\x00")],
+            ),
+            pb.Message(role=R.ROLE_TOOL, tool_call_id="call_1", content="city not found", is_error=True),
+        ]
+    ),
 }
 
 
@@ -226,6 +238,31 @@ INVALID: dict[str, tuple[pb.CompletionParams, str, str]] = {
     "stop sequence too long": (
         base(stop_sequences=["ok", "s" * 513]), "stop_sequences", "maximum length 512, but got a string with length 513"
     ),
+    "top_k zero": (base(top_k=0), "top_k", "Expected a value >= 1, but got 0"),
+    "reasoning budget negative": (
+        base(reasoning_budget_tokens=-5), "reasoning_budget_tokens", "Expected a value >= 1, but got -5"
+    ),
+    "reasoning budget beside an effort": (
+        base(reasoning_budget_tokens=1024, reasoning_effort=pb.ReasoningEffort.REASONING_EFFORT_LOW),
+        "reasoning_budget_tokens", "not both",
+    ),
+    "is_error on a user message": (
+        base(messages=[pb.Message(role=R.ROLE_USER, content="x", is_error=True)]), "messages[0].is_error",
+        "only messages with role 'tool' can have 'is_error'",
+    ),
+    "reasoning on a user message": (
+        base(messages=[pb.Message(role=R.ROLE_USER, content="x", reasoning=[pb.Reasoning(text="t")])]),
+        "messages[0].reasoning", "only messages with role 'assistant' can have 'reasoning'",
+    ),
+    "a reasoning block with text and redacted bytes": (
+        base(messages=[user(), pb.Message(role=R.ROLE_ASSISTANT, content="a",
+                                          reasoning=[pb.Reasoning(text="t"), pb.Reasoning(text="t", redacted=b"x")])]),
+        "messages[1].reasoning[1]", "either its text",
+    ),
+    "an empty reasoning block": (
+        base(messages=[user(), pb.Message(role=R.ROLE_ASSISTANT, content="a", reasoning=[pb.Reasoning()])]),
+        "messages[1].reasoning[0]", "either its text",
+    ),
 }  # fmt: skip
 
 
@@ -272,6 +309,8 @@ def test_deeply_nested_schema_text_is_a_400_not_a_crash() -> None:
         (base(choice_count=2), "n", "choice_count"),
         (base(seed=0), "seed", "seed"),
         (base(logprobs=True), "logprobs", "logprobs"),
+        (base(top_k=5), "top_k", "top_k"),
+        (base(reasoning_budget_tokens=2048), "reasoning_budget_tokens", "reasoning_budget_tokens"),
         (base(messages=[user(), pb.Message(role=R.ROLE_USER, parts=[pb.ContentPart(image=PNG)])]), "images",
          "messages[1].parts[0]"),
     ],

@@ -11,9 +11,12 @@ Honoured (`supported`): tools (tool_choice, tool calls and results in the histor
 relaying only the first call), response_format (a forced tool), images, and `strict` on a tool or a json_schema:
 Converse has no such switch, so the gateway validates the final JSON against the schema (schema_check.py) and
 answers a mismatch with an UPSTREAM_PROTOCOL error (a 502), never as if it matched. Not supported, so refused by the
-core before dispatch: n, seed, non-zero penalties, logprobs and reasoning_effort. Converse's inferenceConfig has no
-field for any of them, and the only way to pass them, additionalModelRequestFields, is model-specific and refused by
-models that do not know one.
+core before dispatch: n, seed, non-zero penalties, logprobs, reasoning_effort, top_k and reasoning_budget_tokens.
+Converse's inferenceConfig has no field for any of them, and the only way to pass them,
+additionalModelRequestFields, is model-specific and refused by models that do not know one. A failed tool's result
+(`is_error`) and the reasoning given back in the history (with its signatures) have Converse fields of their own
+(translate.py). CountTokens answers the core's estimate: Bedrock Runtime's own CountTokens operation, which only
+some models support, is not used.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class AnswerShape:
     first_call_only: bool = False  # parallel_tool_calls=false: relay the first tool call, drop the others
     answer_check: SchemaCheck | None = None  # a strict json_schema: what the answer must match
     call_checks: Mapping[str, SchemaCheck] = field(default_factory=dict)  # strict tools' schemas, by tool name
+    stop_sequence: str = ""  # what a `stop_sequence` stop names: the request's only stop sequence; "" with several
 
 
 def tool_use(call: pb.ToolCall, where: str) -> dict[str, Any]:
@@ -64,10 +65,13 @@ def tool_result(
 ) -> dict[str, Any]:
     """A tool message as a toolResult block, its text and images shaped by `content` (translate's, passed in so
     that this module does not import it). Blank text is left out of it, but never the block: the call it
-    answers would be left unanswered."""
+    answers would be left unanswered. A failed tool (`is_error`) is the block's `"status": "error"`."""
     if not message.tool_call_id:
         raise invalid("A tool message needs the 'tool_call_id' of the call it answers.", f"{where}.tool_call_id")
-    return {"toolResult": {"toolUseId": message.tool_call_id, "content": content(message, where)}}
+    result: dict[str, Any] = {"toolUseId": message.tool_call_id, "content": content(message, where)}
+    if message.is_error:
+        result["status"] = "error"
+    return {"toolResult": result}
 
 
 def tool_config(

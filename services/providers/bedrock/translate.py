@@ -9,6 +9,8 @@ with the user, and no blank text. Shaping rules (documented in the README):
 - consecutive messages of one role become one turn, each message its own block(s) (no separator invented). Tool
   results are `toolResult` blocks of a user turn, so consecutive results and a user message after them share one;
 - an assistant message's tool calls are `toolUse` blocks after its text; images are `image` blocks, in place;
+- an assistant message's reasoning (given back with its signatures) is `reasoningContent` blocks before its text,
+  in order: `reasoningText` {text, signature}, or `redactedContent` bytes;
 - the first turn must be the user's: a conversation that starts with an assistant message is refused, rather than
   preceded by a user message the caller never wrote.
 
@@ -16,12 +18,17 @@ The parts with rules of their own live beside it, SDK-free too: tools, tool_choi
 blocks, response_format's forced tool and `strict` in `tools` (whose AnswerShape says how the folds here read an
 answer), upstream errors in `errors`.
 
-Bedrock never says which stop sequence ended an answer (messageStop carries only the stopReason `stop_sequence`),
-so a finish's `stop_sequence` stays empty.
+Bedrock never says which stop sequence ended an answer (messageStop carries only the stopReason `stop_sequence`).
+When the request had exactly one, that one is known and a `stop_sequence` finish names it; with several, the
+finish's `stop_sequence` stays empty rather than guessed.
+
+Reasoning comes back as ReasoningDeltas: its text, then (from a signature delta, or a whole block's signature) one
+delta with the signature that ends the block; a redacted block is one delta with its bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +89,8 @@ def converse_request(model_id: str, params: pb.CompletionParams) -> tuple[dict[s
     tools, shape = tool_config(params, called, tool_blocks)
     if tools:
         request["toolConfig"] = tools
+    if len(params.stop_sequences) == 1:  # a `stop_sequence` stop can only mean this one
+        shape = dataclasses.replace(shape, stop_sequence=params.stop_sequences[0])
     return request, shape
 
 
@@ -104,7 +113,8 @@ def _conversation(
             blocks = [tool_result(message, where, _content)]
             tool_blocks = True
         else:
-            blocks = _content(message, where)
+            blocks = [_reasoning_block(block) for block in message.reasoning]  # validated: assistant turns only
+            blocks += _content(message, where)
             for number, call in enumerate(message.tool_calls):
                 blocks.append(tool_use(call, f"{where}.tool_calls[{number}]"))
                 called[call.name] = None
@@ -142,6 +152,16 @@ def _content(message: pb.Message, where: str, *, images: bool = True) -> list[di
     return blocks
 
 
+def _reasoning_block(block: pb.Reasoning) -> dict[str, Any]:
+    """A reasoning block given back, as Converse returned it: redacted bytes, or text with its signature."""
+    if block.redacted:
+        return {"reasoningContent": {"redactedContent": block.redacted}}  # botocore base64-encodes the bytes
+    text: dict[str, Any] = {"text": block.text}
+    if block.signature:
+        text["signature"] = block.signature
+    return {"reasoningContent": {"reasoningText": text}}
+
+
 def _image(image: pb.Image, field: str) -> dict[str, Any]:
     image_format = IMAGE_FORMATS.get(image.media_type.lower())
     if image_format is None:
@@ -167,11 +187,7 @@ def converse_events(answer: Mapping[str, Any], shape: AnswerShape = _PLAIN) -> l
         if "text" in block:
             events.extend(reader.text(block["text"]))
         elif "reasoningContent" in block:
-            reasoning = block["reasoningContent"]
-            text = reasoning.get("reasoningText", {}) if isinstance(reasoning, Mapping) else None
-            if not isinstance(text, Mapping):
-                raise UnusableAnswer("a reasoningContent block without reasoningText")
-            events.extend(_reasoning_event(text.get("text", "")))  # redactedContent alone has no text to show
+            events.extend(_reasoning_block_events(block["reasoningContent"]))
         elif "toolUse" in block:
             tool = block["toolUse"]
             if not isinstance(tool, Mapping) or "input" not in tool:
@@ -215,10 +231,9 @@ class StreamFold:
                 tool = delta["toolUse"]
                 piece = tool.get("input") if isinstance(tool, Mapping) else None
                 return self._reader.tool_input(event["contentBlockDelta"].get("contentBlockIndex"), piece)
-            reasoning = delta.get("reasoningContent")
-            if isinstance(reasoning, Mapping) and "text" in reasoning:
-                return _reasoning_event(reasoning["text"])
-            return []  # a reasoning signature, redacted reasoning or a citation delta: nothing to show
+            if "reasoningContent" in delta:
+                return _reasoning_delta_events(delta["reasoningContent"])
+            return []  # a citation delta: never asked for
         if "contentBlockStop" in event:
             return self._reader.block_stop(event["contentBlockStop"].get("contentBlockIndex"))
         if "messageStop" in event:
@@ -342,9 +357,12 @@ class _Reader:
             reason = F.FINISH_REASON_STOP  # the answer tool's call is the answer, relayed as content
         elif self._calls and reason == F.FINISH_REASON_STOP:
             reason = F.FINISH_REASON_TOOL_CALLS  # an answer with tool calls, whatever the model said
-        # One choice (the core never sends Bedrock a request for several), and no stop_sequence: Bedrock does not
-        # say which one matched.
-        finish = svc.CompletionFinish(choices=[svc.ChoiceFinish(index=0, finish_reason=reason)], usage=usage_of(usage))
+        # One choice (the core never sends Bedrock a request for several). The stop sequence only when it is known:
+        # Bedrock does not say which one matched, so only a request with exactly one names it (see the module doc).
+        ending = svc.ChoiceFinish(index=0, finish_reason=reason)
+        if stop_reason == "stop_sequence" and reason == F.FINISH_REASON_STOP:
+            ending.stop_sequence = self._shape.stop_sequence
+        finish = svc.CompletionFinish(choices=[ending], usage=usage_of(usage))
         events.append(svc.StreamCompletionResponse(finish=finish))
         return events
 
@@ -397,7 +415,38 @@ def _content_event(text: str) -> list[svc.StreamCompletionResponse]:
     return [svc.StreamCompletionResponse(delta=svc.ContentDelta(text=text))] if text else []
 
 
-def _reasoning_event(text: object) -> list[svc.StreamCompletionResponse]:
-    if not isinstance(text, str):
-        raise UnusableAnswer("reasoning text that is not a string")
-    return [svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(text=text))] if text else []
+def _reasoning_block_events(block: object) -> list[svc.StreamCompletionResponse]:
+    """A whole answer's reasoningContent block: its text then its signature, or its redacted bytes."""
+    if not isinstance(block, Mapping):
+        raise UnusableAnswer("a reasoningContent block that is not an object")
+    if "redactedContent" in block:
+        return _reasoning_delta_events(block)
+    text = block.get("reasoningText")
+    if not isinstance(text, Mapping):
+        raise UnusableAnswer("a reasoningContent block without reasoningText or redactedContent")
+    events = _reasoning_delta_events({"text": text.get("text", "")})
+    if text.get("signature"):
+        events += _reasoning_delta_events({"signature": text["signature"]})
+    return events
+
+
+def _reasoning_delta_events(delta: object) -> list[svc.StreamCompletionResponse]:
+    """One reasoningContent delta (a union: text, signature or redactedContent) as a ReasoningDelta; none for empty
+    text, or a member newer than this code."""
+    if not isinstance(delta, Mapping):
+        raise UnusableAnswer("a reasoningContent delta that is not an object")
+    if "redactedContent" in delta:
+        redacted = delta["redactedContent"]
+        if not isinstance(redacted, bytes):  # botocore decodes the blob's base64
+            raise UnusableAnswer("redacted reasoning that is not bytes")
+        return [svc.StreamCompletionResponse(reasoning=svc.ReasoningDelta(redacted=redacted))] if redacted else []
+    for name in ("text", "signature"):
+        if name in delta:
+            value = delta[name]
+            if not isinstance(value, str):
+                raise UnusableAnswer(f"reasoning {name} that is not a string")
+            if not value:
+                return []
+            reasoning = svc.ReasoningDelta(text=value) if name == "text" else svc.ReasoningDelta(signature=value)
+            return [svc.StreamCompletionResponse(reasoning=reasoning)]
+    return []

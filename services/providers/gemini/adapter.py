@@ -10,8 +10,16 @@ table) and `errors` (the upstream error table).
 
 Honoured (`supported`): tools and tool_choice, parallel_tool_calls=false (only each candidate's first call is
 relayed), response_format, n (candidateCount), seed, presence and frequency penalties, reasoning_effort (where the
-model's family has a setting for it; a 400 naming it where not), images. Not supported, so refused by the core before
-dispatch: logprobs, which no proto field carries back.
+model's family has a setting for it; a 400 naming it where not), reasoning_budget_tokens (thinkingBudget, thoughts
+included), top_k, images. Not supported, so refused by the core before dispatch: logprobs, which no proto field
+carries back.
+
+CountTokens asks Gemini's countTokens with the contents, system instruction and tools a completion would send.
+google-genai refuses `system_instruction` and `tools` in count_tokens on the Gemini API (they are Vertex AI-only in
+the SDK), while the API itself takes them inside `generateContentRequest`: so on the Gemini API the provider posts
+that body through the SDK's own API client (its `_api_client.async_request`, the request method every SDK call
+uses: the same key, base URL, API version, timeout, session and error types), and on Vertex AI it calls the SDK's
+count_tokens with them in its config.
 
 google-genai sends what it copies as SDK objects (function declarations, inline data, thinking config) with their
 Python field names (`parameters_json_schema`, `mime_type`, `thinking_level`); Google's JSON parsing accepts both
@@ -61,6 +69,16 @@ _OPTIONS = {
 }
 _LEVELS = {level.value for level in types.ThinkingLevel} - {"THINKING_LEVEL_UNSPECIFIED"}
 _API_VERSION = {False: "v1beta", True: "v1beta1"}  # the defaults, Gemini API and Vertex AI; always sent explicitly
+# What an upstream call may raise that the caller should see (mapped by GeminiProvider._failure).
+_UPSTREAM_FAILURES = (
+    genai_errors.APIError,
+    TimeoutError,
+    aiohttp.ClientError,
+    auth_errors.GoogleAuthError,  # TransportError (unreachable) included
+    genai_errors.UnknownApiResponseError,
+    json.JSONDecodeError,
+    pydantic.ValidationError,
+)
 _READ_BUFFER = 2**22  # what google-genai's own session uses: an SSE event is one line, of any length
 
 # The aiohttp responses opened by the SDK call the current task is awaiting. google-genai reads a stream through
@@ -101,6 +119,8 @@ class GeminiProvider:
             "frequency_penalty",
             "reasoning_effort",
             "images",
+            "top_k",
+            "reasoning_budget_tokens",
         }
     )
 
@@ -112,6 +132,7 @@ class GeminiProvider:
         thinking: Mapping[pb.ReasoningEffort.ValueType, gemini_thinking.Thinking],
     ) -> None:
         self._models = client.aio.models
+        self._vertexai = client.vertexai
         self._name = entry.name
         self._model = entry.model
         self._include_thoughts = include_thoughts
@@ -155,20 +176,64 @@ class GeminiProvider:
                 for event in answer.events(_chunk(response)):
                     yield event
             yield answer.finish()
-        except genai_errors.APIError as exc:  # an HTTP error status, or an error event in the stream
-            raise self._api_error(exc) from exc
-        except TimeoutError as exc:  # timeout_seconds (aiohttp's total timeout) ran out, connecting or reading
-            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_TIMEOUT, self._name) from exc
-        except (aiohttp.ClientError, auth_errors.TransportError) as exc:  # refused, reset, dropped mid-body
-            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE, self._name) from exc
-        except auth_errors.GoogleAuthError as exc:  # Vertex AI: no usable Google credentials
-            log.warning("no usable Google credentials for %s: %s", self._name, exc)
-            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_AUTH, self._name) from exc
-        except (genai_errors.UnknownApiResponseError, json.JSONDecodeError, pydantic.ValidationError) as exc:
-            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name) from exc
+        except _UPSTREAM_FAILURES as exc:
+            raise self._failure(exc) from exc
         finally:
             for http_response in opened:
                 http_response.close()  # a no-op once the SDK has read it to the end
+
+    async def count_tokens(self, params: pb.CompletionParams) -> int:
+        """The prompt's tokens as Gemini counts them: the contents, system instruction and tools a completion of
+        `params` sends (see the module doc for the two ways it asks)."""
+        contents, fields = tr.to_request(
+            params, self._name, self._thinking, placeholder_signatures=self._placeholder_signatures
+        )
+        opened: list[aiohttp.ClientResponse] = []
+        try:
+            if self._vertexai:
+                config = types.CountTokensConfig.model_validate(
+                    {"system_instruction": fields.get("system_instruction"), "tools": fields.get("tools")}
+                )
+                call = self._models.count_tokens(model=self._model, contents=contents, config=config)
+                total = (await _tracked(call, opened)).total_tokens
+            else:
+                total = await _tracked(self._count_on_gemini_api(contents, fields), opened)
+        except _UPSTREAM_FAILURES as exc:
+            raise self._failure(exc) from exc
+        finally:
+            for http_response in opened:
+                http_response.close()
+        if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+            log.warning("Gemini counted %r tokens for %s", total, self._name)
+            raise gemini_errors.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name)
+        return total
+
+    async def _count_on_gemini_api(self, contents: list[dict[str, object]], fields: Mapping[str, object]) -> int | None:
+        """countTokens with a generateContentRequest, in the wire's camelCase (the SDK's types serialise it)."""
+        model = self._model if self._model.startswith(("models/", "tunedModels/")) else f"models/{self._model}"
+        request: dict[str, object] = {"model": model, "contents": [_wire(types.Content, c) for c in contents]}
+        if "system_instruction" in fields:
+            request["systemInstruction"] = _wire(types.Content, fields["system_instruction"])
+        if "tools" in fields:
+            request["tools"] = [_wire(types.Tool, tool) for tool in cast("list[object]", fields["tools"])]
+        api = self._models._api_client  # the SDK's own request method: its count_tokens refuses these (module doc)
+        response = await api.async_request("post", f"{model}:countTokens", {"generateContentRequest": request})
+        answer = types.CountTokensResponse.model_validate(json.loads(response.body) if response.body else {})
+        return answer.total_tokens
+
+    def _failure(self, exc: Exception) -> GatewayError:
+        """An upstream call's failure (one of _UPSTREAM_FAILURES) as the GatewayError the caller sees."""
+        if isinstance(exc, genai_errors.APIError):  # an HTTP error status, or an error event in the stream
+            return self._api_error(exc)
+        if isinstance(exc, TimeoutError):  # timeout_seconds (aiohttp's total timeout) ran out, connecting or reading
+            return gemini_errors.error(R.ERROR_REASON_UPSTREAM_TIMEOUT, self._name)
+        if isinstance(exc, (aiohttp.ClientError, auth_errors.TransportError)):  # refused, reset, dropped mid-body
+            return gemini_errors.error(R.ERROR_REASON_UPSTREAM_UNAVAILABLE, self._name)
+        if isinstance(exc, auth_errors.GoogleAuthError):  # Vertex AI: no usable Google credentials
+            log.warning("no usable Google credentials for %s: %s", self._name, exc)
+            return gemini_errors.error(R.ERROR_REASON_UPSTREAM_AUTH, self._name)
+        # the SDK's unknown answers, JSON that does not parse, a response its types refuse
+        return gemini_errors.error(R.ERROR_REASON_UPSTREAM_PROTOCOL, self._name)
 
     def _api_error(self, exc: genai_errors.APIError) -> GatewayError:
         reason = gemini_errors.error_reason(exc.code, exc.status, exc.details)
@@ -178,6 +243,11 @@ class GeminiProvider:
         elif reason == R.ERROR_REASON_UPSTREAM_AUTH:
             log.warning("Gemini refused the credentials for %s: %s %s", self._name, exc.code, exc.message)
         return gemini_errors.error(reason, self._name, exc.message if isinstance(exc.message, str) else "")
+
+
+def _wire(kind: type[pydantic.BaseModel], value: object) -> dict[str, object]:
+    """A request part as its wire JSON: camelCase names, bytes as (URL-safe) base64, as the SDK itself sends them."""
+    return kind.model_validate(value).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _chunk(response: types.GenerateContentResponse) -> tr.Chunk:

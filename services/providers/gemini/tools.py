@@ -5,7 +5,8 @@ Gemini's calls, which carry its thought signatures.
 Tool calls. Gemini's functionCall carries `args` as an object and may carry no `id`; OpenAI callers see `arguments` as
 compact JSON text and always an id, synthesised as `call_<24 hex>` when Gemini sent none. A tool message does not name
 its function, so its functionResponse takes the name of the assistant tool call with that id earlier in the history;
-its `response` is the content parsed as JSON when that is an object, else `{"result": <content as text>}`.
+its `response` is the content parsed as JSON when that is an object, else `{"result": <content as text>}`. A failed
+tool (`is_error`) answers `{"error": <content as text>}`, the key Gemini's docs give for a function's error details.
 
 Thought signatures. Gemini 3 attaches an opaque `thoughtSignature` to a functionCall part (the first one, when there are
 several) and refuses a history that lacks it (400, or MISSING_THOUGHT_SIGNATURE). OpenAI clients round-trip only a
@@ -126,18 +127,22 @@ def function_response_part(message: pb.Message, index: int, names: Mapping[str, 
         if part.HasField("image"):
             raise invalid("Gemini takes images only in user messages.", f"messages[{index}].parts[{part_index}]")
         text += part.text
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    function_response: dict[str, Any] = {
-        "name": name,
-        "response": parsed if isinstance(parsed, dict) else {"result": text},
-    }
+    function_response: dict[str, Any] = {"name": name, "response": _response(text, message.is_error)}
     upstream_id, _ = restore_call_id(message.tool_call_id)
     if upstream_id is not None:
         function_response["id"] = upstream_id
     return {"functionResponse": function_response}
+
+
+def _response(text: str, is_error: bool) -> dict[str, Any]:
+    """A functionResponse's `response`: the error text under "error", the content's JSON object, or the text."""
+    if is_error:
+        return {"error": text}
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"result": text}
 
 
 def arguments_text(args: Mapping[str, Any] | None) -> str:

@@ -95,6 +95,8 @@ def to_request(
     System messages become systemInstruction's parts, in order; user and assistant turns become user and model
     turns, tool results user turns, consecutive ones of the same role merged into one. `placeholder_signatures`
     (for models that require thought signatures) signs the function calls Gemini did not sign: see `tools`.
+    An assistant message's `reasoning` is not sent: Gemini takes no reasoning back, and the thought signatures it
+    does need travel in the ids of its tool calls (`tools`).
     """
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
@@ -124,6 +126,8 @@ def to_request(
     for ours, theirs in _SAMPLING:
         if params.HasField(ours):
             config[theirs] = getattr(params, ours)
+    if params.HasField("top_k"):
+        config["top_k"] = params.top_k
     if params.stop_sequences:
         config["stop_sequences"] = list(params.stop_sequences)
     if params.HasField("choice_count") and params.choice_count > 1:
@@ -139,6 +143,9 @@ def to_request(
     config.update(_response_format(params.response_format))
     if params.reasoning_effort != E.REASONING_EFFORT_UNSPECIFIED:
         config["thinking_config"] = thinking_config(params.reasoning_effort, thinking, model)
+    elif params.HasField("reasoning_budget_tokens"):  # never both: the core refuses that
+        # A budget asked for explicitly (Anthropic's thinking.budget_tokens) is thinking the caller wants to see.
+        config["thinking_config"] = {"thinking_budget": params.reasoning_budget_tokens, "include_thoughts": True}
     return contents, config
 
 

@@ -7,9 +7,11 @@ module. Our own client rather than aiohttp (itself chosen over httpx, ~215 us ag
 this is the core's hot path: one streamed call costs ~10 us of CPU with a raw asyncio.Protocol + httptools client
 against ~66 us with aiohttp, which also holds ~8 KiB of Python objects per open stream.
 
-Everything is passed through in OpenAI's own shape (`supported`), except log probabilities: no proto field carries
-them back, so the core refuses them before dispatch. A server that names the stop string that ended a choice (vLLM's
-`stop_reason`) has it relayed as that choice's `stop_sequence`, when it is one of the request's stop sequences.
+Everything is passed through in OpenAI's own shape (`supported`), except log probabilities (no proto field carries
+them back), top_k and reasoning_budget_tokens (chat completions has neither), which the core refuses before dispatch.
+CountTokens answers the core's estimate: chat completions has no counting endpoint. A server that names the stop
+string that ended a choice (vLLM's `stop_reason`) has it relayed as that choice's `stop_sequence`, when it is one of
+the request's stop sequences.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Only what the caller set is sent, in OpenAI's own shape: tools and tool choice, 
 `data:` URLs rebuilt from the bytes the core holds), tool calls and tool results in the history, and every
 sampling parameter. The upstream is always asked to stream, with usage: the core folds the stream for callers that
 did not ask for one.
+
+Two Message fields have no place in chat completions and are not sent: `is_error` (an OpenAI tool message has no
+error flag; its content, the error text, says it) and `reasoning` (chat completions takes no reasoning back).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def request_body(model: str, params: pb.CompletionParams) -> dict[str, Any]:
 
 
 def _message(message: pb.Message) -> dict[str, Any]:
+    # `is_error` and `reasoning` are left out (see the module doc): a failed tool's content is its error text.
     out: dict[str, Any] = {"role": _ROLE_NAMES[message.role]}
     if message.parts:
         out["content"] = [_part(part) for part in message.parts]
