@@ -12,8 +12,12 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from bridge.auth import Identity, RawHeaders
 
 _NONE: Mapping[str, str] = MappingProxyType({})
 
@@ -59,7 +63,9 @@ class DialectError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """One API dialect as the pipeline sees it: a name, and its error for each refusal of the pipeline."""
+    """One API dialect as the pipeline sees it: a name, where its clients put their key, and its error for each
+    refusal of the pipeline."""
 
     name: str
     error_for: Callable[[Refused], DialectError]
+    credential: Callable[[RawHeaders], Identity]  # the key presented (bridge/auth.py), or Refused

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from bridge.auth import Identity, presented
+from bridge.auth import Identity
 from bridge.dialect import Dialect, DialectError, Refusal, Refused
 from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
@@ -155,10 +155,7 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
         try:
             identity = None
             if not route.public:
-                # Two Authorization headers would let the first silently win: which credential is meant is unclear.
-                if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
-                    raise Refused(Refusal.DUPLICATE_HEADER, {"header": "Authorization"})
-                identity = presented(headers.get("authorization", ""))  # the core checks it
+                identity = route.dialect.credential(scope["headers"])  # the core checks it
                 seen.key_id = identity.key_id
                 if gateway.active >= gateway.max_concurrent:  # no slot to serve it with: do not read its body
                     raise Refused(Refusal.OVERLOADED, headers=_RETRY_AFTER)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
-from types import MappingProxyType
-from typing import cast
+from collections.abc import Mapping
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 from starlette.responses import Response
 
+from bridge.auth import bearer
+from bridge.core_errors import NO_LIMITS, error_info, rate_limit_headers, retry_delay
 from bridge.dialect import Dialect, DialectError, Refusal, Refused
 from modelmax.v1.completion_pb2 import ErrorReason
-
-ERROR_DOMAIN = "modelmax.v1"
 
 # ErrorReason -> (HTTP status, OpenAI error type, OpenAI error code). Covers every reason (a test checks).
 # UPSTREAM_AUTH is the gateway's own credentials failing upstream: a server error, never a 401 to our client.
@@ -41,8 +38,6 @@ HTTP_ERROR: dict[int, tuple[int, str, str | None]] = {
 # Reasons a retry cannot cure: told to OpenAI's SDKs with `x-should-retry: false`, which they obey before the
 # status (they retry every 429 otherwise, and an exhausted budget stays exhausted).
 _NO_RETRY = frozenset({ErrorReason.ERROR_REASON_BUDGET_EXHAUSTED})
-_RATE_LIMIT = "x-ratelimit-"  # the core's initial metadata for a key with limits (services/policy/limits.py)
-_NO_LIMITS: Mapping[str, str] = MappingProxyType({})
 
 # gRPC failures that carry no ErrorInfo: they come from the channel itself, not from the core's logic.
 _BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str, str | None, str]] = {
@@ -50,7 +45,6 @@ _BY_GRPC_CODE: dict[grpc.StatusCode, tuple[int, str, str | None, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "api_error", "timeout", "The request timed out."),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (413, "invalid_request_error", None, "The request is too large."),
 }
-_STATUS_DETAILS = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
 _INTERNAL = (500, "api_error", "internal_error", "The gateway failed to serve this request.")
 
 # The core names a field by its CompletionParams path; OpenAI clients know it by their request's path. `[i]` and
@@ -142,7 +136,7 @@ class OpenAIError(DialectError):
         retry_after: float | None = None,
         *,
         retry: bool = True,
-        limits: Mapping[str, str] = _NO_LIMITS,
+        limits: Mapping[str, str] = NO_LIMITS,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -184,7 +178,7 @@ def refusal_error(refused: Refused) -> OpenAIError:
     return OpenAIError(status, message.format_map(refused.details) if refused.details else message, kind, None, code)
 
 
-DIALECT = Dialect("openai", refusal_error)
+DIALECT = Dialect("openai", refusal_error, bearer)
 
 
 def param_of(field: str) -> str:
@@ -205,7 +199,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
     The core names the offending field by its proto path; the error names it as the OpenAI request did, both in
     `param` and where the message quotes it.
     """
-    info = _error_info(exc)
+    info = error_info(exc)
     if info is not None and info.reason in ErrorReason.keys():
         reason = ErrorReason.Value(info.reason)
         status, kind, code = HTTP_ERROR[reason]
@@ -217,48 +211,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> OpenAIError:
         if status >= 500:
             param = None  # the message may quote the request's field (a strict schema the model broke); OpenAI's
             # `param` names only what the caller got wrong
-        retry_after = _seconds(info.metadata.get("retry_after"))
+        retry_after = retry_delay(info)
         limits = rate_limit_headers(exc.initial_metadata())
         return OpenAIError(
             status, message, kind, param, code, retry_after, retry=reason not in _NO_RETRY, limits=limits
         )
     status, kind, code, message = _BY_GRPC_CODE.get(exc.code(), _INTERNAL)
     return OpenAIError(status, message, kind, None, code)
-
-
-def rate_limit_headers(metadata: object) -> Mapping[str, str]:
-    """The x-ratelimit-* values of the core's initial metadata (a key with rate limits), as response headers."""
-    if not metadata:
-        return _NO_LIMITS
-    found = {
-        key: value
-        for key, value in cast(Iterable[tuple[str, str | bytes]], metadata)
-        if key.startswith(_RATE_LIMIT) and isinstance(value, str)
-    }
-    return found or _NO_LIMITS
-
-
-def _seconds(value: str | None) -> float | None:
-    """A finite, non-negative delay in seconds, or None: the Retry-After header is made of it (math.ceil)."""
-    try:
-        seconds = None if value is None else float(value)
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The core's ErrorInfo: a detail of the google.rpc.Status in the call's trailing metadata."""
-    trailing = cast(Iterable[tuple[str, str | bytes]], exc.trailing_metadata() or ())  # aio: pairs, as iterated
-    for key, value in trailing:
-        if key == _STATUS_DETAILS and isinstance(value, bytes):
-            return _domain_info(status_pb2.Status.FromString(value))
-    return None
-
-
-def _domain_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo | None:
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:  # Unpack is False for another detail type
-            return info
-    return None

@@ -7,8 +7,9 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from bridge.core_errors import ERROR_DOMAIN
 from bridge.dialect import Refusal, Refused
-from bridge.openai.errors import ERROR_DOMAIN, PARAM_OF_FIELD, OpenAIError, from_rpc_error, param_of, refusal_error
+from bridge.openai.errors import PARAM_OF_FIELD, OpenAIError, from_rpc_error, param_of, refusal_error
 from modelmax.v1.completion_pb2 import ErrorReason
 
 

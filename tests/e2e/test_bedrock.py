@@ -156,13 +156,14 @@ async def test_usage_counts_cache_reads_and_writes(client: openai.AsyncOpenAI, u
 
 async def test_reasoning_content_streaming_and_not(client: openai.AsyncOpenAI, upstream: BedrockUpstream) -> None:
     upstream.reasoning = ["The user ", "says hello."]
+    upstream.reasoning_signature = "c2ln"  # OpenAI's shape has no place for it: no chunk at all, not an empty one
     plain = await client.chat.completions.create(model=PUBLIC, messages=MESSAGES)
     chunks = await stream_all(client, messages=MESSAGES)
 
     assert plain.choices[0].message.content == "Hello, world!"
     assert getattr(plain.choices[0].message, "reasoning_content", None) == "The user says hello."
     reasoning = [(c.choices[0].delta.model_extra or {}).get("reasoning_content") for c in chunks if c.choices]
-    assert [piece for piece in reasoning if piece] == ["The user ", "says hello."]
+    assert [piece for piece in reasoning if piece is not None] == ["The user ", "says hello."]
     assert content_of(chunks) == "Hello, world!"  # never merged into the content
 
 

@@ -5,56 +5,33 @@ Errors before the first byte are HTTP statuses; later ones are an error event, t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol, cast
+from typing import Any
 
 import grpc
 
+from bridge import calls
 from bridge.metrics import Observation
 from bridge.openai.chat.translate import FINISH_REASON, usage_json
-from bridge.openai.errors import OpenAIError, from_rpc_error, rate_limit_headers
-from bridge.pipeline import ATTEMPTS, DEPLOYMENT, REQUEST_ID, ClientGone, Exchange
-from bridge.streaming import SSE_HEADERS, Cancellable, StreamResponse, cancel_when_gone
+from bridge.openai.errors import OpenAIError, from_rpc_error
+from bridge.pipeline import ATTEMPTS, DEPLOYMENT, REQUEST_ID, Exchange
+from bridge.streaming import SSE_HEADERS, StreamResponse
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 
 log = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
-_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lacks the end-of-stream sentinel
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 async def open_stream(exchange: Exchange, request: svc.StreamCompletionRequest, completion_id: str) -> StreamResponse:
     """Start the call and wait for its first event, so a failure to start is a real HTTP status, not a 200."""
-    gateway, seen = exchange.gateway, exchange.seen
-    call = cast(_Events, gateway.stub.StreamCompletion(request, timeout=gateway.timeout, metadata=exchange.metadata))
-    watcher = cancel_when_gone(exchange.request.receive, call)  # a client gone before the first event ends it now
-    waiting = time.perf_counter()
-    try:
-        first = await call.read()
-    except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-        watcher.cancel()
-        if watcher.done() and not watcher.cancelled():  # the client left: the watcher cancelled the call
-            raise ClientGone from None
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise from_rpc_error(exc) from None
-    except BaseException:
-        watcher.cancel()
-        call.cancel()
-        raise
-    finally:
-        seen.core_wait += time.perf_counter() - waiting
-    if first is _EOF or not first.HasField("start"):
-        watcher.cancel()
-        call.cancel()
-        raise OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
-    start = first.start
+    started = await calls.open_stream(exchange, request, from_rpc_error, _malformed)
+    start, seen = started.start, exchange.seen
     params = request.params
     encoder = ChunkEncoder(completion_id, start, params.include_usage, params.choice_count)  # 0 (unset): 1
     headers = {
@@ -62,21 +39,16 @@ async def open_stream(exchange: Exchange, request: svc.StreamCompletionRequest, 
         REQUEST_ID: seen.request_id,
         DEPLOYMENT: start.deployment,
         ATTEMPTS: str(start.attempts),
-        **rate_limit_headers(await call.initial_metadata()),  # arrived with the first event: no wait
+        **started.limits,
     }
-    return StreamResponse(call, _events(call, encoder, seen), seen, headers, watcher)
+    return StreamResponse(started.call, _events(started.call, encoder, seen), seen, headers, started.watcher)
 
 
-class _Events(Cancellable, Protocol):
-    """A StreamCompletion call as the relay reads it. `read` returns grpc.aio.EOF after the last event: typed as the
-    event alone because a type checker cannot narrow a sentinel, and the relay checks `is _EOF` first."""
-
-    async def read(self) -> svc.StreamCompletionResponse: ...
-
-    async def initial_metadata(self) -> grpc.aio.Metadata: ...
+def _malformed() -> OpenAIError:
+    return OpenAIError(502, "The gateway core sent a malformed stream.", "api_error", None, "internal_error")
 
 
-async def _events(call: _Events, encoder: ChunkEncoder, seen: Observation) -> AsyncGenerator[bytes, None]:
+async def _events(call: calls.Events, encoder: ChunkEncoder, seen: Observation) -> AsyncGenerator[bytes, None]:
     """Role chunk(s), content, reasoning and tool-call chunks, the finish chunk(s), the usage chunk when asked, [DONE].
 
     With several choices, every delta carries its choice's index; each choice has its own role and finish chunk.
@@ -91,7 +63,7 @@ async def _events(call: _Events, encoder: ChunkEncoder, seen: Observation) -> As
             waiting = time.perf_counter()
             event = await call.read()
             seen.core_wait += time.perf_counter() - waiting
-            if event is _EOF:
+            if event is calls.EOF:
                 break
             kind = event.WhichOneof("event")
             if kind == "finish":
@@ -126,8 +98,9 @@ def _chunk(encoder: ChunkEncoder, event: svc.StreamCompletionResponse, kind: str
         return encoder.content(event.delta.text, event.delta.choice_index)
     if kind == "tool_call":
         return encoder.tool_call(event.tool_call)
-    if kind == "reasoning":
-        return encoder.reasoning(event.reasoning.text, event.reasoning.choice_index)
+    if kind == "reasoning":  # a signature or redacted block alone has no text for OpenAI's reasoning_content
+        reasoning = event.reasoning
+        return encoder.reasoning(reasoning.text, reasoning.choice_index) if reasoning.text else b""
     return b""
 
 
