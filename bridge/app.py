@@ -11,6 +11,8 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send, StatelessLifespan
 
 from bridge.admin import ADMIN_ROUTES
+from bridge.anthropic.errors import DIALECT as ANTHROPIC
+from bridge.anthropic.messages.routes import count_tokens, messages
 from bridge.health import healthz, readyz
 from bridge.metrics import BridgeMetrics
 from bridge.openai.chat.routes import chat_completions
@@ -27,6 +29,8 @@ from startup.metrics_http import start_metrics_server
 ROUTES = RouteTable(
     [
         Route("POST", "/v1/chat/completions", chat_completions, OPENAI, json_body=True, metered=True),
+        Route("POST", "/v1/messages", messages, ANTHROPIC, json_body=True, metered=True),
+        Route("POST", "/v1/messages/count_tokens", count_tokens, ANTHROPIC, json_body=True),
         Route("GET", "/v1/models", list_models, OPENAI),
         Route("GET", "/v1/models/{model_id}", retrieve_model, OPENAI),
         *ADMIN_ROUTES,

@@ -74,6 +74,10 @@ class RecordingCore(svc_grpc.CompletionServiceServicer):
         await self._record("CreateCompletion", context)
         return svc.CreateCompletionResponse(model="m", choices=[svc.Choice(content="hi", finish_reason=STOP)])
 
+    async def CountTokens(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await self._record("CountTokens", context)
+        return svc.CountTokensResponse(input_tokens=3)
+
     async def ListModels(self, request: Any, context: Context) -> Any:  # noqa: N802
         await self._record("ListModels", context)
         return svc.ListModelsResponse(models=[svc.ModelInfo(id="m", provider="openai", owned_by="x")])
@@ -146,7 +150,18 @@ def name(route: Route) -> str:
 
 # The path and body of a well-formed request where the generic ones do not fit.
 PATHS = {"POST /v1/admin/keys/{key_path}": "/v1/admin/keys/k/rotate"}
-BODIES: dict[str, Any] = {"POST /v1/admin/keys": {"name": "k"}, "PATCH /v1/admin/keys/{key_path}": {"name": "k"}}
+MESSAGES = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+BODIES: dict[str, Any] = {
+    "POST /v1/admin/keys": {"name": "k"},
+    "PATCH /v1/admin/keys/{key_path}": {"name": "k"},
+    "POST /v1/messages": MESSAGES,
+    "POST /v1/messages/count_tokens": MESSAGES,
+}
+ANTHROPIC_VERSION = {"anthropic-version": "2023-06-01"}
+# The errors each dialect answers for the pipeline's refusals: OpenAI's `code`, Anthropic's error `type`.
+ANTHROPIC_TYPES = {"missing_api_key": "authentication_error", "invalid_api_key": "authentication_error",
+                   "overloaded": "overloaded_error", None: "invalid_request_error"}  # fmt: skip
+ANTHROPIC_STATUS = {503: 529}  # Anthropic's overloaded_error
 
 
 def path_of(route: Route) -> str:
@@ -159,6 +174,8 @@ def send(http: httpx.AsyncClient, route: Route, headers: dict[str, str] | None =
     """A well-formed request for `route`: what its handler would serve."""
     path = path_of(route)
     body = BODIES.get(name(route), CHAT if route.json_body else None)
+    if route.dialect.name == "anthropic":
+        headers = {**ANTHROPIC_VERSION, **(headers or {})}
     return http.request(route.method, path, json=body, headers=headers)
 
 
@@ -166,6 +183,16 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+
+
+def assert_error(route: Route, response: httpx.Response, status: int, code: str | None) -> None:
+    """The refusal in the route's dialect: OpenAI's code, or the Anthropic type and status for it."""
+    if route.dialect.name != "anthropic":
+        assert_openai_error(response, status, code)
+        return
+    assert response.status_code == ANTHROPIC_STATUS.get(status, status), response.text
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == ANTHROPIC_TYPES[code], body
 
 
 ROUTE_IDS = [name(route) for route in ROUTES.routes]
@@ -185,8 +212,8 @@ async def test_every_v1_route_is_authenticated(core: tuple[RecordingCore, str], 
     if route.public:
         assert missing.status_code == wrong.status_code == served.status_code == 200
         return
-    assert_openai_error(missing, 401, "missing_api_key")
-    assert_openai_error(wrong, 401, "invalid_api_key")
+    assert_error(route, missing, 401, "missing_api_key")
+    assert_error(route, wrong, 401, "invalid_api_key")
     assert served.status_code in (200, 201), served.text
 
 
@@ -199,8 +226,8 @@ async def test_every_v1_route_is_admitted(core: tuple[RecordingCore, str], route
     if route.public:
         assert keyless.status_code == keyed.status_code == 200
         return
-    assert_openai_error(keyless, 401, "missing_api_key")  # authentication comes before admission
-    assert_openai_error(keyed, 503, "overloaded")
+    assert_error(route, keyless, 401, "missing_api_key")  # authentication comes before admission
+    assert_error(route, keyed, 503, "overloaded")
     assert keyed.headers["retry-after"] == "1"
     assert core[0].metadata == [], "a refused request never reaches the core"
 
@@ -221,7 +248,7 @@ async def test_a_held_stream_takes_the_one_slot_of_every_route(core: tuple[Recor
         if route.public:
             assert during[name(route)].status_code == 200
         else:
-            assert_openai_error(during[name(route)], 503, "overloaded")
+            assert_error(route, during[name(route)], 503, "overloaded")
     assert all(after[name(route)] in (200, 201) for route in ROUTES.routes if not route.public), after
 
 
@@ -229,7 +256,7 @@ async def test_a_held_stream_takes_the_one_slot_of_every_route(core: tuple[Recor
 async def test_another_method_is_405(core: tuple[RecordingCore, str], route: Route) -> None:
     async with bridge(core) as http:
         response = await http.request("PUT", path_of(route), headers=AUTH)  # no route takes PUT
-    assert_openai_error(response, 405, None)
+    assert_error(route, response, 405, None)
     assert response.json()["error"]["message"] == f"Method PUT is not allowed for {response.url.path}."
     assert route.method in response.headers["allow"].split(", ")
 

@@ -26,13 +26,17 @@ def blocks(language: str) -> list[str]:
 
 
 CURLS = [block for block in blocks("bash") if block.startswith("curl -X POST")]
-PYTHON = blocks("python")
+PYTHON = [block for block in blocks("python") if "from openai import" in block]
+ANTHROPIC_PYTHON = [block for block in blocks("python") if "import anthropic" in block]
+CLAUDE_CODE = [block for block in blocks("bash") if "ANTHROPIC_BASE_URL" in block]
 NODE = blocks("js")
+CLAUDE = ROOT / "tests" / "node" / "node_modules" / ".bin" / "claude"  # what `npx -y @anthropic-ai/claude-code` runs
 
 
 def test_readme_has_the_examples() -> None:
     assert len(CURLS) == 2 and len(PYTHON) == 1 and len(NODE) == 1
-    assert all(README_URL in example for example in [*CURLS, *PYTHON, *NODE])
+    assert len(ANTHROPIC_PYTHON) == 1 and len(CLAUDE_CODE) == 1
+    assert all(README_URL in example for example in [*CURLS, *PYTHON, *NODE, *ANTHROPIC_PYTHON, *CLAUDE_CODE])
     assert "make run" in README and "make test" in README
 
 
@@ -74,6 +78,33 @@ async def test_readme_examples_work(tmp_path: Path, gateway_for: Callable[..., A
     finally:
         module.unlink()
     assert len(output.strip().splitlines()) >= 2, output
+
+
+async def test_readme_anthropic_examples_work(tmp_path: Path, gateway_for: Callable[..., Awaitable[str]]) -> None:
+    """The Anthropic SDK example, and Claude Code on the embedded model, as typed (the local Claude Code for npx)."""
+    entry = {"name": "smollm2-135m", "provider": "local", "model": GGUF, "options": {"default_max_tokens": 24}}
+    base = (await gateway_for(write_catalog(tmp_path, [entry]))).removesuffix("/v1")
+
+    script = tmp_path / "example.py"
+    script.write_text(ANTHROPIC_PYTHON[0].replace(README_URL, base))
+    output = await run([sys.executable, str(script)], base)
+    assert len(output.strip().splitlines()) >= 2, output
+
+    assert CLAUDE.exists(), "tests/node/node_modules holds Claude Code: run `make test`"
+    [block] = CLAUDE_CODE
+    (tmp_path / ".modelmax").mkdir()
+    (tmp_path / ".modelmax" / "api-key").write_text(API_KEY)
+    command = block.replace(README_URL, base).replace("npx -y @anthropic-ai/claude-code@2.1.328", str(CLAUDE))
+    home = tmp_path / "home"
+    home.mkdir()
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-e", "-c", command, cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "HOME": str(home)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode().strip(), stderr.decode()  # the embedded model's answer, printed
 
 
 @pytest.mark.parametrize("block", [b for b in blocks("bash") if "grpcurl" in b])
