@@ -81,6 +81,7 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Brid
             max_concurrent=settings.max_concurrent_requests,
             keys=key_service_pb2_grpc.KeyServiceStub(channel),
             max_buffered_bytes=settings.max_buffered_bytes,
+            ping_seconds=settings.ping_seconds,
         )
         gateway = app.gateway
         metrics.buffered_bytes.set_function(lambda: gateway.buffered)  # read at each scrape: free per request

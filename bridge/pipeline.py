@@ -79,6 +79,7 @@ class Gateway:
 
     max_buffered_bytes: int = 32 * 1024 * 1024
     buffered: int = 0  # body bytes being read or parsed now, across requests
+    ping_seconds: float = 10.0  # a streaming dialect's keep-alive event after this long without one from the core
 
     def admit(self) -> None:
         """Take a slot or refuse at once: never a queue. The pipeline gives the slot back."""

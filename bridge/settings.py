@@ -45,6 +45,9 @@ class Settings:
     max_connections: int = 4096
     # Request body bytes the process holds at once, being read or parsed; beyond it a fast 503 (bridge/pipeline.py).
     max_buffered_bytes: int = 32 * 1024 * 1024
+    # Anthropic streams: a `ping` event when the core has sent nothing for this long (a model thinking), so proxies
+    # and load balancers with idle timeouts keep the connection.
+    ping_seconds: float = 10.0
     # TLS to the core: the CA (PEM) its certificate must chain to; "" for a plaintext channel.
     core_tls_ca_file: str = ""
     # The name the core's certificate must carry, when it is not the host of `core_target`.
@@ -81,6 +84,7 @@ class Settings:
             keepalive_seconds=_number(env, "MODELMAX_BRIDGE_KEEPALIVE_SECONDS", 5.0, float),
             max_connections=_number(env, "MODELMAX_BRIDGE_MAX_CONNECTIONS", 4096, int),
             max_buffered_bytes=_number(env, "MODELMAX_BRIDGE_MAX_BUFFERED_BYTES", 32 * 1024 * 1024, int),
+            ping_seconds=_number(env, "MODELMAX_BRIDGE_PING_SECONDS", 10.0, float),
             core_tls_ca_file=env.get("MODELMAX_CORE_TLS_CA_FILE", "").strip(),
             core_tls_server_name=env.get("MODELMAX_CORE_TLS_SERVER_NAME", "").strip(),
             tls_cert_file=env.get("MODELMAX_BRIDGE_TLS_CERT_FILE", "").strip(),

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from services.settings import DEFAULT_CATALOG
-from tests.conftest import API_KEY, running_gateway, write_catalog
+from tests.conftest import API_KEY, running_bridge, running_core, running_gateway, write_catalog
 from tests.fakes.bedrock import BedrockUpstream, ToolUse, serve_bedrock, use_fake_credentials
 from tests.fakes.gemini import GeminiUpstream, count_tokens, serve_gemini
 from tests.fakes.openai_upstream import FakeToolCall, OpenAIUpstream, serve_openai_upstream
@@ -488,3 +488,24 @@ async def test_gateway_callers_of_either_dialect_share_keys(
         nothing = await http.post("/v1/messages", headers={"anthropic-version": "2023-06-01"}, json={})
     assert bearer.status_code == 200 and bearer.json()["content"][0]["text"] == "Hello, world!"
     assert nothing.status_code == 401 and nothing.json()["error"]["type"] == "authentication_error"
+
+
+async def test_a_silent_model_gets_pings_and_the_stream_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_fake_credentials(monkeypatch, tmp_path)
+    async with serve_bedrock() as bedrock:
+        options = {"region": "us-east-1", "endpoint_url": bedrock.url, "read_timeout_seconds": 5}
+        entry = {"name": BEDROCK, "provider": "bedrock", "model": "deepseek.v3.2", "options": options}
+        bedrock.text, bedrock.chunk_delay = ["Slow", " answer."], 0.6  # each delta after 0.6 s of silence
+        async with (
+            running_core(write_catalog(tmp_path, [entry])) as core,
+            running_bridge(f"127.0.0.1:{core.port}", ping_seconds=0.2) as openai_url,
+        ):
+            body = {"model": BEDROCK, "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+            response = await _raw(openai_url.removesuffix("/v1"), body)
+    events = [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events[:2] == ["message_start", "ping"]  # as Anthropic's API starts its streams
+    deltas = [index for index, name in enumerate(events) if name == "content_block_delta"]
+    assert "ping" in events[deltas[0] : deltas[1]]  # the model was silent between its two deltas: kept alive
+    assert events[-2:] == ["message_delta", "message_stop"]

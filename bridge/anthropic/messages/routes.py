@@ -51,7 +51,13 @@ async def messages(exchange: Exchange) -> Response:
             ATTEMPTS: str(started.start.attempts),
             **anthropic_limits(started.limits),
         }
-        return StreamResponse(started.call, relay(started.call, encoder, seen), seen, headers, started.watcher)
+        return StreamResponse(
+            started.call,
+            relay(started.call, encoder, seen, exchange.gateway.ping_seconds),
+            seen,
+            headers,
+            started.watcher,
+        )
     answer = await complete(exchange, svc.CreateCompletionRequest(params=parsed.params), to_error)
     response = answer.response
     seen.core_overhead_ms = answer.core_overhead_ms

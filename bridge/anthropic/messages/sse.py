@@ -3,8 +3,8 @@
 `message_start` (the message with no content yet) and a `ping`, then for each content block `content_block_start`,
 its deltas (`text_delta`, `thinking_delta`, `signature_delta`, `input_json_delta`) and `content_block_stop`, then
 `message_delta` (stop reason, cumulative usage) and `message_stop`. Every event has an `event:` line: Anthropic's
-SDKs skip data without one. While the core is silent for PING_SECONDS (a model thinking before it answers), a
-`ping` keeps proxies from closing the connection.
+SDKs skip data without one. While the core is silent for MODELMAX_BRIDGE_PING_SECONDS (a model thinking before it
+answers), a `ping` keeps proxies from closing the connection.
 
 Usage is known only when the core's stream finishes, so `message_start` carries zeros and `message_delta` the real
 counts, input included (Anthropic's SDKs take every count of `message_delta` as the cumulative total). A failure
@@ -30,7 +30,6 @@ from modelmax.v1 import completion_service_pb2 as svc
 
 log = logging.getLogger(__name__)
 
-PING_SECONDS = 10.0
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -130,7 +129,9 @@ class BlockEncoder:
         return b""
 
 
-async def relay(call: calls.Events, encoder: BlockEncoder, seen: Observation) -> AsyncGenerator[bytes, None]:
+async def relay(
+    call: calls.Events, encoder: BlockEncoder, seen: Observation, ping_seconds: float
+) -> AsyncGenerator[bytes, None]:
     """The stream's events as SSE bytes; see the module docstring. A client that leaves cancels the call
     (StreamResponse), and the core cancels the provider."""
     finished = False
@@ -140,7 +141,7 @@ async def relay(call: calls.Events, encoder: BlockEncoder, seen: Observation) ->
         while True:
             waiting = time.perf_counter()
             pending = pending or asyncio.ensure_future(call.read())
-            done, _ = await asyncio.wait((pending,), timeout=PING_SECONDS)
+            done, _ = await asyncio.wait((pending,), timeout=ping_seconds)
             seen.core_wait += time.perf_counter() - waiting
             if not done:
                 yield PING  # the read stays pending: the next turn waits on it again
