@@ -13,9 +13,11 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import grpc
 import httpx
 import openai
@@ -160,3 +162,35 @@ async def test_a_grpc_caller_gets_resource_exhausted_with_the_delay(tmp_path: Pa
         info = error_details_pb2.ErrorInfo()
         assert status.details[0].Unpack(info)
         assert info.reason == "ERROR_REASON_RATE_LIMITED" and 0 < float(info.metadata["retry_after"]) <= 60
+
+
+async def test_the_anthropic_dialect_reports_the_same_limits_its_own_way(tmp_path: Path) -> None:
+    """The same key limits on /v1/messages: anthropic-ratelimit-* headers (resets as RFC 3339 times), then a 429
+    rate_limit_error with retry-after, which Anthropic's SDKs raise as RateLimitError."""
+    async with gateway(tmp_path) as gw:
+        root = gw.base_url.removesuffix("/v1")
+        for _ in range(2):  # a second go if the first straddled a minute boundary
+            key = await gw.key(rpm=2)
+            started = time.time()
+            headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+            body = {"model": MODEL, "max_tokens": 5, "messages": HI}
+            async with httpx.AsyncClient(base_url=root, timeout=30) as http:
+                answers = [await http.post("/v1/messages", json=body, headers=headers),
+                           await http.post("/v1/messages", json={**body, "stream": True}, headers=headers)]  # fmt: skip
+            async with anthropic.AsyncAnthropic(base_url=root, api_key=key, max_retries=0) as client:
+                with pytest.raises(anthropic.RateLimitError) as refused:
+                    await client.messages.create(model=MODEL, max_tokens=5, messages=HI)  # type: ignore[arg-type]
+            if same_window(started):
+                break
+    assert [a.status_code for a in answers] == [200, 200]
+    assert [a.headers["anthropic-ratelimit-requests-remaining"] for a in answers] == ["1", "0"]
+    reset = datetime.strptime(answers[0].headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%S%z")
+    assert 0 <= reset.timestamp() - started <= 61
+    assert all(a.headers["anthropic-ratelimit-requests-limit"] == "2" for a in answers)
+    error = refused.value
+    assert error.body == {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "message": error.body["error"]["message"]},
+    }  # type: ignore[index]
+    assert 1 <= int(error.response.headers["retry-after"]) <= 60
+    assert error.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
