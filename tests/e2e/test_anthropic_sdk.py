@@ -509,3 +509,18 @@ async def test_a_silent_model_gets_pings_and_the_stream_goes_on(
     deltas = [index for index, name in enumerate(events) if name == "content_block_delta"]
     assert "ping" in events[deltas[0] : deltas[1]]  # the model was silent between its two deltas: kept alive
     assert events[-2:] == ["message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+async def test_an_openai_compatible_upstreams_reasoning_is_a_thinking_block(fakes: Fakes, stream: bool) -> None:
+    fakes.openai.reasoning_chunks = ["First, ", "think."]  # vLLM's and DeepSeek's reasoning_content
+    question: list[Any] = [{"role": "user", "content": "Hi"}]
+    async with fakes.client() as client:
+        if stream:
+            async with client.messages.stream(model=OPENAI, max_tokens=50, messages=question) as s:
+                message = await s.get_final_message()
+        else:
+            message = await client.messages.create(model=OPENAI, max_tokens=50, messages=question)
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert (message.content[0].thinking, message.content[0].signature) == ("First, think.", "")  # type: ignore[union-attr]
+    assert texts(message) == "Hello, world!"
