@@ -144,6 +144,7 @@ FULL_VALUES: dict[str, Any] = {
         "drainSeconds": 45,
         "maxBodyBytes": 16777216,
         "maxBufferedBytes": 67108864,
+        "pingSeconds": 25,
         "transport": {
             "maxHeaderBytes": 32768,
             "maxHeaders": 50,

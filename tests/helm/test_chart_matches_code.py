@@ -345,6 +345,7 @@ def test_bridge_limits_and_drain_follow_the_values(release: Rendered, tmp_path: 
     pod = release.one("Deployment", "bridge")["spec"]["template"]["spec"]
     assert settings.max_body_bytes == values["maxBodyBytes"]
     assert settings.request_timeout_seconds == values["requestTimeoutSeconds"]
+    assert settings.ping_seconds == values["pingSeconds"]
     assert settings.log_level == values["logLevel"]
     assert settings.shutdown_grace_seconds == values["drainSeconds"]
     assert (
