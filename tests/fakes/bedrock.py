@@ -100,6 +100,25 @@ class ToolUse:
         return [text[: len(text) // 2], text[len(text) // 2 :]]
 
 
+def answer_events(text: list[str], tool_uses: list[ToolUse], index: int = 0) -> list[tuple[str, dict[str, Any]]]:
+    """A stream's text block (one delta per piece; left out when empty and there are tool uses), then one block per
+    tool use (contentBlockStart with its id and name, one delta per input piece), from block `index` on."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    if text or not tool_uses:
+        for piece in text:
+            events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
+        events.append(("contentBlockStop", {"contentBlockIndex": index}))
+        index += 1
+    for tool in tool_uses:
+        start = {"toolUse": {"toolUseId": tool.tool_use_id, "name": tool.name}}
+        events.append(("contentBlockStart", {"contentBlockIndex": index, "start": start}))
+        for piece in tool.stream_pieces():
+            events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}}))
+        events.append(("contentBlockStop", {"contentBlockIndex": index}))
+        index += 1
+    return events
+
+
 def _images(value: Any) -> list[bytes]:
     """The decoded bytes of every image block in a request body (in messages and tool results), in order."""
     if isinstance(value, list):
@@ -237,20 +256,7 @@ class BedrockUpstream:
             events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": delta}))
             events.append(("contentBlockStop", {"contentBlockIndex": index}))
             index += 1
-        if self.text or not self.tool_uses:
-            for piece in self.text:
-                events.append(("contentBlockDelta", {"contentBlockIndex": index, "delta": {"text": piece}}))
-            events.append(("contentBlockStop", {"contentBlockIndex": index}))
-            index += 1
-        for tool in self.tool_uses:
-            start = {"toolUse": {"toolUseId": tool.tool_use_id, "name": tool.name}}
-            events.append(("contentBlockStart", {"contentBlockIndex": index, "start": start}))
-            for piece in tool.stream_pieces():
-                events.append(
-                    ("contentBlockDelta", {"contentBlockIndex": index, "delta": {"toolUse": {"input": piece}}})
-                )
-            events.append(("contentBlockStop", {"contentBlockIndex": index}))
-            index += 1
+        events += answer_events(self.text, self.tool_uses, index)
         if self.send_message_stop:
             events.append(("messageStop", {"stopReason": self.stop_reason}))
         if self.usage is not None:
