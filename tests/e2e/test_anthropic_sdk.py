@@ -524,3 +524,44 @@ async def test_an_openai_compatible_upstreams_reasoning_is_a_thinking_block(fake
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert (message.content[0].thinking, message.content[0].signature) == ("First, think.", "")  # type: ignore[union-attr]
     assert texts(message) == "Hello, world!"
+
+
+HISTORY: list[Any] = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+    {"role": "user", "content": [
+        {"type": "text", "text": "Look:"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": base64.b64encode(PNG).decode()}},
+    ]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [GEMINI, OPENAI])
+async def test_the_same_request_on_gemini_and_openai_upstreams(fakes: Fakes, model: str) -> None:
+    """System, multi-turn with an image, stop sequences and max_tokens, as each upstream's own request; the answer
+    cut by the token limit is `max_tokens` on both."""
+    fakes.gemini.finish_reason, fakes.openai.finish_reason = "MAX_TOKENS", "length"
+    async with fakes.client() as client:
+        message = await client.messages.create(
+            model=model, max_tokens=64, stop_sequences=["END", "STOP"], system="Be brief.", messages=HISTORY
+        )
+    assert (message.stop_reason, message.stop_sequence) == ("max_tokens", None)
+    if model == GEMINI:
+        sent = fakes.gemini.requests[-1].body
+        assert sent["systemInstruction"]["parts"] == [{"text": "Be brief."}]
+        assert [c["role"] for c in sent["contents"]] == ["user", "model", "user"]
+        text, image = sent["contents"][2]["parts"]
+        assert text == {"text": "Look:"}
+        assert base64.urlsafe_b64decode(image["inlineData"]["data"]) == PNG  # google-genai's urlsafe base64
+        assert sent["generationConfig"] == {"maxOutputTokens": 64, "stopSequences": ["END", "STOP"]}
+    else:
+        sent = fakes.openai.requests[-1].body
+        assert sent["messages"][:3] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "Hello."}]  # fmt: skip
+        assert sent["messages"][3]["content"] == [
+            {"type": "text", "text": "Look:"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}},
+        ]
+        assert sent["stop"] == ["END", "STOP"]
+        assert sent.get("max_completion_tokens", sent.get("max_tokens")) == 64
