@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import grpc
 import openai
 import pytest
@@ -359,3 +360,32 @@ async def test_a_grpc_caller_is_metered_like_an_http_caller_and_one_without_a_ke
             assert {k: v for k, v in grpc_row.items() if k not in PER_REQUEST} == {
                 k: v for k, v in http_row.items() if k not in PER_REQUEST
             }
+
+
+async def test_anthropic_messages_are_metered_like_chat_completions(gw: Gateway) -> None:
+    """/v1/messages, whole and streamed: one record each, with the provider's usage, neither marked cancelled, and
+    what the Anthropic client was shown agrees with it."""
+    expected = gw.report(PLAIN) if gw.fake is not None else None
+    root = str(gw.client.base_url).rstrip("/").removesuffix("/v1")
+    request: dict[str, Any] = {"model": gw.model, "max_tokens": MAX_TOKENS, "messages": MESSAGES,
+                               "extra_body": {"temperature": 0}}  # fmt: skip
+    shown: dict[str, tuple[bool, Any]] = {}
+    async with anthropic.AsyncAnthropic(base_url=root, api_key=gw.key, max_retries=0) as client:
+        for stream in (False, True):
+            request_id = f"metering-{uuid.uuid4().hex}"
+            headers = {"X-Request-Id": request_id}
+            if stream:
+                async with client.messages.stream(**request, extra_headers=headers) as events:
+                    message = await events.get_final_message()
+            else:
+                message = await client.messages.create(**request, extra_headers=headers)
+            shown[request_id] = (stream, message.usage)
+
+    rows = by_caller(await gw.stop())
+    assert sorted(rows) == sorted(shown)
+    for request_id, (stream, usage) in shown.items():
+        row = rows[request_id]
+        cached = usage.cache_read_input_tokens or 0
+        seen = Usage(usage.input_tokens + cached, usage.output_tokens, cached, row["reasoning_tokens"])
+        assert usage_of(row) == seen  # Anthropic's input_tokens excludes the cache reads
+        assert_record(row, gw, expected or seen, caller_request_id=request_id, stream=stream)

@@ -150,10 +150,10 @@ async def relay(
             if message is calls.EOF:
                 break
             kind = message.WhichOneof("event")
-            if kind == "finish":
+            if kind == "finish":  # then read on to the end: the core's call completes (and meters) on its own
                 finished = True
                 yield encoder.finish(message.finish)
-                break
+                continue
             if kind == "batch":  # events the core had ready together: their blocks in order, in one send
                 yield b"".join(encoder.encode(inner, inner.WhichOneof("event")) for inner in message.batch.events)
             else:
