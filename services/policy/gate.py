@@ -438,7 +438,8 @@ def record_id() -> str:
 
 
 def _text_size(params: pb.CompletionParams) -> tuple[int, int, int]:
-    """(characters of text, UTF-8 bytes of text, images) in the prompt: messages, tool calls, tool definitions."""
+    """(characters of text, UTF-8 bytes of text, images) in the prompt: messages, tool calls, reasoning given back,
+    tool definitions, the response format's schema (redacted reasoning is opaque bytes, not text)."""
     chars = octets = images = 0
     texts: list[str] = []
     for message in params.messages:
@@ -450,8 +451,10 @@ def _text_size(params: pb.CompletionParams) -> tuple[int, int, int]:
                 texts.append(part.text)
         for call in message.tool_calls:
             texts += (call.name, call.arguments)
+        texts += (block.text for block in message.reasoning)
     for tool in params.tools:
         texts += (tool.name, tool.description, tool.parameters)
+    texts.append(params.response_format.schema)
     for text in texts:
         chars += len(text)
         octets += len(text.encode()) if not text.isascii() else len(text)

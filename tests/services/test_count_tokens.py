@@ -16,8 +16,8 @@ from grpc_status import rpc_status
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
-from services.completion.count import estimate_tokens
 from services.policy import open_store
+from services.policy.gate import prompt_estimate
 from services.policy.keys import KeySpec
 from services.server import CoreServer
 from tests.conftest import running_core, write_catalog
@@ -82,18 +82,19 @@ async def test_bedrock_answers_the_documented_estimate_and_is_never_called(
 ) -> None:
     request = ask(
         "deepseek",
-        pb.Message(role=pb.Role.ROLE_SYSTEM, content="Be brief."),  # 9 bytes
-        pb.Message(role=pb.Role.ROLE_USER, content="Hé!"),  # 4 bytes: é is two
+        pb.Message(role=pb.Role.ROLE_SYSTEM, content="Be brief."),  # 9 characters
+        pb.Message(role=pb.Role.ROLE_USER, content="Hé!"),  # 3
         pb.Message(role=pb.Role.ROLE_USER, parts=[pb.ContentPart(text="Look"), pb.ContentPart(image=PNG)]),  # 4
-        tools=[NOW],  # 3 + 9 + 17 bytes
+        tools=[NOW],  # 3 + 9 + 17
     )
     async with core_for(tmp_path, bedrock, gemini) as core, core_channel(f"127.0.0.1:{core.port}") as channel:
         reply = await svc_grpc.CompletionServiceStub(channel).CountTokens(request, timeout=30)
-    # ceil(46 bytes / 4) + 4 tokens for each of 3 messages + 1600 for the image
+    # the core's prompt estimate (services/policy/gate.py): ceil(45 characters / 4) + 8 tokens for each of 3
+    # messages + 2048 for the image
     assert reply == svc.CountTokensResponse(
-        input_tokens=12 + 12 + 1600, estimated=True, deployment="0:bedrock:deepseek.v3.2"
+        input_tokens=12 + 24 + 2048, estimated=True, deployment="0:bedrock:deepseek.v3.2"
     )
-    assert estimate_tokens(request.params) == reply.input_tokens
+    assert prompt_estimate(request.params) == reply.input_tokens
     assert bedrock.requests == []
 
 
@@ -206,3 +207,12 @@ async def test_a_deployment_without_credentials_fails_as_it_would_serve_never_es
             await svc_grpc.CompletionServiceStub(channel).CountTokens(ask("gemini-3-flash-preview"), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert error_info(raised.value).reason == "ERROR_REASON_UPSTREAM_AUTH"
+
+
+def test_the_estimate_counts_reasoning_given_back_and_the_response_schema() -> None:
+    plain = pb.CompletionParams(model="m", messages=[pb.Message(role=pb.Role.ROLE_USER, content="Hi")])
+    fuller = pb.CompletionParams()
+    fuller.CopyFrom(plain)
+    fuller.messages.add(role=pb.Role.ROLE_ASSISTANT, reasoning=[pb.Reasoning(text="x" * 40, signature="s")])
+    fuller.response_format.schema = "y" * 40
+    assert prompt_estimate(fuller) == prompt_estimate(plain) + 8 + 10 + 10  # a message, and 40 characters twice
