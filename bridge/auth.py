@@ -70,13 +70,11 @@ def api_key_or_bearer(headers: RawHeaders) -> Identity:
     SDKs and Claude Code's ANTHROPIC_AUTH_TOKEN). Each header at most once; both are accepted only when they carry
     the same key (a client may send both), since two different keys leave unclear which one is meant."""
     api_keys = [value for name, value in headers if name == b"x-api-key"]
+    if not api_keys:
+        return bearer(headers)
     if len(api_keys) > 1:
         raise Refused(Refusal.DUPLICATE_HEADER, {"header": "x-api-key"})
-    identity = bearer(headers) if not api_keys or any(name == b"authorization" for name, _ in headers) else None
-    if not api_keys:
-        assert identity is not None
-        return identity
-    from_api_key = _identity(api_keys[0].decode("latin-1").strip())
-    if identity is not None and identity.authorization != from_api_key.authorization:
+    identity = _identity(api_keys[0].decode("latin-1").strip())
+    if any(name == b"authorization" for name, _ in headers) and bearer(headers) != identity:
         raise Refused(Refusal.DUPLICATE_HEADER, {"header": "x-api-key or Authorization"})
-    return from_api_key
+    return identity

@@ -15,6 +15,8 @@ from pydantic import TypeAdapter
 from bridge.anthropic.errors import AnthropicError, anthropic_limits, request_path
 from bridge.anthropic.messages.request import parse_messages_request
 from bridge.anthropic.messages.sse import BlockEncoder
+from bridge.auth import api_key_or_bearer
+from bridge.dialect import Refusal, Refused
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 
@@ -229,3 +231,24 @@ def test_a_known_stop_sequence_and_a_finish_without_a_reason() -> None:
     assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
     with pytest.raises(AnthropicError):
         encoder.finish(svc.CompletionFinish(choices=[svc.ChoiceFinish()]))
+
+
+def test_the_credential_is_an_api_key_or_a_bearer_and_never_two_different_ones() -> None:
+    key, other = b"mm-test-key-0123456789abcdef", b"mm-test-key-fedcba9876543210"
+    by_api_key = api_key_or_bearer([(b"x-api-key", key)])
+    assert by_api_key == api_key_or_bearer([(b"authorization", b"Bearer " + key)])
+    assert by_api_key == api_key_or_bearer([(b"x-api-key", key), (b"authorization", b"Bearer " + key)])
+    for headers in ([(b"x-api-key", key), (b"authorization", b"Bearer " + other)], [(b"x-api-key", key)] * 2):
+        with pytest.raises(Refused) as refused:
+            api_key_or_bearer(headers)
+        assert refused.value.refusal == Refusal.DUPLICATE_HEADER
+    with pytest.raises(Refused) as missing:
+        api_key_or_bearer([])
+    assert missing.value.refusal == Refusal.MISSING_KEY
+
+
+def test_count_tokens_takes_no_max_tokens() -> None:
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()
+    assert not parse_messages_request(raw, count=True).params.HasField("max_tokens")
+    with pytest.raises(AnthropicError):
+        parse_messages_request(raw)

@@ -53,8 +53,9 @@ class Parsed:
     field_names: dict[str, str] = field(default_factory=dict)  # proto path prefix -> request path
 
 
-def parse_messages_request(body: bytes) -> Parsed:
-    """Parse and check a Messages request body; raise AnthropicError (400) naming the offending field."""
+def parse_messages_request(body: bytes, *, count: bool = False) -> Parsed:
+    """Parse and check a Messages request body; raise AnthropicError (400) naming the offending field. `count`: a
+    count_tokens body, which takes no max_tokens (it is left unset: the count is of the prompt alone)."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -62,7 +63,7 @@ def parse_messages_request(body: bytes) -> Parsed:
     if not isinstance(data, dict):
         raise invalid("", "The request body must be a JSON object.")
     try:
-        return _Parser(data).parse()
+        return _Parser(data, count).parse()
     except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\\ud800"), which no proto string can hold
         raise invalid("", "The request contains a string that is not valid Unicode (a lone surrogate).") from None
 
@@ -72,8 +73,8 @@ def _reject_constant(name: str) -> None:
 
 
 class _Parser:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
+    def __init__(self, data: dict[str, Any], count: bool) -> None:
+        self.data, self.count = data, count
         self.params = pb.CompletionParams()
         self.field_names: dict[str, str] = {}
         self.loaded: set[str] = set()  # deferred tools a tool_reference has loaded
@@ -85,9 +86,10 @@ class _Parser:
                 log.debug("ignoring unknown field %r", name)
         params.model = _string(data.get("model"), "model", required=True)
         max_tokens = data.get("max_tokens")
-        if max_tokens is None:
+        if max_tokens is not None:
+            params.max_tokens = _int(max_tokens, "max_tokens", minimum=1)
+        elif not self.count:
             raise invalid("max_tokens", "Field required")
-        params.max_tokens = _int(max_tokens, "max_tokens", minimum=1)
         self._system(data.get("system"))
         self._messages(data.get("messages"))
         self._tools(data.get("tools"))  # after the messages, whose tool_reference blocks load deferred tools
@@ -176,7 +178,7 @@ class _Parser:
         if not parts:
             return
         index = len(self.params.messages)
-        if all(part.WhichOneof("kind") == "text" for part in parts) and len(parts) == 1:
+        if len(parts) == 1 and parts[0].WhichOneof("kind") == "text":
             self._append(pb.Message(role=role, content=parts[0].text), where)
         else:
             self._append(pb.Message(role=role, parts=parts), where)
@@ -312,7 +314,7 @@ class _Parser:
         kind = thinking.get("type")
         if kind == "enabled":
             budget = _int(thinking.get("budget_tokens"), "thinking.budget_tokens", minimum=1024)
-            if budget >= self.params.max_tokens:
+            if self.params.HasField("max_tokens") and budget >= self.params.max_tokens:
                 raise invalid("thinking.budget_tokens", "`max_tokens` must be greater than `thinking.budget_tokens`")
             self.params.reasoning_budget_tokens = budget
             self.field_names["reasoning_budget_tokens"] = "thinking.budget_tokens"

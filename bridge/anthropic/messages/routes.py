@@ -100,21 +100,7 @@ def _parse(exchange: Exchange, *, count: bool = False) -> Parsed:
         raise AnthropicError(400, "anthropic-version: header is required")
     if not _VERSION.fullmatch(version):
         raise AnthropicError(400, f"anthropic-version: '{version}' is not a valid version (such as 2023-06-01)")
-    body = exchange.body
-    if count:  # count_tokens takes no max_tokens: count as if the model may answer at length
-        body = _with_max_tokens(body)
-    return parse_messages_request(body)
-
-
-def _with_max_tokens(body: bytes) -> bytes:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body  # the parser words the error
-    if isinstance(data, dict) and "max_tokens" not in data:
-        data["max_tokens"] = 1 << 30
-        return orjson.dumps(data)
-    return body
+    return parse_messages_request(exchange.body, count=count)
 
 
 def _malformed() -> AnthropicError:
