@@ -25,7 +25,7 @@ from services.providers.gemini import GeminiBackend, GeminiProvider, create_back
 from services.providers.gemini import errors as gemini_errors
 from services.providers.gemini import tools as gemini_tools
 from services.providers.gemini import translate as tr
-from tests.fakes.gemini import Candidate, GeminiUpstream, google_error, serve_gemini
+from tests.fakes.gemini import Candidate, GeminiUpstream, count_tokens, google_error, serve_gemini
 
 R = pb.ErrorReason
 F = pb.FinishReason
@@ -1302,17 +1302,7 @@ async def test_count_tokens_asks_count_tokens_with_the_system_instruction_and_to
     # The fake's count: a word a token over every string of the request (see tests/fakes/gemini.py).
     words = ["user", "Weather", "in", "Paris?", "image/png", SIGNATURE_WIRE, "Be", "brief."]
     words += ["get_weather", "Current", "weather", "in", "a", "city."]
-    assert tokens == len(words) + _schema_words(SCHEMA)
-
-
-def _schema_words(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, dict):
-        return sum(_schema_words(item) for item in value.values())
-    if isinstance(value, list):
-        return sum(_schema_words(item) for item in value)
-    return 0
+    assert tokens == len(words) + count_tokens(SCHEMA)  # the schema's words, by the fake's own rule
 
 
 @pytest.mark.parametrize(
