@@ -23,6 +23,8 @@ _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 # Tokens per request, as the OpenTelemetry GenAI conventions suggest (powers of 4).
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+# The GenAI conventions' advice for gen_ai.client.operation.duration (seconds, doubling from 10 ms).
+_CLIENT_DURATION = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 
 
 def status_of(reason: pb.ErrorReason.ValueType | None) -> str:
@@ -76,7 +78,16 @@ class CoreMetrics:
             "The core's own time per completion: total time minus time waiting on the provider.",
             ["model", "provider"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
+        # One upstream call (one attempt: a retry or a fallback is another), from its request to its last byte or
+        # its failure; `server_address` tells two regions of one model apart, `error_type` is "" on success.
+        self.client_operation_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds", "Time of one call to an upstream deployment (one attempt).",
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
+             "server_address", "error_type"],
+            buckets=_CLIENT_DURATION, registry=r,
+        )  # fmt: skip
         # The labelled series the hot path records into, resolved once per label values.
+        self.client_operation_duration_of = Children(self.client_operation_duration)
         self.request_duration_of = Children(self.request_duration)
         self.requests_of = Children(self.requests)
         self.overhead_of = Children(self.overhead)
@@ -199,6 +210,7 @@ class Measurement:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     output_chars: int = 0  # text and tool arguments relayed: the estimate of a stream cut before its usage
+    key_id: str = ""  # the calling key's public id, once authenticated ("" before, or for a refused credential)
 
     def __post_init__(self) -> None:
         self.metrics.inflight_of(self.model, self.provider).inc()

@@ -218,6 +218,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                     pb.ErrorReason.ERROR_REASON_OVERLOADED, "The gateway is overloaded; retry shortly.", retry_after=1.0
                 )
             call.principal = await self._policy.authenticate(metadata)  # the store only when the cache misses
+            measurement.key_id = call.principal.key_id
             yield call
         except GatewayError as exc:
             status = status_of(exc.reason)
