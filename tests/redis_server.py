@@ -42,7 +42,7 @@ def _pings(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # a server with a password answers too
     except OSError:
         return False
 
@@ -54,6 +54,7 @@ class RedisServer:
     port: int
     root: Path
     binary: str = field(default_factory=_redis_server_binary)
+    options: tuple[str, ...] = ()  # more redis-server arguments, such as ("--requirepass", "secret")
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,7 +66,7 @@ class RedisServer:
         assert self.process is None, "already running"
         log = self.root / "server.log"
         args = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(self.root), "--logfile", str(log), "--protected-mode", "no"]
+        args += ["--dir", str(self.root), "--logfile", str(log), "--protected-mode", "no", *self.options]
         self.process = subprocess.Popen([self.binary, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not _pings(self.port):
@@ -93,9 +94,9 @@ class RedisServer:
 
 
 @contextmanager
-def running_redis() -> Iterator[RedisServer]:
+def running_redis(*options: str) -> Iterator[RedisServer]:
     root = Path(tempfile.mkdtemp(prefix="modelmax-redis-"))
-    server = RedisServer(_free_port(), root)
+    server = RedisServer(_free_port(), root, options=tuple(o.replace("{root}", str(root)) for o in options))
     try:
         server.start()
         yield server

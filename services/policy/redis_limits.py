@@ -10,7 +10,8 @@ Keys, all under one Redis Cluster hash tag per API key (so one key's counters sh
 
     mm:rl:v1:{<key_id>}:w:<window>:req   requests admitted in the window (a string; INCR; expires after 2 windows)
     mm:rl:v1:{<key_id>}:w:<window>:tok   tokens reserved or used in the window (INCRBY; expires after 2 windows)
-    mm:rl:v1:{<key_id>}:leases           requests in flight: a sorted set of lease ids scored by their expiry (us)
+    mm:rl:v1:{<key_id>}:leases           requests in flight: a sorted set of lease ids scored by their expiry (us),
+                                         kept only for a key with a concurrency limit
 
 `v1` names the scripts' version, not the gateway's. A change to what the scripts store or mean takes a new prefix
 (`v2`), so during a rolling update the old and the new gateway never read each other's counters with the wrong
@@ -20,32 +21,33 @@ each of them. A change that keeps the layout and the meaning (a faster script) k
 A lease expires `lease_seconds` after its acquire (it must outlast the longest request the core allows): a replica
 that died mid-request cannot hold its slots for ever, because every acquire first drops the expired leases. A lease
 id names one request in flight (the request's id): acquiring with one already held refreshes it, taking no new slot.
+A key without a concurrency limit takes no lease, and one whose only limit is rpm is not settled at all (its request
+counted once, whatever it used): one round trip per request. A concurrency limit added to a key while its requests
+are in flight counts only the requests admitted after it.
 
-Failure is the caller's to decide: any Redis call that times out (`timeout`, on the socket and around the whole
-call), cannot connect or is answered with an error raises `LimiterUnavailable`, and the policy chooses to fail
-open or closed. Nothing is retried here: a timed-out acquire may have counted, and a retry would count it twice
+The client is services/policy/resp.py (one pipelined RESP2 connection; redis-py cost more than the whole latency
+budget of a limited request, see its docstring).
+
+Failure is the caller's to decide: any Redis call that times out (`timeout` for each round trip, the connection's
+opening included), cannot connect or is answered with an error raises `LimiterUnavailable`, and the policy
+chooses to fail open or closed. Nothing is retried here: a timed-out acquire may have counted, and a retry would
+count it twice
 (its slot then frees itself when its lease expires, its tokens when the window ends). A Redis that loses its data
 (no persistence, a restart) forgets the current window's counts; the next window is exact again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from services.policy.limits import WINDOW_SECONDS, Grant, KeyLimits, LimiterUnavailable, RateLimited, Usage
+from services.policy.resp import Redis, RedisError, Reply, ReplyError
 
 PREFIX = "mm:rl:v1"
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_LEASE_SECONDS = 900.0
-DEFAULT_MAX_CONNECTIONS = 8  # per replica
 
 # KEYS: the leases' sorted set, the window counters' prefix. ARGV: rpm, tpm, max_concurrent (-1: no limit), tokens,
 # lease id, lease length (us), window length (s). Returns {refused limit or "", requests, tokens, us left, window}.
@@ -58,7 +60,9 @@ local window = math.floor(tonumber(time[1]) / window_s)
 local left_us = (window + 1) * window_s * 1000000 - now_us
 local requests_key = KEYS[2] .. string.format('%d', window) .. ':req'
 local tokens_key = KEYS[2] .. string.format('%d', window) .. ':tok'
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us)
+if max_concurrent >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_us)
+end
 local requests = tonumber(redis.call('GET', requests_key) or 0)
 local used = tonumber(redis.call('GET', tokens_key) or 0)
 local refused = ''
@@ -74,8 +78,10 @@ if refused == '' then
   used = redis.call('INCRBY', tokens_key, tokens)
   redis.call('EXPIRE', requests_key, 2 * window_s)
   redis.call('EXPIRE', tokens_key, 2 * window_s)
-  redis.call('ZADD', KEYS[1], now_us + lease_us, lease)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease_us / 1000) + 1000)
+  if max_concurrent >= 0 then
+    redis.call('ZADD', KEYS[1], now_us + lease_us, lease)
+    redis.call('PEXPIRE', KEYS[1], math.ceil(lease_us / 1000) + 1000)
+  end
 end
 return {refused, requests, used, left_us, window}
 """
@@ -106,11 +112,13 @@ class _Script:
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def __call__(self, client: Redis, keys: tuple[str, str], args: Sequence[str | int]) -> Reply:
         try:
-            return await client.evalsha(self._sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            return await client.eval(self._source, len(keys), *keys, *args)
+            return await client.call("EVALSHA", self._sha, 2, *keys, *args)
+        except ReplyError as exc:
+            if exc.code != "NOSCRIPT":
+                raise
+            return await client.call("EVAL", self._source, 2, *keys, *args)
 
 
 class RedisLimiter:
@@ -122,9 +130,9 @@ class RedisLimiter:
         self, client: Redis, *, timeout: float = DEFAULT_TIMEOUT, lease_seconds: float = DEFAULT_LEASE_SECONDS
     ) -> None:
         """Args:
-        client: a `redis.asyncio.Redis` answering decoded strings, with socket timeouts, no retries and a bounded
-            pool (`from_url` makes one).
-        timeout: seconds allowed for each call, the connection included.
+        client: the server's client (services/policy/resp.py), its own deadline per call.
+        timeout: seconds allowed for each round trip (the NOSCRIPT fallback's EVAL is a second), the connection's
+            opening included.
         lease_seconds: how long a request holds its concurrency slot unless settled first.
         """
         if lease_seconds <= 0:
@@ -137,32 +145,14 @@ class RedisLimiter:
 
     @classmethod
     def from_url(
-        cls,
-        url: str,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        cls, url: str, *, timeout: float = DEFAULT_TIMEOUT, lease_seconds: float = DEFAULT_LEASE_SECONDS
     ) -> RedisLimiter:
-        """A limiter on `redis://host:port/db` (or `rediss://`, `unix://`); connects on first use.
+        """A limiter on `redis://[[user]:password@]host:port/db` (or `rediss://`, `unix://`); connects on first use.
 
-        Calls beyond `max_connections` wait for a connection (within `timeout`) rather than open more: Redis runs
-        one script at a time, and a burst that opened a connection per request would spend its timeout connecting.
+        Every call of every request goes over one pipelined connection, reopened after a failure: Redis runs one
+        script at a time, and a burst that opened a connection per request would spend its timeout connecting.
         """
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=None,  # waiting for a free connection is bounded by the call's own timeout
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # redis-py retries by default; a retried acquire could count twice
-            # RESP2: under redis-py 8's default RESP3 its pool stops checking that an idle connection is still open
-            # (a server restart then fails the first call on each pooled connection), and every Redis and Valkey
-            # speaks RESP2
-            protocol=2,
-        )
-        return cls(Redis.from_pool(pool), timeout=timeout, lease_seconds=lease_seconds)
+        return cls(Redis(url, timeout=timeout), timeout=timeout, lease_seconds=lease_seconds)
 
     async def acquire(self, key_id: str, limits: KeyLimits, tokens: int, lease: str) -> Grant:
         args = (_limit(limits.rpm), _limit(limits.tpm), _limit(limits.max_concurrent), tokens, lease)
@@ -179,6 +169,9 @@ class RedisLimiter:
             return
         # Marked before the call: a timed-out settle may have run, and its token correction must not apply twice.
         grant.settled = True
+        limits = grant.usage.limits
+        if limits.tpm is None and limits.max_concurrent is None:
+            return  # nothing to give back: the acquire took no lease, and the request counts as one, whatever it used
         delta = used_tokens - grant.tokens
         await self._call(self._settle, grant.key_id, (grant.lease, grant.window, delta, WINDOW_SECONDS))
 
@@ -188,11 +181,8 @@ class RedisLimiter:
     async def _call(self, script: _Script, key_id: str, args: Sequence[str | int]) -> Any:
         keys = (f"{PREFIX}:{{{key_id}}}:leases", f"{PREFIX}:{{{key_id}}}:w:")
         try:
-            async with asyncio.timeout(self._timeout):
-                return await script(self._client, keys, args)
-        except TimeoutError as exc:  # asyncio.timeout's; redis-py's own socket timeouts are RedisErrors, below
-            raise LimiterUnavailable(f"rate limits: Redis did not answer within {self._timeout}s") from exc
-        except redis_errors.RedisError as exc:
+            return await script(self._client, keys, args)
+        except RedisError as exc:  # unreachable, closed, no answer within the client's deadline, or an error reply
             raise LimiterUnavailable(f"rate limits: Redis failed: {type(exc).__name__}: {exc}") from exc
 
 
