@@ -6,8 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/modelmax/v1/*.proto)
 # llama.cpp is compiled once per machine (pip caches the wheel); skip what the Python binding never uses.
+# GGML_NATIVE=OFF (AVX2/FMA/F16C on x86, as the Dockerfile): a -march=native build uses every instruction the CPU
+# advertises, and a VM that advertises AMX without granting it kills the process at the first decode
+# (`ldtilecfg`, a general protection fault); pip's wheel cache, keyed by the sdist alone, would also carry a native
+# build to a machine with another CPU.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=OFF
 
 .PHONY: install proto proto-lint run run-core run-bridge test lint check clean bench bench-tools tools images lock
 
