@@ -142,3 +142,4 @@ bench: proto bench-tools
 	$(BIN)/python -m bench.run --out bench-results
 	$(BIN)/python -m bench.keys --out bench-results
 	$(BIN)/python -m bench.keys --limits --rounds 6 --out bench-results
+	$(BIN)/python -m bench.keys --traces --rounds 6 --out bench-results

@@ -7,6 +7,10 @@ one request to the upstream directly, to each gateway in turn (p50 latency, and 
 differences); at concurrency 64, both gateways loaded at once, 32 connections each (requests/s, their ratio, and
 each gateway's CPU per request); medians over the rounds. The targets (the tenants issue): the added c=1 p50 grows
 by at most 0.1 ms, and c=64 throughput drops by at most 10%.
+
+`--traces` measures tracing the same way: both gateways on a static key, the second with OpenTelemetry on, sampling
+every request (always_on) and exporting over OTLP/gRPC to a local sink (bench/otlp_sink.py, on the load's CPU): what
+three spans a request (bridge, core, the upstream attempt) cost. There is no target; it says what it costs.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ class Gateways:
     """The two gateways. With `baseline` (another checkout), the first runs that tree's code with a static key and
     the second this tree's, also with a static key: the same paired measurement, of a change to the hot path."""
 
-    def __init__(self, workdir: Path, baseline: Path | None = None, limits: bool = False) -> None:
+    def __init__(self, workdir: Path, baseline: Path | None = None, limits: bool = False, traces: bool = False) -> None:
         self.workdir = workdir
         self.baseline = baseline
         self.limits = limits  # both sides database keys; the second's key has limits counted in a Redis
+        self.traces = traces  # both sides static keys; the second traces every request to a local OTLP sink
         self.upstream = free_port()
         self.ports = {"static": (free_port(), free_port()), "database": (free_port(), free_port())}  # core, bridge
         self.keys = {"static": KEY, "database": ""}
@@ -54,8 +59,18 @@ class Gateways:
         self._spawn([sys.executable, "-m", "bench.upstream", str(self.upstream)], env, other_cpu)
         url = f"sqlite:///{self.workdir / 'policy.sqlite3'}"
         self.keys["database"] = asyncio.run(_database_key(url))
-        if self.baseline is not None:
+        if self.baseline is not None or self.traces:
             self.keys["database"] = KEY
+        otel: dict[str, str] = {}
+        if self.traces:
+            sink = free_port()
+            self._spawn([sys.executable, "-m", "bench.otlp_sink", str(sink)], env, other_cpu)
+            otel = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}",
+                "OTEL_TRACES_SAMPLER": "always_on",
+            }
         redis_url = ""
         if self.limits:  # never reached, so every request is counted and admitted
             redis_url = self._start_redis(env, other_cpu)
@@ -66,8 +81,10 @@ class Gateways:
         for name, (core, bridge) in self.ports.items():
             root = self.baseline if self.baseline is not None and name == "static" else ROOT
             tree = {**env, "PYTHONPATH": f"{root / 'gen'}:{root}", "MODELMAX_API_KEY": KEY}  # older bridges read it
+            if name == "database" and otel:
+                tree = {**tree, **otel}
             core_env = {**tree, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core)}
-            if (name == "database" and self.baseline is None) or self.limits:
+            if (name == "database" and self.baseline is None and not self.traces) or self.limits:
                 core_env.pop("MODELMAX_API_KEY")
                 core_env["MODELMAX_DATABASE_URL"] = url
             if name == "database" and redis_url:
@@ -110,13 +127,17 @@ class Gateways:
         self.processes.append(subprocess.Popen(prefix + argv, cwd=cwd, env=env))
 
     def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        """The gateways first, then what they drain into (the upstream, Redis, the OTLP sink of their last spans)."""
+        gateways = {pid for pids in self.pids.values() for pid in pids}
+        first = [process for process in self.processes if process.pid in gateways]
+        for group in (first, [process for process in self.processes if process.pid not in gateways]):
+            for process in group:
+                process.terminate()
+            for process in group:
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -216,6 +237,11 @@ def main() -> None:
         "tree's (a hot-path change, before and after) instead of static with database keys",
     )
     parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="compare tracing off with tracing on (every request sampled, OTLP/gRPC to a local sink), static keys",
+    )
+    parser.add_argument(
         "--limits",
         action="store_true",
         help="compare a database key without limits with one whose limits are counted in Redis (rate-limit cost)",
@@ -226,7 +252,7 @@ def main() -> None:
     if other_cpu is not None:
         os.sched_setaffinity(0, {other_cpu})
     with tempfile.TemporaryDirectory() as workdir:
-        gateways = Gateways(Path(workdir), args.baseline, args.limits)
+        gateways = Gateways(Path(workdir), args.baseline, args.limits, args.traces)
         gateways.start()
         try:
             import uvloop
@@ -241,14 +267,19 @@ def main() -> None:
     }
     if args.limits:  # the fleet issue's target for a Redis-backed limit
         verdicts = {"c=1 p50 growth <= 0.2 ms": results["p50_growth_ms"] <= 0.2}
+    if args.traces:  # no target: the figures are the answer
+        verdicts = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("baseline.json" if args.baseline else "limits.json" if args.limits else "keys.json")).write_text(
+    name = "baseline" if args.baseline else "limits" if args.limits else "traces" if args.traces else "keys"
+    (out / f"{name}.json").write_text(
         json.dumps({"results": results, "targets": verdicts, "baseline": str(args.baseline or "")}, indent=2)
     )
     first, second = ("baseline tree", "this tree") if args.baseline else ("static keys", "database keys + metering")
     if args.limits:
         first, second = ("database key, no limits", "database key, limits in Redis")
+    if args.traces:
+        first, second = ("tracing off", "tracing on (every request sampled, OTLP/gRPC)")
     print(
         f"\n{first}: +{results['static_added_p50_ms']:.3f} ms p50 at c=1, {results['static_rps']:.0f} req/s at c=64"
         f"\n{second}: +{results['database_added_p50_ms']:.3f} ms, "

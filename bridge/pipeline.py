@@ -14,6 +14,10 @@ the dialect's own `DialectError`; the route's dialect words them (bridge/dialect
 The slot is taken once the body is in (a client stuck mid-upload holds none; a request finding no free slot is
 refused before its body is read), and a body counts against the process's cap on buffered bytes from its first
 byte until its handler has parsed it.
+
+With tracing on (startup/tracing.py), each request to a route that is not public is one SERVER span, from its head to
+its last byte, child of the caller's W3C `traceparent`; the calls to the core carry the span's trace context in their
+metadata, so the core's spans are its children. Off, the request pays one check.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from bridge.dialect import Dialect, DialectError, Refusal, Refused
 from bridge.metrics import BridgeMetrics, Observation, request_id_from
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from modelmax.v1 import key_service_pb2_grpc
+from startup import tracing
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +154,9 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
     request = Request(scope, receive)
     headers = request.headers
     seen = Observation(gateway.metrics, request_id_from(headers.get(REQUEST_ID)), route.metered)
+    span = None
+    if tracing.current is not None and not route.public:  # off, a request pays this one check
+        span = _server_span(tracing.current, route, scope, request)
     admitted = False
     held = _Held(gateway)
     status = 499  # unless a response is sent: the client (or the server) went away first
@@ -166,7 +174,10 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
             if not route.public:
                 gateway.admit()  # only now: a client still uploading holds no slot
                 admitted = True
-            exchange = Exchange(request, gateway, seen, identity, _metadata(seen.request_id, identity), body)
+            metadata = _metadata(seen.request_id, identity)
+            if span is not None:
+                metadata += tracing.headers_of(span)
+            exchange = Exchange(request, gateway, seen, identity, metadata, body)
             del body
             try:
                 response = await route.handler(exchange)
@@ -189,6 +200,28 @@ async def serve(gateway: Gateway, table: RouteTable, scope: Scope, receive: Rece
         if admitted:
             gateway.active -= 1
         seen.finish(status)  # after the last byte; a no-op when a stream already finished it
+        if span is not None:
+            _end_server_span(span, status)
+
+
+def _server_span(tracer: tracing.Tracing, route: Route, scope: Scope, request: Request) -> tracing.Span:
+    """The SERVER span of one request, named as the HTTP conventions say: "{method} {route}"."""
+    headers = request.headers
+    parent = tracing.parent_of(headers.get(tracing.TRACEPARENT), headers.get(tracing.TRACESTATE))
+    attributes = {
+        "http.request.method": scope["method"],
+        "http.route": route.path,
+        "url.path": scope["path"],
+        "url.scheme": scope.get("scheme", "http"),
+    }
+    return tracer.start(f"{scope['method']} {route.path}", tracing.SpanKind.SERVER, parent, attributes)
+
+
+def _end_server_span(span: tracing.Span, status: int) -> None:
+    if status == 499:  # no response was sent: the client went away first
+        tracing.end(span, "cancelled")
+        return
+    tracing.end(span, str(status) if status >= 500 else "", {"http.response.status_code": status})
 
 
 def _metadata(request_id: str, identity: Identity | None) -> Metadata:

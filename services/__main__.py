@@ -1,4 +1,4 @@
-"""`python -m services`: run the ModelMax core until SIGTERM or SIGINT."""
+"""`python -m services`: run the ModelMax core until SIGTERM or SIGINT; traces as OTEL_* says (startup/tracing.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import uvloop
 from services.catalog import CatalogError
 from services.server import start_core
 from services.settings import Settings, SettingsError
-from startup import configure_logging, raise_fd_limit
+from startup import configure_logging, raise_fd_limit, tracing
 
 
 async def _serve(settings: Settings) -> None:
@@ -35,9 +35,15 @@ def main() -> None:
         sys.exit(f"modelmax-core: {exc}")
     configure_logging(settings.log_level, os.environ.get("MODELMAX_LOG_FORMAT", "json"))
     try:
+        tracing.configure("modelmax-core")
+    except ValueError as exc:
+        sys.exit(f"modelmax-core: {exc}")
+    try:
         uvloop.run(_serve(settings))  # grpc.aio runs on uvloop; its loop is measurably cheaper per call (BENCHMARKS.md)
     except (CatalogError, SettingsError) as exc:
         sys.exit(f"modelmax-core: bad configuration: {exc}")
+    finally:
+        tracing.shutdown()  # after the drain: the spans of the last streams go out too
 
 
 if __name__ == "__main__":

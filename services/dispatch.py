@@ -6,6 +6,11 @@ A public model name is a `Route` over one or more `Deployment`s (built once from
 same deployment (with backoff, or the upstream's Retry-After) and then falls back to the next; once a deployment has
 produced output, the completion stays on it. Per process, in memory: a deployment's failures are counted where they
 happen, and nothing needs a database.
+
+Each try is an `Attempt`: one observation of `gen_ai_client_operation_duration_seconds`, and with tracing on one
+CLIENT span `chat {upstream model}` (the GenAI conventions' inference span), made current while the provider sends its
+request so that the request carries the span's traceparent. A failed try ends its attempt here; the try that
+started ends its attempt when its stream ends (services/completion/relay.py), with the usage and finish reasons.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from dataclasses import dataclass, field
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
+from services import genai
 from services.catalog import CatalogEntry, CooldownPolicy, RetryPolicy, TimeoutPolicy
 from services.errors import GatewayError
-from services.metrics import CoreMetrics, Measurement
+from services.metrics import CoreMetrics, Measurement, status_of
 from services.prices import Price
 from services.providers import Provider, ProviderRegistry
+from startup import tracing
 
 R = pb.ErrorReason
 # Worth another try of the same deployment (after a backoff), then of the next one.
@@ -61,6 +68,95 @@ class Deployment:
 
     def available(self, now: float) -> bool:
         return now >= self.cooled_until
+
+    @property
+    def provider_name(self) -> str:
+        """gen_ai.provider.name: "aws.bedrock", "gcp.gemini", "openai", "llama.cpp"."""
+        return genai.provider_name(self.config.provider)
+
+
+class Attempt:
+    """One try of one deployment: its client-side duration, and its CLIENT span when tracing is on.
+
+    `end` records both, once; later calls do nothing, so every path out of a try may call it.
+    """
+
+    __slots__ = ("_metrics", "_model", "deployment", "started", "span", "_ended")
+
+    def __init__(
+        self,
+        metrics: CoreMetrics,
+        model: str,
+        deployment: Deployment,
+        parent: tracing.Context | None,
+        params: pb.CompletionParams,
+    ) -> None:
+        self._metrics = metrics
+        self._model = model  # the public name (gen_ai.request.model)
+        self.deployment = deployment
+        self._ended = False
+        self.span: tracing.Span | None = None
+        tracer = tracing.current
+        if parent is not None and tracer is not None:
+            provider = deployment.provider
+            attributes: dict[str, str | int] = {
+                "gen_ai.operation.name": genai.OPERATION_CHAT,
+                "gen_ai.provider.name": deployment.provider_name,
+                "gen_ai.request.model": model,
+                "modelmax.deployment": deployment.label,
+            }
+            if provider.server_address:
+                attributes["server.address"] = provider.server_address
+                if provider.server_port is not None:
+                    attributes["server.port"] = provider.server_port
+            if tracer.capture_content:  # the operator opted in to content on spans (startup/tracing.py)
+                messages, system = genai.input_messages(params)
+                attributes["gen_ai.input.messages"] = messages
+                if system is not None:
+                    attributes["gen_ai.system_instructions"] = system
+            name = f"{genai.OPERATION_CHAT} {deployment.config.model}"
+            self.span = tracer.start(name, tracing.SpanKind.CLIENT, parent, attributes)
+        self.started = time.perf_counter()
+
+    @property
+    def captures_content(self) -> bool:
+        """Whether this try's span records the completion's content (the operator's opt-in)."""
+        return self.span is not None and tracing.current is not None and tracing.current.capture_content
+
+    def end(
+        self,
+        error_type: str = "",
+        usage: pb.Usage | None = None,
+        finish_reasons: tuple[str, ...] = (),
+        output: str | None = None,
+    ) -> None:
+        """The try is over: "" for success, else its error type (an ErrorReason's label, or "cancelled"); `output`
+        is gen_ai.output.messages when the span captures content."""
+        if self._ended:
+            return
+        self._ended = True
+        deployment = self.deployment
+        upstream = deployment.config.model
+        self._metrics.client_operation_duration_of(
+            genai.OPERATION_CHAT, deployment.provider_name, self._model, upstream,
+            deployment.provider.server_address, error_type,
+        ).observe(time.perf_counter() - self.started)  # fmt: skip
+        span = self.span
+        if span is None:
+            return
+        attributes: dict[str, str | int | tuple[str, ...]] = {"gen_ai.response.model": upstream}
+        if usage is not None:
+            attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+            if usage.cached_tokens:
+                attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            if usage.reasoning_tokens:
+                attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+        if finish_reasons:
+            attributes["gen_ai.response.finish_reasons"] = finish_reasons
+        if output is not None:
+            attributes["gen_ai.output.messages"] = output
+        tracing.end(span, error_type, attributes)
 
 
 @dataclass(slots=True)
@@ -138,6 +234,7 @@ class Started:
     stream: Events
     attempts: int  # tries it took, retries and fallbacks included
     end: float | None  # loop time by which the whole completion must be done (the deployment's total timeout)
+    attempt: Attempt  # the try that started: ended with the stream
 
 
 def build_routes(registry: ProviderRegistry) -> dict[str, Route]:
@@ -178,12 +275,14 @@ class Dispatcher:
         *,
         incremental: bool,
         time_remaining: float | None,
+        trace: tracing.Context | None = None,
     ) -> Started:
         """Try the route's deployments until one produces its first event; raise the last failure if none does.
 
         `time_remaining` is the caller's gRPC deadline in seconds from now (None: no deadline); it caps the route's
         retry budget, so no backoff sleeps past the point where the caller has stopped waiting. Each try counts in
-        `measurement` (`serving` names the deployment tried or serving, for metrics and logs).
+        `measurement` (`serving` names the deployment tried or serving, for metrics and logs). `trace` is the context
+        of the core's span of the call when tracing is on: each try's span is its child.
         """
         budget = route.retry.budget_seconds
         if time_remaining is not None:
@@ -199,6 +298,7 @@ class Dispatcher:
                     self._metrics.retries_of(measurement.model, deployment.kind).inc()
                 attempts += 1
                 measurement.serving(deployment.label, deployment.kind, attempts)
+                attempt = Attempt(self._metrics, measurement.model, deployment, trace, params)
                 stream = deployment.provider.stream(params, incremental=incremental)
                 limits = deployment.timeouts
                 loop_now = asyncio.get_running_loop().time()
@@ -206,10 +306,13 @@ class Dispatcher:
                 first_by = end if limits.first_token_seconds is None else loop_now + limits.first_token_seconds
                 if end is not None and first_by is not None:
                     first_by = min(first_by, end)
+                # The provider sends its request on the first `next_event`: with its span current, it carries it.
+                token = None if attempt.span is None else tracing.attach(attempt.span)
                 try:
                     # Pre-stream failures surface here, and so does a provider that never starts answering.
                     first = await next_event(stream, measurement, first_by, deployment.label)
                 except GatewayError as exc:
+                    attempt.end(status_of(exc.reason))
                     await stream.aclose()
                     if exc.reason not in RETRYABLE and exc.reason not in NEXT_DEPLOYMENT:
                         raise  # the request itself is wrong: no other try would do better
@@ -222,11 +325,15 @@ class Dispatcher:
                         break
                     await asyncio.sleep(delay)
                     continue
-                except BaseException:
+                except BaseException as exc:
+                    attempt.end("cancelled" if isinstance(exc, asyncio.CancelledError) else "internal")
                     await stream.aclose()
                     raise
+                finally:
+                    if token is not None:
+                        tracing.detach(token)
                 route.succeeded(deployment)
-                return Started(deployment, first, stream, attempts, end)
+                return Started(deployment, first, stream, attempts, end, attempt)
             if time.monotonic() >= deadline:
                 break
         assert failure is not None

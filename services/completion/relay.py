@@ -8,9 +8,10 @@ from collections.abc import AsyncGenerator
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
+from services import genai
 from services.dispatch import Started, next_event
 from services.errors import GatewayError
-from services.metrics import Measurement
+from services.metrics import Measurement, status_of
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,19 @@ async def relay(
     """One started completion: `start`, then the provider's events up to its finish (by `started.end`, if set).
 
     A provider stream that ends without a finish, or finishes without a reason for every choice asked, broke the
-    contract: UPSTREAM_PROTOCOL, never an invented `stop`. Closing this generator closes the provider's stream.
+    contract: UPSTREAM_PROTOCOL, never an invented `stop`. Closing this generator closes the provider's stream, and
+    however it ends, it ends the started attempt (its duration and span): with the usage once the finish is out.
     """
     stream, deployment = started.stream, started.deployment
+    error = "cancelled"  # unless the finish went out, or a failure says otherwise
+    usage: pb.Usage | None = None
+    reasons: tuple[str, ...] = ()
+    fold = None
+    if started.attempt.captures_content:  # the answer, for an operator who opted in (fold imports this module)
+        from services.completion.fold import Fold
+
+        fold = Fold()
+    output: str | None = None
     try:
         if started.first is None:
             raise protocol_error("the provider's stream ended before any output", params.model)
@@ -45,6 +56,12 @@ async def relay(
                     measurement.completion_tokens = usage.completion_tokens
                     measurement.cached_tokens = usage.cached_tokens
                     measurement.reasoning_tokens = usage.reasoning_tokens
+                if started.attempt.span is not None:  # the names only a span records
+                    reasons = tuple(_reason_name(choice.finish_reason) for choice in event.finish.choices)
+                if fold is not None:
+                    fold.add(event)
+                    output = genai.output_messages(fold.result(params.model).choices, reasons)
+                error = ""  # complete: a caller that leaves now has had the whole answer
                 yield event
                 return
             if event.HasField("batch"):
@@ -53,11 +70,27 @@ async def relay(
             else:
                 measurement.output_chars += _chars(event)
             measurement.token()  # the first output, whether one event or a batch: TTFT is when it arrived
+            if fold is not None:
+                fold.add(event)
             yield event
             event = await next_event(stream, measurement, started.end, deployment.label)
         raise protocol_error("the provider's stream ended before it finished", params.model)
+    except GatewayError as exc:
+        error = status_of(exc.reason)
+        raise
+    except Exception:
+        error = "internal"
+        raise
     finally:
-        await stream.aclose()  # closes the upstream call when the caller went away or failed
+        try:
+            await stream.aclose()  # closes the upstream call when the caller went away or failed
+        finally:
+            started.attempt.end(error, usage, reasons, output)
+
+
+def _reason_name(reason: pb.FinishReason.ValueType) -> str:
+    """gen_ai.response.finish_reasons' words: "stop", "length", "tool_calls", "content_filter"."""
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
 
 
 def _chars(event: svc.StreamCompletionResponse) -> int:

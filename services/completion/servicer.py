@@ -20,6 +20,7 @@ import grpc
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
+from services import genai
 from services.completion.count import count_tokens
 from services.completion.fold import Fold
 from services.completion.relay import relay
@@ -31,6 +32,7 @@ from services.metrics import CoreMetrics, Measurement, status_of
 from services.policy.gate import Admission, Outcome, Policy, Principal, Tokens, prompt_estimate
 from services.policy.limits import Grant
 from services.providers import ProviderRegistry, TokenCounter
+from startup import tracing
 
 log = logging.getLogger(__name__)
 requests_log = logging.getLogger("services.requests")
@@ -44,6 +46,7 @@ OVERHEAD = "x-modelmax-overhead-ms"  # the core's own time
 DEPLOYMENT = "x-modelmax-deployment"  # the deployment that served
 ATTEMPTS = "x-modelmax-attempts"  # tries it took, retries and fallbacks included
 _MAX_METADATA_VALUE = 128  # a longer request id is not trusted into logs
+_SERVICE = "modelmax.v1.CompletionService"  # rpc.service of the core's spans, named "{rpc.service}/{rpc.method}"
 
 
 @dataclass(slots=True)
@@ -56,6 +59,8 @@ class Call:
     principal: Principal | None = None
     admission: Admission | None = None
     grant: Grant | None = None  # its hold on the key's rate limits, settled when it ends
+    limits: tuple[tuple[str, str], ...] = ()  # a unary call's x-ratelimit-* values, sent with its trailers
+    trace: tracing.Context | None = None  # with tracing on: the context of the call's SERVER span, parent of tries
 
 
 class CompletionServicer(svc_grpc.CompletionServiceServicer):
@@ -190,8 +195,9 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         if wanted:  # once per request, before any deployment is tried: a retry or fallback reuses the bytes
             await _waited(self._images.resolve(wanted), measurement)  # network time, not the core's overhead
         started = await self._dispatcher.dispatch(
-            route, params, measurement, incremental=incremental, time_remaining=context.time_remaining()
-        )
+            route, params, measurement, incremental=incremental, time_remaining=context.time_remaining(),
+            trace=call.trace,
+        )  # fmt: skip
         async with aclosing(relay(started, params, measurement)) as events:  # closed at once if our caller leaves
             async for event in events:
                 yield event
@@ -210,6 +216,10 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         measurement = Measurement(params.model if route else "unknown", route.kind if route else "none", self._metrics)
         metadata = context.invocation_metadata()
         call = Call(_request_id(metadata), stream, measurement)
+        span = None
+        if tracing.current is not None:  # off, the call pays this one check
+            span = _server_span(tracing.current, metadata, measurement, stream)
+            call.trace = tracing.context_of(span)
         self._active += 1
         status, upstream = "ok", None
         try:
@@ -236,6 +246,8 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
             await context.abort_with_status(internal)  # type: ignore[attr-defined]  # as above: a grpc-stubs gap
         finally:
             self._active -= 1
+            if span is not None:
+                _end_server_span(span, measurement, status)
             duration = measurement.record(status, upstream)
             if call.admission is not None and self._policy.writer is not None:  # admitted, with a store: metered
                 self._policy.meter(call.admission, _outcome(call, status, duration), params)
@@ -279,6 +291,32 @@ def create_servicer(
 ) -> CompletionServicer:
     """The servicer over the registry's routes, checking every call with `policy` and recording into `metrics`."""
     return CompletionServicer(registry, Dispatcher(build_routes(registry), metrics), metrics, policy, max_concurrent)
+
+
+def _server_span(
+    tracer: tracing.Tracing, metadata: Iterable[tuple[str, str | bytes]] | None, m: Measurement, stream: bool
+) -> tracing.Span:
+    """The core's SERVER span of one completion call, child of the caller's (the bridge's) W3C trace context."""
+    method = "StreamCompletion" if stream else "CreateCompletion"
+    attributes = {
+        "rpc.system": "grpc",
+        "rpc.service": _SERVICE,
+        "rpc.method": method,
+        "gen_ai.operation.name": genai.OPERATION_CHAT,
+        "gen_ai.request.model": m.model,  # "unknown" for a name the catalog does not have, as in the metrics
+    }
+    parent = tracing.parent_in(tuple(metadata or ()))
+    return tracer.start(f"{_SERVICE}/{method}", tracing.SpanKind.SERVER, parent, attributes)
+
+
+def _end_server_span(span: tracing.Span, m: Measurement, status: str) -> None:
+    attributes: dict[str, str | int] = {"gen_ai.provider.name": genai.provider_name(m.provider)}
+    if m.key_id:
+        attributes["modelmax.key_id"] = m.key_id  # the key's public id, never the key
+    if m.attempts:
+        attributes["modelmax.attempts"] = m.attempts
+        attributes["modelmax.deployment"] = m.deployment
+    tracing.end(span, "" if status == "ok" else status, attributes)
 
 
 def _trailers(measurement: Measurement) -> tuple[tuple[str, str], ...]:

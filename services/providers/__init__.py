@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import AsyncExitStack
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
@@ -62,6 +63,13 @@ class Provider(Protocol):
     supported: frozenset[str]
     """The optional features (names from FEATURES) this provider honours. The core checks every request against it
     once, before dispatch, and refuses any other feature the request uses; `stream` never sees such a request."""
+
+    server_address: str
+    """The upstream's host, resolved once from the entry's options (`server.address` of each attempt's span, and the
+    client duration's label, which tells two regions of one model apart); "" for an engine in this process."""
+
+    server_port: int | None
+    """The upstream's port; None for an engine in this process."""
 
     def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
@@ -131,8 +139,19 @@ async def build_registry(catalog: Catalog, env: Mapping[str, str], stack: AsyncE
     return ProviderRegistry(catalog, providers)
 
 
+def origin(url: str) -> tuple[str, int | None]:
+    """The host and port an http(s) URL connects to (the scheme's port when it names none): a provider's
+    `server_address` and `server_port`."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.hostname or "", port
+
+
 class UnavailableProvider:
     """Stands in for an entry whose credentials are missing: every request fails with UPSTREAM_AUTH."""
+
+    server_address = ""  # it never calls anything
+    server_port: int | None = None
 
     # Every feature: a request fails with the credentials error, never with a refusal the real provider might not make.
     supported = frozenset(FEATURES)

@@ -298,6 +298,8 @@ class LocalProvider:
     # top_k. Tools, images, several choices, log probabilities and reasoning (an effort or a budget) have no honest
     # mapping onto a small chat model here.
     supported = frozenset({"seed", "presence_penalty", "frequency_penalty", "response_format", "top_k"})
+    server_address = ""  # in this process: no server to tell apart
+    server_port: int | None = None
 
     def __init__(
         self, engine: _Engine, default_max_tokens: int | None, *, max_queue: int = 16, max_queue_wait: float = 30.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from services.providers._http1.connection import _Connection
@@ -62,15 +62,25 @@ class Pool:
         self._closed = False
 
     async def post(
-        self, path: str, body: bytes, *, read_timeout: float | None = None, connect_timeout: float | None = None
+        self,
+        path: str,
+        body: bytes,
+        *,
+        read_timeout: float | None = None,
+        connect_timeout: float | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> Response:
-        """Send `body` to `path`; returns once the response head is in. Close the response (`async with`) when done."""
+        """Send `body` to `path`; returns once the response head is in. Close the response (`async with`) when done.
+
+        `headers` are this request's own, after the pool's (a trace context); a name or value that could not be a
+        header (CR, LF, NUL, not ASCII) raises ValueError before anything is sent."""
         head = self._heads.get(path)
         if head is None:
             if not path.startswith("/") or any(c in path for c in " \r\n\0"):
                 raise ValueError(f"not a request path: {path!r}")
             head = self._heads[path] = b"POST " + path.encode("ascii") + self._prefix
-        request = b"%b%d\r\n\r\n%b" % (head, len(body), body)
+        own = _fields(headers) if headers else b""
+        request = b"%b%d\r\n%b\r\n%b" % (head, len(body), own, body)
         wait = self._read_timeout if read_timeout is None else read_timeout
         fresh = False
         while True:
@@ -175,6 +185,13 @@ class Pool:
             self._conns.discard(conn)
             self._idle.pop(conn, None)
             self._wake()
+
+
+def _fields(headers: Sequence[tuple[str, str]]) -> bytes:
+    """Header lines, refused (ValueError) if one could split the request."""
+    if any(c in text for item in headers for text in item for c in "\r\n\0"):
+        raise ValueError("a header name or value contains CR, LF or NUL")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii")
 
 
 class Response:

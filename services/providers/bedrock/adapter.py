@@ -50,9 +50,11 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, MissingSecret
 from services.errors import GatewayError
+from services.providers import origin
 from services.providers.bedrock.errors import PROVIDER, error, error_reason
 from services.providers.bedrock.translate import StreamFold, UnusableAnswer, converse_events, converse_request
 from services.providers.schema_check import SchemaMismatch, mismatch_error
+from startup import tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,11 @@ class BedrockProvider:
 
     supported = frozenset({"tools", "parallel_tool_calls", "response_format", "images"})
 
-    def __init__(self, client: Any, entry: CatalogEntry) -> None:
+    def __init__(self, client: Any, entry: CatalogEntry, server: tuple[str, int | None]) -> None:
         self._client = client
         self._name = entry.name
         self._model = entry.model
+        self.server_address, self.server_port = server
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
@@ -151,6 +154,12 @@ def _request_id(response: Mapping[str, Any]) -> str:
     return str(response.get("ResponseMetadata", {}).get("RequestId", ""))
 
 
+def _propagate(request: Any, **_: Any) -> None:
+    """botocore's before-send handler: the attempt's traceparent on the HTTP request; returns None, so it is sent."""
+    for name, value in tracing.outgoing():
+        request.headers[name] = value
+
+
 class BedrockBackend:
     """Owns the aioboto3 sessions (one per AWS profile) and clients; closes the clients in `aclose`."""
 
@@ -181,7 +190,9 @@ class BedrockBackend:
         if client is None:
             client = await self._open_client(entry, key)
             self._clients[key] = client
-        return BedrockProvider(client, entry)
+        # The host botocore connects to: the endpoint_url's, else the region's bedrock-runtime endpoint.
+        server = origin(endpoint_url) if endpoint_url else (f"bedrock-runtime.{region}.amazonaws.com", 443)
+        return BedrockProvider(client, entry, server)
 
     async def _open_client(self, entry: CatalogEntry, key: tuple[str, str | None, str | None, float, float]) -> Any:
         region, endpoint_url, profile, connect_timeout, read_timeout = key
@@ -199,9 +210,12 @@ class BedrockBackend:
                 session = aioboto3.Session(profile_name=profile)
                 self._sessions[profile] = session
             # Resolves the credential chain now, at start-up (a web identity token is exchanged at first use).
-            return await self._stack.enter_async_context(
+            client = await self._stack.enter_async_context(
                 session.client("bedrock-runtime", region_name=region, endpoint_url=endpoint_url, config=config)
             )
+            # botocore's public event hook, after signing: the attempt's W3C trace context (none when tracing is off)
+            client.meta.events.register("before-send.bedrock-runtime", _propagate)
+            return client
         except ProfileNotFound as exc:
             raise MissingSecret(f"{entry.where}: AWS profile {profile!r} (option 'profile') is not configured") from exc
         except _CREDENTIAL_ERRORS as exc:

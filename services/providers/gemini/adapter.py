@@ -47,10 +47,12 @@ from modelmax.v1 import completion_pb2 as pb
 from modelmax.v1 import completion_service_pb2 as svc
 from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError
+from services.providers import origin
 from services.providers.gemini import errors as gemini_errors
 from services.providers.gemini import thinking as gemini_thinking
 from services.providers.gemini import tools as gemini_tools
 from services.providers.gemini import translate as tr
+from startup import tracing
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +98,12 @@ async def _record_response(
         opened.append(params.response)
 
 
+async def _propagate(session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestStartParams) -> None:
+    """aiohttp's request-start hook: the attempt's W3C trace context on Gemini's HTTP request (nothing when off)."""
+    for name, value in tracing.outgoing():
+        params.headers[name] = value
+
+
 async def _tracked(call: Awaitable[T], opened: list[aiohttp.ClientResponse]) -> T:
     """Await one SDK call, recording the responses it opens in `opened`."""
     token = _OPENED.set(opened)
@@ -130,7 +138,9 @@ class GeminiProvider:
         entry: CatalogEntry,
         include_thoughts: bool,
         thinking: Mapping[pb.ReasoningEffort.ValueType, gemini_thinking.Thinking],
+        server: tuple[str, int | None],
     ) -> None:
+        self.server_address, self.server_port = server
         self._models = client.aio.models
         self._vertexai = client.vertexai
         self._name = entry.name
@@ -347,12 +357,22 @@ class GeminiBackend:
             else:  # vertexai=False explicitly: GOOGLE_GENAI_USE_VERTEXAI in the environment must not switch it
                 client = genai.Client(vertexai=False, api_key=api_key, http_options=http_options)
             self._clients[key] = client
-        return GeminiProvider(client, entry, include_thoughts, thinking)
+        if base_url:
+            server = origin(base_url)
+        elif vertexai:  # google-genai's Vertex AI host: the location's, or the global one
+            server = (
+                f"{location}-aiplatform.googleapis.com" if location != "global" else "aiplatform.googleapis.com",
+                443,
+            )
+        else:
+            server = ("generativelanguage.googleapis.com", 443)
+        return GeminiProvider(client, entry, include_thoughts, thinking, server)
 
     def _shared_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             trace = aiohttp.TraceConfig()
             trace.on_request_end.append(_record_response)
+            trace.on_request_start.append(_propagate)
             # As google-genai builds its own: no connection limit, proxies from the environment, long lines.
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),

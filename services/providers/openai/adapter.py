@@ -32,8 +32,10 @@ from services.catalog import CatalogEntry, read_secret
 from services.errors import GatewayError
 from services.providers import _http1 as http1
 from services.providers import _sse as sse
+from services.providers import origin
 from services.providers.openai import errors
 from services.providers.openai.translate import request_body
+from startup import tracing
 
 _OPTIONS = {"base_url", "api_key_env", "timeout_seconds", "connect_timeout_seconds", "max_connections"}
 _FINISH_REASONS = {
@@ -75,6 +77,7 @@ class OpenAICompatibleProvider:
         self._model = entry.model
         self._read_timeout = read_timeout
         self._connect_timeout = connect_timeout
+        self.server_address, self.server_port = origin(entry.url_option("base_url") or "")
 
     async def stream(
         self, params: pb.CompletionParams, *, incremental: bool = True
@@ -88,6 +91,7 @@ class OpenAICompatibleProvider:
                 _encode(request_body(self._model, params)),
                 read_timeout=self._read_timeout,
                 connect_timeout=self._connect_timeout,
+                headers=tracing.outgoing(),  # the attempt's traceparent, which vLLM and others read; () when off
             )
             async with response:
                 if response.status != 200:
