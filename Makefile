@@ -53,11 +53,13 @@ run-bridge: proto
 tests/node/node_modules/.package-lock.json: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
-# promtool lints the metrics expositions in tests; Debian's prometheus package is the one offline source of it.
+# Debian's prometheus package is the one offline source of promtool, which lints the metrics expositions in tests,
+# and of the Prometheus server, which scrapes a real core and bridge to prove the dashboard's queries
+# (tests/prometheus_server.py).
 # PostgreSQL 15 (Debian) backs the tenant store's tests: the fixtures start a private server on 127.0.0.1.
 # redis-server (Debian) backs the shared rate limits' tests (tests/redis_server.py), also private and on 127.0.0.1.
 tools:
-	command -v promtool >/dev/null || { apt-get update -qq && \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	test -x /usr/lib/postgresql/15/bin/initdb || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15; }

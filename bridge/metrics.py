@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from startup.labels import Children
+from startup.labels import Children, process_metrics
 
 requests_log = logging.getLogger("bridge.requests")
 
@@ -28,6 +28,7 @@ class BridgeMetrics:
         self.registry = registry or CollectorRegistry()
         self.known_models: set[str] = set()
         r = self.registry
+        process_metrics(r, "bridge")  # first: it turns the _created series off before any metric here exists
         self.requests = Counter(
             "modelmax_bridge_requests", "Chat completion requests, by HTTP status.", ["model", "status"], registry=r
         )

@@ -1,7 +1,12 @@
 """The core's Prometheus metrics (OpenTelemetry GenAI names where one fits), and one completion's measurements.
 
-Labels are bounded: the catalog's model names and provider kinds, a status from the ErrorReason enum, a token type.
-A model name that is not in the catalog is recorded as "unknown", so callers cannot grow the label set.
+The `gen_ai_*` metrics carry the GenAI conventions' attributes as labels (services/genai.py: dots become
+underscores); `error_type` is the failure's status word, and "" (which Prometheus treats as absent) on success. The
+`modelmax_*` metrics keep their own labels (`model`, `provider` as the catalog's kind, `status`).
+
+Labels are bounded: the catalog's model names, provider kinds and deployments, a status from the ErrorReason enum, a
+token type, and (unless turned off) the callers' key ids. A model name that is not in the catalog is recorded as
+"unknown", so callers cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from modelmax.v1 import completion_pb2 as pb
-from startup.labels import Children
+from services.genai import OPERATION_CHAT, provider_name
+from startup.labels import Children, process_metrics
 
 # Seconds: from sub-millisecond gateway overhead to multi-minute generations.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -28,33 +34,39 @@ _CLIENT_DURATION = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 
 
 def status_of(reason: pb.ErrorReason.ValueType | None) -> str:
-    """The `status` label: "ok", "cancelled", or the ErrorReason without its prefix, in lower case."""
+    """The `status` label: "ok", "cancelled", or the ErrorReason without its prefix, in lower case (the
+    `error_type` label of a failure is the same word)."""
     if reason is None:
         return "ok"
     return pb.ErrorReason.Name(reason).removeprefix("ERROR_REASON_").lower()
 
 
 class CoreMetrics:
-    """Every metric the core exports, in one registry of its own (so tests can run several cores)."""
+    """Every metric the core exports, in one registry of its own (so tests can run several cores).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    `key_labels` adds the per-key counters (a series per key and model): an operator with many keys turns it off.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, key_labels: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        process_metrics(r, "core")  # first: it turns the _created series off before any metric here exists
+        genai = ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model"]
         self.request_duration = Histogram(
             "gen_ai_server_request_duration_seconds", "Time to serve one completion, end to end in the core.",
-            ["model", "provider", "status"], buckets=_LATENCY, registry=r,
+            [*genai, "error_type"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
         self.time_to_first_token = Histogram(
             "gen_ai_server_time_to_first_token_seconds", "Time from the request to the first generated token.",
-            ["model", "provider"], buckets=_LATENCY, registry=r,
+            [*genai, "error_type"], buckets=_LATENCY, registry=r,
         )  # fmt: skip
         self.time_per_output_token = Histogram(
             "gen_ai_server_time_per_output_token_seconds", "Time per generated token after the first.",
-            ["model", "provider"], buckets=_PER_TOKEN, registry=r,
+            [*genai, "error_type"], buckets=_PER_TOKEN, registry=r,
         )  # fmt: skip
         self.token_usage = Histogram(
             "gen_ai_client_token_usage", "Tokens per completion, by type (input: prompt, output: completion).",
-            ["model", "provider", "token_type"], buckets=_TOKENS, registry=r,
+            [*genai, "gen_ai_token_type"], buckets=_TOKENS, registry=r,
         )  # fmt: skip
         self.requests = Counter(
             "modelmax_core_requests", "Completions served, by outcome.", ["model", "provider", "status"], registry=r
@@ -82,9 +94,7 @@ class CoreMetrics:
         # its failure; `server_address` tells two regions of one model apart, `error_type` is "" on success.
         self.client_operation_duration = Histogram(
             "gen_ai_client_operation_duration_seconds", "Time of one call to an upstream deployment (one attempt).",
-            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
-             "server_address", "error_type"],
-            buckets=_CLIENT_DURATION, registry=r,
+            [*genai, "server_address", "error_type"], buckets=_CLIENT_DURATION, registry=r,
         )  # fmt: skip
         # The labelled series the hot path records into, resolved once per label values.
         self.client_operation_duration_of = Children(self.client_operation_duration)
@@ -98,6 +108,32 @@ class CoreMetrics:
         self.inflight_of = Children(self.inflight)
         self.retries_of = Children(self.retries)
         self.fallbacks_of = Children(self.fallbacks)
+        # Per calling key (Measurement.key_id, the public id, never the secret): None when turned off.
+        self.key_requests_of: Children[Counter] | None = None
+        self.key_tokens_of: Children[Counter] | None = None
+        if key_labels:
+            self.key_requests_of = Children(
+                Counter(
+                    "modelmax_core_key_requests", "Completions per calling key, by error type (none when served).",
+                    ["key_id", "gen_ai_request_model", "error_type"], registry=r,
+                )
+            )  # fmt: skip
+            self.key_tokens_of = Children(
+                Counter(
+                    "modelmax_core_key_tokens", "Tokens per calling key, by type (input: prompt, output: completion).",
+                    ["key_id", "gen_ai_request_model", "gen_ai_token_type"], registry=r,
+                )
+            )  # fmt: skip
+        # A deployment label ("1:bedrock:deepseek.v3.2") to its upstream model, the gen_ai_response_model label:
+        # split once per deployment, not once per completion.
+        self._response_models: dict[str, str] = {}
+
+    def response_model(self, deployment: str) -> str:
+        """The upstream model of a deployment label ("index:kind:model"); "" when no deployment was tried."""
+        model = self._response_models.get(deployment)
+        if model is None:
+            model = self._response_models[deployment] = deployment.split(":", 2)[-1]
+        return model
 
 
 class UsageBuffer(Protocol):
@@ -189,12 +225,60 @@ def watch_queues(metrics: CoreMetrics, providers: Mapping[str, Sequence[object]]
     metrics.registry.register(_QueueCollector({model: found for model, found in queued.items() if found}))
 
 
+class Deployed(Protocol):
+    """What the deployment state gauge reads of a deployment (services.dispatch.Deployment)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    def available(self, now: float) -> bool: ...
+
+
+class Routed(Protocol):
+    """What the deployment state gauge reads of a route (services.dispatch.Route)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def deployments(self) -> Sequence[Deployed]: ...
+
+
+class _DeploymentCollector(Collector):
+    """modelmax_core_deployment_state: each deployment's state (1) and the state it is not in (0), read at scrape
+    time from the routes themselves, so the hot path pays nothing for it."""
+
+    def __init__(self, routes: Mapping[str, Routed]) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "modelmax_core_deployment_state",
+            "1 for the state each deployment is in: healthy, or cooling_down after repeated failures (skipped).",
+            labels=["gen_ai_request_model", "deployment", "gen_ai_provider_name", "state"],
+        )
+        now = time.monotonic()  # the clock Route.failed sets cooldowns by
+        for route in self._routes.values():
+            for deployment in route.deployments:
+                healthy = deployment.available(now)
+                labels = [route.name, deployment.label, provider_name(deployment.kind)]
+                family.add_metric([*labels, "healthy"], 1 if healthy else 0)
+                family.add_metric([*labels, "cooling_down"], 0 if healthy else 1)
+        yield family
+
+
+def watch_deployments(metrics: CoreMetrics, routes: Mapping[str, Routed]) -> None:
+    """Export the state of every deployment of `routes` (the dispatcher's own, so cooldowns show as they happen)."""
+    metrics.registry.register(_DeploymentCollector(routes))
+
+
 @dataclass(slots=True)
 class Measurement:
     """One completion's timings and counts, and the deployment that served it; recorded once when it ends.
 
     `provider` starts as the route's first deployment's kind and follows each try (`serving`), so a completion that
-    fell back from Bedrock to Gemini is counted, in flight and at the end, as Gemini's: never the first one's.
+    fell back from Bedrock to Gemini is counted, in flight and at the end, as Gemini's: never the first one's. The
+    same goes for `deployment`, whose upstream model is the `gen_ai_response_model` label.
     """
 
     model: str
@@ -238,18 +322,27 @@ class Measurement:
         total = now - self.started
         model, provider = self.model, self.provider
         metrics.inflight_of(model, provider).dec()
-        metrics.request_duration_of(model, provider, status).observe(total)
         metrics.requests_of(model, provider, status).inc()
         metrics.overhead_of(model, provider).observe(max(0.0, total - self.provider_wait))
         if upstream_reason is not None:
             metrics.upstream_errors_of(model, provider, upstream_reason).inc()
+        error = "" if status == "ok" else status
+        genai = (OPERATION_CHAT, provider_name(provider), model, metrics.response_model(self.deployment))
+        metrics.request_duration_of(*genai, error).observe(total)
         if self.first_token is not None:
-            metrics.time_to_first_token_of(model, provider).observe(self.first_token - self.started)
+            metrics.time_to_first_token_of(*genai, error).observe(self.first_token - self.started)
             if self.completion_tokens and self.completion_tokens > 1:
                 per_token = (now - self.first_token) / (self.completion_tokens - 1)
-                metrics.time_per_output_token_of(model, provider).observe(per_token)
+                metrics.time_per_output_token_of(*genai, error).observe(per_token)
         if self.prompt_tokens is not None:
-            metrics.token_usage_of(model, provider, "input").observe(self.prompt_tokens)
+            metrics.token_usage_of(*genai, "input").observe(self.prompt_tokens)
         if self.completion_tokens is not None:
-            metrics.token_usage_of(model, provider, "output").observe(self.completion_tokens)
+            metrics.token_usage_of(*genai, "output").observe(self.completion_tokens)
+        key = self.key_id
+        if key and metrics.key_requests_of is not None and metrics.key_tokens_of is not None:
+            metrics.key_requests_of(key, model, error).inc()
+            if self.prompt_tokens:
+                metrics.key_tokens_of(key, model, "input").inc(self.prompt_tokens)
+            if self.completion_tokens:
+                metrics.key_tokens_of(key, model, "output").inc(self.completion_tokens)
         return total

@@ -16,8 +16,9 @@ from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from modelmax.v1 import key_service_pb2, key_service_pb2_grpc
 from services.catalog import load_catalog
-from services.completion.servicer import create_servicer
-from services.metrics import CoreMetrics, watch_policy, watch_queues
+from services.completion.servicer import CompletionServicer
+from services.dispatch import Dispatcher, build_routes
+from services.metrics import CoreMetrics, watch_deployments, watch_policy, watch_queues
 from services.policy import open_store
 from services.policy.admin import KeyServicer
 from services.policy.gate import Policy, StaticKeys
@@ -99,9 +100,11 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
         )
         stack.push_async_callback(policy.aclose)  # last out: the drain writes every usage record still buffered
         registry = await build_registry(catalog, env, stack)
-        metrics = CoreMetrics()
+        metrics = CoreMetrics(key_labels=settings.metrics_key_labels)
         watch_policy(metrics, policy)
         watch_queues(metrics, registry.providers)
+        routes = build_routes(registry)
+        watch_deployments(metrics, routes)  # the dispatcher's own routes: their cooldowns, read at each scrape
         tls = settings.server_tls()
         # gRPC refuses a larger message itself (RESOURCE_EXHAUSTED) from its length prefix, before reading it in.
         options: list[tuple[str, int]] = [("grpc.max_receive_message_length", settings.max_message_bytes)]
@@ -112,7 +115,9 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
             options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_seconds * 1000))))
             options.append(("grpc.max_connection_age_grace_ms", 2**31 - 1))  # INT_MAX: gRPC's "infinite"
         server = grpc.aio.server(options=options)
-        servicer = create_servicer(registry, metrics, policy, settings.max_concurrent_requests)
+        servicer = CompletionServicer(
+            registry, Dispatcher(routes, metrics), metrics, policy, settings.max_concurrent_requests
+        )
         stack.push_async_callback(servicer.aclose)
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(policy, catalog.names()), server)

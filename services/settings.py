@@ -65,6 +65,9 @@ class Settings:
     # Each client connection is sent a GOAWAY after this long (0: never), so clients reconnect and re-resolve the
     # core's name: a bridge balancing over a headless Service then finds core pods added since it connected.
     max_connection_age_seconds: float = 300.0
+    # The per-key counters (modelmax_core_key_requests_total, _key_tokens_total): a series per key and model, so
+    # an operator with many keys turns them off (MODELMAX_METRICS_KEY_LABELS=false).
+    metrics_key_labels: bool = True
 
     @property
     def max_message_bytes(self) -> int:
@@ -96,6 +99,7 @@ class Settings:
             health_port=_optional_port(env, "MODELMAX_CORE_HEALTH_PORT", None),
             reflection=_flag(env, "MODELMAX_CORE_REFLECTION"),
             max_connection_age_seconds=_number(env, "MODELMAX_CORE_MAX_CONNECTION_AGE_SECONDS", 300.0, float),
+            metrics_key_labels=_flag(env, "MODELMAX_METRICS_KEY_LABELS", default=True),
         )
 
     def check(self) -> None:
@@ -177,9 +181,11 @@ def static_keys(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str, *, default: bool = False) -> bool:
     raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
+    if raw == "":
+        return default
+    if raw in ("0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True

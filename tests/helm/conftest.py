@@ -171,6 +171,7 @@ FULL_VALUES: dict[str, Any] = {
         "timeoutSeconds": 0.5,
     },  # fmt: skip
     "metrics": {
+        "keyLabels": False,
         "serviceMonitor": {
             "enabled": True,
             "namespace": "monitoring",

@@ -176,6 +176,7 @@ def test_full_release_has_every_optional_object(full_release: Rendered) -> None:
         ({"securityContext": {"capabilities": {"drop": ["NET_RAW"]}}}, "/securityContext/capabilities/drop"),
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
         ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "/metrics/serviceMonitor/interval"),
+        ({"metrics": {"keyLabels": "false"}}, "/metrics/keyLabels"),
         ({"logFormat": "xml"}, "/logFormat"),
         # API keys moved to the core: a values file from before the move is refused, naming the old place.
         ({"bridge": {"apiKeys": {"existingSecret": "keys"}}}, "at '/bridge': additional properties 'apiKeys'"),

@@ -269,6 +269,14 @@ def test_the_policy_defaults_are_the_codes(default_release: Rendered, tmp_path: 
     )
 
 
+def test_core_key_labels_follow_the_values(release: Rendered, tmp_path: Path) -> None:
+    assert core_settings(release, tmp_path).metrics_key_labels is release.values["metrics"]["keyLabels"]
+
+
+def test_key_labels_are_on_by_default_as_in_the_code(default_release: Rendered, tmp_path: Path) -> None:
+    assert core_settings(default_release, tmp_path).metrics_key_labels is CoreSettings().metrics_key_labels is True
+
+
 def test_the_core_starts_only_with_a_key_or_a_database(chart: helm_python.Chart, tmp_path: Path) -> None:
     """The chart always mounts a keys file; when that file holds no key, only a database lets the core start."""
     no_static_keys = {"core": {"apiKeys": {"existingSecret": "modelmax-no-static-keys"}}}

@@ -17,34 +17,55 @@ from tests.helm.conftest import CHART_DIR, Rendered
 
 DASHBOARD = CHART_DIR / "dashboards" / "modelmax.json"
 
-# The metrics the core and the bridge export (issue 6), by type. Counters are exposed with a _total suffix.
-COUNTERS = {"modelmax_core_requests_total", "modelmax_core_upstream_errors_total", "modelmax_bridge_requests_total"}
-GAUGES = {"modelmax_core_inflight_streams", "modelmax_bridge_inflight_streams"}
+# The metrics the core and the bridge export (issues 6 and 18), by type. Counters are exposed with a _total suffix.
+COUNTERS = {
+    "modelmax_core_requests_total",
+    "modelmax_core_upstream_errors_total",
+    "modelmax_core_retries_total",
+    "modelmax_core_fallbacks_total",
+    "modelmax_core_key_requests_total",
+    "modelmax_core_key_tokens_total",
+    "modelmax_bridge_requests_total",
+}
+GAUGES = {"modelmax_core_inflight_streams", "modelmax_bridge_inflight_streams", "modelmax_core_deployment_state"}
 HISTOGRAMS = {
     "gen_ai_server_request_duration_seconds",
     "gen_ai_server_time_to_first_token_seconds",
     "gen_ai_server_time_per_output_token_seconds",
     "gen_ai_client_token_usage",
+    "gen_ai_client_operation_duration_seconds",
     "modelmax_core_overhead_seconds",
     "modelmax_bridge_request_duration_seconds",
     "modelmax_bridge_time_to_first_chunk_seconds",
     "modelmax_bridge_overhead_seconds",
 }
+# The GenAI conventions' attributes (services/genai.py), as Prometheus labels.
+GENAI = {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model"}
 LABELS = {
     "modelmax_core_requests_total": {"model", "provider", "status"},
     "modelmax_core_upstream_errors_total": {"model", "provider", "reason"},
+    "modelmax_core_retries_total": {"model", "provider"},
+    "modelmax_core_fallbacks_total": {"model"},
+    "modelmax_core_key_requests_total": {"key_id", "gen_ai_request_model", "error_type"},
+    "modelmax_core_key_tokens_total": {"key_id", "gen_ai_request_model", "gen_ai_token_type"},
     "modelmax_core_inflight_streams": {"model", "provider"},
+    "modelmax_core_deployment_state": {"gen_ai_request_model", "deployment", "gen_ai_provider_name", "state"},
     "modelmax_bridge_requests_total": {"model", "status"},
     "modelmax_bridge_inflight_streams": {"model"},
-    "gen_ai_server_request_duration_seconds": {"model", "provider", "status"},
-    "gen_ai_server_time_to_first_token_seconds": {"model", "provider"},
-    "gen_ai_server_time_per_output_token_seconds": {"model", "provider"},
-    "gen_ai_client_token_usage": {"model", "provider", "token_type"},
+    "gen_ai_server_request_duration_seconds": GENAI | {"error_type"},
+    "gen_ai_server_time_to_first_token_seconds": GENAI | {"error_type"},
+    "gen_ai_server_time_per_output_token_seconds": GENAI | {"error_type"},
+    "gen_ai_client_token_usage": GENAI | {"gen_ai_token_type"},
+    "gen_ai_client_operation_duration_seconds": GENAI | {"server_address", "error_type"},
     "modelmax_core_overhead_seconds": {"model", "provider"},
     "modelmax_bridge_request_duration_seconds": {"model", "stream"},
     "modelmax_bridge_time_to_first_chunk_seconds": {"model"},
     "modelmax_bridge_overhead_seconds": {"model"},
 }
+# Which label names the model and the provider in each family: the conventions' on gen_ai_* (and the series
+# labelled like them), the catalog's `model` and `provider` (its kind) on the other modelmax_* metrics.
+MODEL_LABELS = {"model", "gen_ai_request_model"}
+PROVIDER_LABELS = {"provider", "gen_ai_provider_name"}
 # Labels Prometheus adds to every scraped series (the ServiceMonitor's target labels), plus `le` of histograms.
 TARGET_LABELS = {"namespace", "job", "instance", "pod", "service", "container", "endpoint"}
 # Identifiers that look like metric names: our prefixes, or the suffixes of counters and histogram series.
@@ -69,7 +90,10 @@ def expressions() -> list[str]:
 def referenced(expr: str) -> set[str]:
     """Metric families an expression names (a histogram's _bucket/_count/_sum series count as the histogram)."""
     out = set()
-    for name in METRIC.findall(re.sub(r'"[^"]*"', '""', expr)):  # ignore label values such as "5.."
+    expr = re.sub(r'"[^"]*"', '""', expr)  # ignore label values such as "5.."
+    # and label names (gen_ai_request_model looks like a metric): groupings, selectors, label_values' second argument
+    expr = re.sub(r"\bby \([^)]*\)|\{[^}]*\}|,\s*\w+\)$", "", expr)
+    for name in METRIC.findall(expr):
         family = SERIES_SUFFIX.sub("", name)
         out.add(family if family in HISTOGRAMS else name)
     return out
@@ -105,7 +129,7 @@ def test_queries_group_and_filter_by_labels_the_metrics_have() -> None:
             assert {m for m in re.findall(r"(\w+)\s*[=!]~?", selector)} <= allowed, expr
 
 
-def test_panels_show_what_issue_6_asks_for() -> None:
+def test_panels_show_what_issues_6_and_18_ask_for() -> None:
     titles = " | ".join(p["title"].lower() for p in panels())
     for wanted in (
         "requests/s",
@@ -115,15 +139,36 @@ def test_panels_show_what_issue_6_asks_for() -> None:
         "tokens/s",
         "overhead",
         "in-flight",
+        "retries",
+        "fallbacks",
+        "deployment state",
+        "by key",
+        "upstream call duration by model, provider and server address",
     ):
         assert wanted in titles, wanted
     for expr in expressions():  # every breakdown is by model, and by provider where the metric has one
-        dimensions = {"model", "provider"} & set().union(*(LABELS[f] for f in referenced(expr)))
+        labels = set().union(*(LABELS[f] for f in referenced(expr)))
+        dimensions = [names for names in (MODEL_LABELS, PROVIDER_LABELS) if names & labels]
         for grouping in re.findall(r"by \(([^)]*)\)", expr):
             names = {g.strip() for g in grouping.split(",")} - {"le"}
-            assert not names or dimensions <= names, expr  # `sum by (le)` is an overall figure
+            assert not names or all(names & wanted for wanted in dimensions), expr  # `sum by (le)`: overall
     latency = [p for p in panels() if p["fieldConfig"]["defaults"]["unit"] == "s" and p["type"] == "timeseries"]
     assert all({t["legendFormat"].split()[0] for t in p["targets"]} == {"p50", "p95", "p99"} for p in latency)
+
+
+def test_gen_ai_panels_use_the_conventions_labels_and_filter_by_them() -> None:
+    """The gen_ai_* metrics have no `model`, `provider`, `token_type` or `status` label any more (issue 18)."""
+    for expr in expressions():
+        families = referenced(expr)
+        if not any(f.startswith("gen_ai_") for f in families):
+            continue
+        assert not re.search(r"\b(model|provider|token_type|status)\s*[=!]~?", expr), expr
+        if not expr.startswith("label_values("):
+            assert 'gen_ai_request_model=~"$model"' in expr and 'gen_ai_provider_name=~"$provider"' in expr, expr
+    board = dashboard()["templating"]["list"]
+    variables = {v["name"]: v["query"]["query"] for v in board if v["type"] == "query"}
+    assert variables["model"].endswith(", gen_ai_request_model)") and "gen_ai_" in variables["model"]
+    assert variables["provider"].endswith(", gen_ai_provider_name)") and "gen_ai_" in variables["provider"]
 
 
 def test_dashboard_is_well_formed() -> None:

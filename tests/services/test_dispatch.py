@@ -82,10 +82,11 @@ async def test_after_a_fallback_metrics_and_logs_name_the_deployment_that_served
         served = {"model": MODEL, "provider": "openai"}
         assert sample(core, "modelmax_core_requests_total", **served, status="ok") == 1
         assert sample(core, "modelmax_core_requests_total", model=MODEL, provider="bedrock", status="ok") == 0
-        assert sample(core, "gen_ai_client_token_usage_count", **served, token_type="output") == 1
-        assert (
-            sample(core, "gen_ai_client_token_usage_count", model=MODEL, provider="bedrock", token_type="output") == 0
-        )
+        tokens = {"gen_ai_operation_name": "chat", "gen_ai_request_model": MODEL, "gen_ai_token_type": "output"}
+        openai_served = {"gen_ai_provider_name": "openai", "gen_ai_response_model": "m"}
+        bedrock_tried = {"gen_ai_provider_name": "aws.bedrock", "gen_ai_response_model": "deepseek.v3.2"}
+        assert sample(core, "gen_ai_client_token_usage_count", **tokens, **openai_served) == 1
+        assert sample(core, "gen_ai_client_token_usage_count", **tokens, **bedrock_tried) == 0
         assert sample(core, "modelmax_core_fallbacks_total", model=MODEL) == 1
         for provider in ("bedrock", "openai"):  # the in-flight gauge followed the fallback and is back to zero
             assert sample(core, "modelmax_core_inflight_streams", model=MODEL, provider=provider) == 0
