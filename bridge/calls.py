@@ -43,7 +43,9 @@ async def complete(exchange: Exchange, request: svc.CreateCompletionRequest, to_
     try:
         response = await call
         trailing = await call.trailing_metadata()
-        limits = rate_limit_headers(await call.initial_metadata())
+        # the core sends a whole answer's values with its trailers (one send fewer); a core of an earlier version,
+        # during a rolling update, in the initial metadata
+        limits = rate_limit_headers(trailing) or rate_limit_headers(await call.initial_metadata())
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.CANCELLED and watcher.done() and not watcher.cancelled():
             raise ClientGone from None  # nobody is listening any more

@@ -45,7 +45,8 @@ def retry_delay(info: error_details_pb2.ErrorInfo) -> float | None:
 
 
 def rate_limit_headers(metadata: object) -> Mapping[str, str]:
-    """The x-ratelimit-* values of the core's initial metadata (a key with rate limits), as response headers."""
+    """The x-ratelimit-* values of the core's metadata (a key with rate limits: a stream's initial metadata, a whole
+    answer's trailers), as response headers."""
     if not metadata:
         return NO_LIMITS
     found = {

@@ -116,7 +116,7 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
                 async for event in events:
                     fold.add(event)
             response = fold.result(request.params.model)
-            context.set_trailing_metadata(_trailers(call.measurement))
+            context.set_trailing_metadata(_trailers(call.measurement) + call.limits)
         return response
 
     async def ListModels(  # noqa: N802
@@ -187,7 +187,10 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
         admission = self._policy.admit(call.principal, params, route.price)
         call.grant = await self._policy.limit(call.principal, params, call.request_id)  # None: a key without limits
         if call.grant is not None and (limits := call.grant.usage.metadata()):
-            await context.send_initial_metadata(limits)  # the bridge's x-ratelimit-* headers, before any event
+            if call.stream:  # the bridge's x-ratelimit-* headers go before the first SSE byte: before any event
+                await context.send_initial_metadata(limits)
+            else:  # a whole answer: with its trailers, since a send of their own costs a batch of gRPC's per call
+                call.limits = limits
         if admission.budget is not None:
             await self._policy.reserve(admission, params)  # a store round trip, for keys with a budget only
         call.admission = admission  # from here on the request is metered, however it ends
