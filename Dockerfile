@@ -76,7 +76,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${PYTHON_IMAGE} AS bridge-build
 # Distributions only the core imports, left out of requirements/bridge.txt by `make lock` (and with them what only
 # they need); tests/helm/test_images.py checks that bridge/ imports none of them.
-ARG BRIDGE_EXCLUDES="llama-cpp-python aioboto3 google-genai redis"
+ARG BRIDGE_EXCLUDES="llama-cpp-python aioboto3 google-genai"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY requirements ./requirements
