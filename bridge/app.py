@@ -46,8 +46,14 @@ ROUTES = RouteTable(
 _GRPC_RECEIVE_BYTES = 64 * 1024 * 1024
 
 
-def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> BridgeApp:
-    """The bridge app. Its metrics are served on `settings.metrics_port` (if set) for the life of the app."""
+def create_app(
+    settings: Settings, metrics: BridgeMetrics | None = None, channel: grpc.aio.Channel | None = None
+) -> BridgeApp:
+    """The bridge app. Its metrics are served on `settings.metrics_port` (if set) for the life of the app.
+
+    `channel` is the core's when it is given (the combined mode's in-process one, startup/inprocess.py); otherwise the
+    lifespan opens one to `settings.core_target`."""
+    given = channel
     metrics = metrics or BridgeMetrics()
 
     @asynccontextmanager
@@ -65,7 +71,9 @@ def create_app(settings: Settings, metrics: BridgeMetrics | None = None) -> Brid
             ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ]
         tls = settings.core_tls()  # the PEM files, read once: SettingsError naming the variable if one is unusable
-        if tls is None:
+        if given is not None:
+            channel = given
+        elif tls is None:
             channel = grpc.aio.insecure_channel(settings.core_target, options=options)
         else:
             if tls.server_name:

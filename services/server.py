@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +26,7 @@ from services.policy.limits import MemoryLimiter
 from services.policy.redis_limits import RedisLimiter
 from services.providers import build_registry
 from services.settings import Settings
+from startup.inprocess import Both, Handlers
 from startup.metrics_http import start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ class CoreServer:
         await self.server.wait_for_termination()
 
 
-async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
-    """Load the catalog, create every provider once, bind and start. Raises CatalogError on a bad catalog."""
+async def start_core(settings: Settings, env: Mapping[str, str], handlers: Handlers | None = None) -> CoreServer:
+    """Load the catalog, create every provider once, bind and start. Raises CatalogError on a bad catalog.
+
+    `handlers` (the combined mode's, startup/combined.py) also gets every servicer, for the bridge in this process to
+    call without the wire (startup/inprocess.py); the port serves the same servicers to every other caller."""
     stack = AsyncExitStack()
     try:
         settings.check()
@@ -119,11 +123,12 @@ async def start_core(settings: Settings, env: Mapping[str, str]) -> CoreServer:
             registry, Dispatcher(routes, metrics), metrics, policy, settings.max_concurrent_requests
         )
         stack.push_async_callback(servicer.aclose)
-        svc_grpc.add_CompletionServiceServicer_to_server(servicer, server)
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(policy, catalog.names()), server)
+        serving = server if handlers is None else cast(grpc.aio.Server, Both(server, handlers))
+        svc_grpc.add_CompletionServiceServicer_to_server(servicer, serving)
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(policy, catalog.names()), serving)
         # grpc-stubs 1.53's grpc_health.v1.health stub has no `aio` (grpcio-health-checking's asyncio servicer).
         health_servicer: AioHealthServicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, serving)
         if settings.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         f"static key), otherwise a key of that database, created on first run and kept in {_KEY_FILE} (mode 600). "
         "The bridge listens on 127.0.0.1 unless MODELMAX_BRIDGE_HOST says otherwise.",
     )
+    run.add_argument(
+        "--combined",
+        action="store_true",
+        help="one process instead of two: the bridge calls the core in process, with no gRPC hop between them "
+        "(python -m startup.combined); the core's gRPC port still serves every other caller",
+    )
     run.set_defaults(command=_run)
     check = commands.add_parser(
         "check-config",
@@ -171,15 +177,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # The children share our process group, so a Ctrl-C in the terminal reaches them too; stopping them below
         # covers a SIGTERM sent to this process alone.
-        processes.append(subprocess.Popen([sys.executable, "-m", "services"], env=env))
-        processes.append(subprocess.Popen([sys.executable, "-m", "bridge"], env=env))
+        if args.combined:
+            processes.append(subprocess.Popen([sys.executable, "-m", "startup.combined"], env=env))
+        else:
+            processes.append(subprocess.Popen([sys.executable, "-m", "services"], env=env))
+            processes.append(subprocess.Popen([sys.executable, "-m", "bridge"], env=env))
         if not _wait_until_ready(f"{base_url}/readyz", processes):
             return 1
         print(_banner(env, base_url, key), flush=True)
         while all(process.poll() is None for process in processes):
             time.sleep(_READY_POLL_SECONDS)
         exited = next(process for process in processes if process.returncode is not None)
-        name = "core" if exited is processes[0] else "bridge"
+        name = "gateway" if args.combined else "core" if exited is processes[0] else "bridge"
         print(f"modelmax: the {name} exited with status {exited.returncode}; stopping", file=sys.stderr)
         if exited.returncode < 0:  # killed by a signal
             return 128 - exited.returncode

@@ -6,7 +6,9 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import cast
 
+import grpc
 import pytest
 import yaml
 from starlette.applications import Starlette
@@ -17,11 +19,33 @@ from bridge.settings import Settings as BridgeSettings
 from services.server import CoreServer, start_core
 from services.settings import DEFAULT_CATALOG
 from services.settings import Settings as CoreSettings
+from startup.inprocess import Channel, Handlers
 from tests.fakes.serve import TEST_OPTIONS, serve
 from tests.policy_stores import backend, pg_dsn, postgres_server, store  # noqa: F401 (fixtures for every test)
 from tests.redis_server import redis_server, redis_url  # noqa: F401 (fixtures for every test)
 
 API_KEY = "mm-test-key-0123456789abcdef"
+
+# How a bridge these fixtures start reaches a core they started: "grpc", over a socket (the split mode), or
+# "inprocess", through the combined mode's channel (startup/inprocess.py). `make test` runs the e2e suite both ways:
+# the split mode is the reference, and any difference is a bug of the in-process transport.
+_TRANSPORT = {"name": "grpc"}
+_IN_PROCESS: dict[str, Handlers] = {}  # the cores running in this process by target, in the in-process mode
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--transport", choices=("grpc", "inprocess"), default="grpc",
+        help="how the fixtures' bridge calls the fixtures' core: over gRPC (default) or in process (combined mode)",
+    )  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _TRANSPORT["name"] = config.getoption("--transport")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"bridge -> core transport: {_TRANSPORT['name']}"
 
 
 @pytest.fixture(autouse=True)
@@ -46,10 +70,15 @@ async def running_core(
 ) -> AsyncIterator[CoreServer]:
     overrides.setdefault("api_keys", (API_KEY,))
     settings = CoreSettings(catalog_path=catalog_path, port=0, **overrides)  # type: ignore[arg-type]
-    core = await start_core(settings, env or {})
+    handlers = Handlers() if _TRANSPORT["name"] == "inprocess" else None
+    core = await start_core(settings, env or {}, handlers)
+    target = f"127.0.0.1:{core.port}"
+    if handlers is not None:
+        _IN_PROCESS[target] = handlers
     try:
         yield core
     finally:
+        _IN_PROCESS.pop(target, None)
         await core.stop(grace=None)
 
 
@@ -57,7 +86,9 @@ async def running_core(
 async def running_bridge_app(core_target: str, **overrides: object) -> AsyncIterator[tuple[str, Starlette]]:
     """The bridge app under real uvicorn; yields its OpenAI base URL (".../v1") and the app."""
     settings = BridgeSettings(core_target=core_target, **overrides)  # type: ignore[arg-type]
-    app = create_app(settings)
+    handlers = _IN_PROCESS.get(core_target)
+    channel = None if handlers is None else Channel(handlers, max_send_bytes=settings.max_message_bytes)
+    app = create_app(settings, channel=cast(grpc.aio.Channel, channel))
     config = uvicorn_config(app, settings, **TEST_OPTIONS)  # the bridge's own transport, limits and all
     async with app.router.lifespan_context(app), serve(app, config) as url:
         yield f"{url}/v1", app

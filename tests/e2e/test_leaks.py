@@ -84,6 +84,14 @@ async def test_no_task_descriptor_or_memory_leak(tmp_path: Path, fakes: dict[str
             statuses = await asyncio.wait_for(run(ROUNDS), timeout=120)
             await asyncio.sleep(1.0)  # let closed streams finish their cleanup
             tasks_after, fds_after, rss_after = len(asyncio.all_tasks()), open_descriptors(), rss_kib()
+            if fds_after > fds + 8:
+                # The upstream pools keep up to CONCURRENCY idle connections each (two descriptors apiece, both ends
+                # being in this process), and the warm-up may not have reached a pool's peak: a leak grows with the
+                # requests, a pool filling up to its peak does not. So the same load again must add nothing more.
+                fds = fds_after
+                statuses += await asyncio.wait_for(run(ROUNDS), timeout=120)
+                await asyncio.sleep(1.0)
+                fds_after = open_descriptors()
     assert set(statuses) <= {200, 400, 499, 503}, set(statuses)
     assert {200, 400, 499, 503} <= set(statuses), "every kind of request ran"
     assert tasks_after <= tasks + 2, f"asyncio tasks {tasks} -> {tasks_after}"

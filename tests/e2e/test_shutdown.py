@@ -66,9 +66,11 @@ async def process(module: str, env: dict[str, str], ready_url: str) -> AsyncIter
             await child.wait()
 
 
-async def read_stream_then_terminate(base_url: str, child: asyncio.subprocess.Process) -> tuple[list[str], int]:
+async def read_stream_then_terminate(
+    base_url: str, child: asyncio.subprocess.Process, key: str = API_KEY
+) -> tuple[list[str], int]:
     """Open a stream, SIGTERM `child` after its first chunk, read the stream to its end; also try a new request."""
-    async with httpx.AsyncClient(base_url=base_url, headers=AUTH, timeout=15) as http:
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=15) as http:
         async with http.stream("POST", "/chat/completions", json=BODY) as response:
             assert response.status_code == 200
             lines = response.aiter_lines()

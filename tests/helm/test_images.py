@@ -210,9 +210,11 @@ def test_the_bridge_image_has_every_module_the_bridge_imports() -> None:
     kept = {pin.name for pin in read_lock("bridge")}  # what the bridge image installs
     by_top_level = importlib.metadata.packages_distributions()
     # startup: the process set-up both share; not cli.py, the `modelmax` command, which starts either process and
-    # imports the core only for `modelmax core`, nor keys.py, its `modelmax keys` (the policy store's commands); the
-    # bridge image runs `python -m bridge`.
-    for module in sorted(_imports("bridge") | _imports("startup", leave_out=("cli.py", "keys.py"))):
+    # imports the core only for `modelmax core`, nor keys.py, its `modelmax keys` (the policy store's commands), nor
+    # combined.py, the combined mode, which runs on the core image (it has both); the bridge image runs
+    # `python -m bridge`.
+    leave_out = ("cli.py", "keys.py", "combined.py")
+    for module in sorted(_imports("bridge") | _imports("startup", leave_out=leave_out)):
         top = module.partition(".")[0]
         if top in sys.stdlib_module_names or top in {"bridge", "startup", "modelmax"}:
             continue  # modelmax: the generated stubs, copied into every image
