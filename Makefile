@@ -66,8 +66,13 @@ tools:
 	command -v redis-server >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 
+# Two runs: everything, then the end-to-end suite again with the bridge calling the core in process (the combined
+# mode's transport, startup/inprocess.py), whose behaviour must not differ from gRPC's. pytest-xdist spreads each run
+# over TEST_WORKERS processes.
+TEST_WORKERS ?= 2
 test: lint tools tests/node/node_modules/.package-lock.json
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) tests/e2e --transport=inprocess
 
 # buf breaking compares the protos with main's: since the one breaking change (`repeated Choice`), the contract
 # cannot break by accident. mypy --strict reads its paths and settings from pyproject.toml.

@@ -8,6 +8,10 @@ differences); at concurrency 64, both gateways loaded at once, 32 connections ea
 each gateway's CPU per request); medians over the rounds. The targets (the tenants issue): the added c=1 p50 grows
 by at most 0.1 ms, and c=64 throughput drops by at most 10%.
 
+`--combined` measures the combined mode the same way: both sides database keys with metering (the full hot path),
+the first split (core + bridge, one gRPC hop), the second one process (`python -m startup.combined`, the bridge
+calling the core in process); its "core" CPU is the whole process's.
+
 `--traces` measures tracing the same way: both gateways on a static key, the second with OpenTelemetry on, sampling
 every request (always_on) and exporting over OTLP/gRPC to a local sink (bench/otlp_sink.py, on the load's CPU): what
 three spans a request (bridge, core, the upstream attempt) cost. There is no target; it says what it costs.
@@ -37,11 +41,19 @@ class Gateways:
     """The two gateways. With `baseline` (another checkout), the first runs that tree's code with a static key and
     the second this tree's, also with a static key: the same paired measurement, of a change to the hot path."""
 
-    def __init__(self, workdir: Path, baseline: Path | None = None, limits: bool = False, traces: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        baseline: Path | None = None,
+        limits: bool = False,
+        traces: bool = False,
+        combined: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.baseline = baseline
         self.limits = limits  # both sides database keys; the second's key has limits counted in a Redis
         self.traces = traces  # both sides static keys; the second traces every request to a local OTLP sink
+        self.combined = combined  # both sides database keys; the second is one process, the bridge calling in process
         self.upstream = free_port()
         self.ports = {"static": (free_port(), free_port()), "database": (free_port(), free_port())}  # core, bridge
         self.keys = {"static": KEY, "database": ""}
@@ -84,13 +96,17 @@ class Gateways:
             if name == "database" and otel:
                 tree = {**tree, **otel}
             core_env = {**tree, "MODELMAX_CATALOG": str(catalog), "MODELMAX_CORE_PORT": str(core)}
-            if (name == "database" and self.baseline is None and not self.traces) or self.limits:
+            if (name == "database" and self.baseline is None and not self.traces) or self.limits or self.combined:
                 core_env.pop("MODELMAX_API_KEY")
                 core_env["MODELMAX_DATABASE_URL"] = url
             if name == "database" and redis_url:
                 core_env["MODELMAX_LIMITS_REDIS_URL"] = redis_url
-            self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu, root)
             bridge_env = {**tree, "MODELMAX_CORE_TARGET": f"127.0.0.1:{core}", "MODELMAX_BRIDGE_PORT": str(bridge)}
+            if name == "database" and self.combined:
+                self._spawn([sys.executable, "-m", "startup.combined"], {**bridge_env, **core_env}, gateway_cpu, root)
+                self.pids[name] = [self.processes[-1].pid]
+                continue
+            self._spawn([sys.executable, "-m", "services"], core_env, gateway_cpu, root)
             self._spawn([sys.executable, "-m", "bridge"], bridge_env, gateway_cpu, root)
             self.pids[name] = [process.pid for process in self.processes[-2:]]
         deadline = time.monotonic() + 60
@@ -242,6 +258,11 @@ def main() -> None:
         help="compare tracing off with tracing on (every request sampled, OTLP/gRPC to a local sink), static keys",
     )
     parser.add_argument(
+        "--combined",
+        action="store_true",
+        help="compare the split mode (core + bridge) with the combined mode (one process), database keys on both",
+    )
+    parser.add_argument(
         "--limits",
         action="store_true",
         help="compare a database key without limits with one whose limits are counted in Redis (rate-limit cost)",
@@ -252,7 +273,7 @@ def main() -> None:
     if other_cpu is not None:
         os.sched_setaffinity(0, {other_cpu})
     with tempfile.TemporaryDirectory() as workdir:
-        gateways = Gateways(Path(workdir), args.baseline, args.limits, args.traces)
+        gateways = Gateways(Path(workdir), args.baseline, args.limits, args.traces, args.combined)
         gateways.start()
         try:
             import uvloop
@@ -267,11 +288,12 @@ def main() -> None:
     }
     if args.limits:  # the fleet issue's target for a Redis-backed limit
         verdicts = {"c=1 p50 growth <= 0.2 ms": results["p50_growth_ms"] <= 0.2}
-    if args.traces:  # no target: the figures are the answer
+    if args.traces or args.combined:  # no target here: the figures are the answer (bench.run has the targets)
         verdicts = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "baseline" if args.baseline else "limits" if args.limits else "traces" if args.traces else "keys"
+    name = "combined" if args.combined else name
     (out / f"{name}.json").write_text(
         json.dumps({"results": results, "targets": verdicts, "baseline": str(args.baseline or "")}, indent=2)
     )
@@ -280,6 +302,8 @@ def main() -> None:
         first, second = ("database key, no limits", "database key, limits in Redis")
     if args.traces:
         first, second = ("tracing off", "tracing on (every request sampled, OTLP/gRPC)")
+    if args.combined:
+        first, second = ("split mode (core + bridge)", "combined mode (one process)")
     print(
         f"\n{first}: +{results['static_added_p50_ms']:.3f} ms p50 at c=1, {results['static_rps']:.0f} req/s at c=64"
         f"\n{second}: +{results['database_added_p50_ms']:.3f} ms, "
