@@ -203,9 +203,20 @@ async def measure(gateways: Gateways, rounds: int, seconds: float) -> dict[str, 
     for _ in range(rounds):
         before = {name: cpu_seconds(gateways.pids[name]) for name in rps}
         core_before = {name: cpu_seconds(gateways.pids[name][:1]) for name in rps}
-        both = await asyncio.gather(
-            *(http_load(host, targets[name][0], requests[name], 32, seconds, 10**7) for name in rps)
-        )
+        if gateways.combined:
+            # One process against two: loaded together on one CPU, the scheduler would give the split mode's two
+            # processes twice the combined one's share, whatever each costs. So each alone, 64 connections, in turn.
+            order = list(rps) if len(ratios) % 2 == 0 else list(rps)[::-1]
+            alone = {
+                name: await http_load(host, targets[name][0], requests[name], 64, seconds, 10**7) for name in order
+            }
+            both = [alone[name] for name in rps]
+        else:
+            both = list(
+                await asyncio.gather(
+                    *(http_load(host, targets[name][0], requests[name], 32, seconds, 10**7) for name in rps)
+                )
+            )
         for name, samples in zip(rps, both, strict=True):
             rps[name].append(len(samples.latencies) / samples.elapsed)
             used = cpu_seconds(gateways.pids[name]) - before[name]
