@@ -345,16 +345,13 @@ class Policy:
             ) from None
 
     def unlimit(self, grant: Grant, used_tokens: int) -> None:
-        """Settle a grant of `limit` to the tokens the request used, and give its slot back (off the request path)."""
-        task = asyncio.create_task(self._unlimit(grant, used_tokens))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        """Settle a grant of `limit` to the tokens the request used, and give its slot back (off the request path:
+        the limiter does not wait for it, and it is sent on the loop's next turn, once the answer has gone)."""
+        asyncio.get_running_loop().call_soon(self.limiter.release, grant, used_tokens, self._unlimit_failed)
 
-    async def _unlimit(self, grant: Grant, used_tokens: int) -> None:
-        try:
-            await self.limiter.settle(grant, used_tokens)
-        except LimiterUnavailable as exc:  # the slot frees itself when its lease expires, the tokens with the window
-            self._limiter_failed("settlement", exc)
+    def _unlimit_failed(self, exc: LimiterUnavailable) -> None:
+        # the slot frees itself when its lease expires, the tokens with the window
+        self._limiter_failed("settlement", exc)
 
     def _limiter_failed(self, what: str, exc: Exception) -> None:
         self.limiter_errors += 1

@@ -97,7 +97,16 @@ class Limiter(Protocol):
         """Replace the grant's reserved tokens by `used_tokens` in its window and give its slot back (once)."""
         ...
 
+    def release(self, grant: Grant, used_tokens: int, failed: Callable[[LimiterUnavailable], None]) -> None:
+        """`settle` without waiting for it (the request path's way: a request that ended owes nothing more); a
+        failure goes to `failed`, never raised. What it does is seen by every later call of this limiter."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def _never(_: LimiterUnavailable) -> None:
+    """The in-process limiter cannot fail."""
 
 
 def window_of(now: float) -> tuple[int, float]:
@@ -156,6 +165,9 @@ class MemoryLimiter:
         return Grant(key_id, lease, window, tokens, Usage(limits, counts.requests, counts.tokens, left))
 
     async def settle(self, grant: Grant, used_tokens: int) -> None:
+        self.release(grant, used_tokens, _never)
+
+    def release(self, grant: Grant, used_tokens: int, failed: Callable[[LimiterUnavailable], None]) -> None:
         if grant.settled:
             return
         grant.settled = True

@@ -38,12 +38,14 @@ count it twice
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.policy.limits import WINDOW_SECONDS, Grant, KeyLimits, LimiterUnavailable, RateLimited, Usage
-from services.policy.resp import Redis, RedisError, Reply, ReplyError
+from services.policy.resp import Redis, RedisError, RedisUnavailable, Reply, ReplyError
 
 PREFIX = "mm:rl:v1"
 DEFAULT_TIMEOUT = 0.25
@@ -106,25 +108,25 @@ return 1
 class _Script:
     """One Lua script: EVALSHA, or EVAL (which also caches it) when the server does not know it yet."""
 
-    __slots__ = ("_sha", "_source")
+    __slots__ = ("sha", "source")
 
     def __init__(self, source: str) -> None:
-        self._source = source
-        self._sha = hashlib.sha1(source.encode()).hexdigest()
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def __call__(self, client: Redis, keys: tuple[str, str], args: Sequence[str | int]) -> Reply:
         try:
-            return await client.call("EVALSHA", self._sha, 2, *keys, *args)
+            return await client.call("EVALSHA", self.sha, 2, *keys, *args)
         except ReplyError as exc:
             if exc.code != "NOSCRIPT":
                 raise
-            return await client.call("EVAL", self._source, 2, *keys, *args)
+            return await client.call("EVAL", self.source, 2, *keys, *args)
 
 
 class RedisLimiter:
     """The `Limiter` protocol on Redis/Valkey: one atomic script per call, counted on the server's clock."""
 
-    __slots__ = ("_acquire", "_client", "_lease_us", "_settle", "_timeout")
+    __slots__ = ("_acquire", "_client", "_lease_us", "_releasing", "_settle", "_timeout")
 
     def __init__(
         self, client: Redis, *, timeout: float = DEFAULT_TIMEOUT, lease_seconds: float = DEFAULT_LEASE_SECONDS
@@ -142,6 +144,7 @@ class RedisLimiter:
         self._lease_us = round(lease_seconds * 1_000_000)
         self._acquire = _Script(_ACQUIRE)
         self._settle = _Script(_SETTLE)
+        self._releasing: set[asyncio.Task[None]] = set()  # awaited settles of `release` (no connection was open)
 
     @classmethod
     def from_url(
@@ -175,15 +178,64 @@ class RedisLimiter:
         delta = used_tokens - grant.tokens
         await self._call(self._settle, grant.key_id, (grant.lease, grant.window, delta, WINDOW_SECONDS))
 
+    def release(self, grant: Grant, used_tokens: int, failed: Callable[[LimiterUnavailable], None]) -> None:
+        """The settle script sent without waiting for it: no task, no timer, and at c=64 the writes of many
+        requests' settles share the loop's ticks. NOSCRIPT (a restarted Redis) sends it again as EVAL; with no
+        connection open (the first call, or after a failure), the awaited `settle` runs in a task instead."""
+        if grant.settled:
+            return
+        limits = grant.usage.limits
+        if limits.tpm is None and limits.max_concurrent is None:
+            grant.settled = True
+            return  # as in `settle`: nothing to give back
+        keys = _keys(grant.key_id)
+        args = (grant.lease, grant.window, used_tokens - grant.tokens, WINDOW_SECONDS)
+
+        def replied(reply: Reply | RedisError) -> None:
+            if isinstance(reply, ReplyError) and reply.code == "NOSCRIPT":
+                if self._client.fire(replied_again, "EVAL", self._settle.source, 2, *keys, *args):
+                    return
+                reply = RedisUnavailable("the connection closed before the script could be sent again")
+            replied_again(reply)
+
+        def replied_again(reply: Reply | RedisError) -> None:
+            if isinstance(reply, RedisError):
+                failed(LimiterUnavailable(f"rate limits: Redis failed: {type(reply).__name__}: {reply}"))
+
+        if self._client.fire(replied, "EVALSHA", self._settle.sha, 2, *keys, *args):
+            grant.settled = True
+            return
+        task = asyncio.ensure_future(self._settle_awaited(grant, used_tokens, failed))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _settle_awaited(
+        self, grant: Grant, used_tokens: int, failed: Callable[[LimiterUnavailable], None]
+    ) -> None:
+        try:
+            await self.settle(grant, used_tokens)
+        except LimiterUnavailable as exc:
+            failed(exc)
+
     async def aclose(self) -> None:
+        """Wait (within the timeout) for the settles sent and not yet answered, then close the connection."""
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            await self._client.call("PING")  # answered after every command sent before it
         await self._client.aclose()
 
     async def _call(self, script: _Script, key_id: str, args: Sequence[str | int]) -> Any:
-        keys = (f"{PREFIX}:{{{key_id}}}:leases", f"{PREFIX}:{{{key_id}}}:w:")
+        keys = _keys(key_id)
         try:
             return await script(self._client, keys, args)
         except RedisError as exc:  # unreachable, closed, no answer within the client's deadline, or an error reply
             raise LimiterUnavailable(f"rate limits: Redis failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _keys(key_id: str) -> tuple[str, str]:
+    """The scripts' KEYS for one API key: its leases, and the prefix of its window counters."""
+    return f"{PREFIX}:{{{key_id}}}:leases", f"{PREFIX}:{{{key_id}}}:w:"
 
 
 def _limit(value: int | None) -> int:

@@ -11,7 +11,8 @@ errors, integers, bulk strings, arrays, nil). URLs: `redis://[[user]:password@]h
 verified against the system's CAs) and `unix:///path[?db=N&password=...]`. It is not a general client: no RESP3, no
 pub/sub, no cluster redirections (the limiter keeps each API key's counters in one slot), no reconnect-and-retry.
 
-Calls are pipelined on one connection: Redis answers in order, so replies meet their calls in a FIFO, and many
+Calls are pipelined on one connection: Redis answers in order, so replies meet their calls in a FIFO (a fired
+command, whose caller does not wait, takes its place there with a callback), and many
 requests in flight share one socket (Redis runs one script at a time anyway). Every call has a deadline; a call not
 answered by its deadline means the connection can no longer be trusted (a frozen server, a half-open socket), so
 the connection is aborted, every call still waiting on it fails, and the next call opens a new one. A caller that is
@@ -28,6 +29,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -53,6 +55,17 @@ class ReplyError(RedisError):
 
 
 _MORE: Final = object()  # the parser's "the reply is not complete yet"
+
+OnReply = Callable[[Reply | RedisError], None]
+
+
+class _Fired:
+    """A command sent without a caller waiting (`Redis.fire`): its callback gets the reply, or the failure."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: OnReply) -> None:
+        self.callback = callback
 
 
 def _parse(data: bytes | bytearray, pos: int) -> tuple[object, int]:
@@ -106,7 +119,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
-        self._pending: deque[asyncio.Future[Reply]] = deque()
+        self._pending: deque[asyncio.Future[Reply] | _Fired] = deque()
         self._buffer = bytearray()
         self._failure: RedisUnavailable | None = None  # set once the connection is unusable
 
@@ -128,6 +141,12 @@ class _Connection(asyncio.Protocol):
         self._transport.write(command)
         return future
 
+    def fire(self, command: bytes, callback: OnReply) -> None:
+        if self._failure is not None or self._transport is None:
+            raise self._failure or RedisUnavailable("rate limits: the Redis connection is not open")
+        self._pending.append(_Fired(callback))
+        self._transport.write(command)
+
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         if buffer:
@@ -145,6 +164,9 @@ class _Connection(asyncio.Protocol):
                 if not pending:
                     raise ValueError("a reply nobody asked for")
                 future = pending.popleft()
+                if isinstance(future, _Fired):
+                    future.callback(reply)  # type: ignore[arg-type]  # a Reply or a ReplyError, from _parse
+                    continue
                 if future.done():  # its caller was cancelled: the reply is dropped, the order kept
                     continue
                 if isinstance(reply, ReplyError):
@@ -175,7 +197,9 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
         while self._pending:
             future = self._pending.popleft()
-            if not future.done():
+            if isinstance(future, _Fired):
+                future.callback(self._failure)
+            elif not future.done():
                 future.set_exception(self._failure)
 
 
@@ -206,6 +230,19 @@ class Redis:
             return await future
         finally:
             timer.cancel()
+
+    def fire(self, callback: OnReply, *args: str | int) -> bool:
+        """Send one command without waiting for its reply: `callback` gets it (or the error reply, or the
+        connection's failure) when it comes. False, and nothing sent, when no connection is open: `call` opens one.
+
+        Commands on one connection run in order, so a call made after a fire sees what the fired command did. A
+        fired command has no deadline of its own: a connection that stops answering is aborted by the next call's
+        deadline, which fails the fired commands before it too."""
+        connection = self._connection
+        if connection is None or not connection.usable:
+            return False
+        connection.fire(encode(args), callback)
+        return True
 
     def _expire(self, connection: _Connection, future: asyncio.Future[Reply]) -> None:
         if not future.done():

@@ -136,6 +136,24 @@ async def test_tokens_are_reserved_then_settled_to_what_was_used(replicas: Repli
     assert {first.window, second.window} == {window}
 
 
+async def test_a_release_not_waited_for_is_seen_by_the_next_call(replicas: Replicas, key_id: str) -> None:
+    """`release`, the request path's settle: nothing awaited, and yet the very next call of the same limiter sees
+    the slot back and the tokens corrected (one connection runs its commands in order)."""
+    limiter, limits = replicas(), KeyLimits(tpm=100, max_concurrent=1)
+    await _in_one_window()
+    await limiter.acquire(key_id, limits, 0, _lease())  # opens the connection the releases then use
+    failures: list[LimiterUnavailable] = []
+    for used in (10, 30):
+        grant = await limiter.acquire(key_id, KeyLimits(tpm=100, max_concurrent=2), 60, _lease())
+        limiter.release(grant, used, failures.append)
+        assert grant.settled
+        limiter.release(grant, 1000, failures.append)  # once only
+    assert (await _usage(limiter, key_id)).tokens == 40
+    with pytest.raises(RateLimited, match="concurrency"):  # the first acquire's slot is still held
+        await limiter.acquire(key_id, limits, 0, _lease())
+    assert failures == []
+
+
 async def test_requests_then_tokens_then_concurrency_are_checked_in_that_order(replicas: Replicas) -> None:
     limiter = replicas()
     await _in_one_window()
@@ -361,6 +379,39 @@ async def test_a_flushed_script_cache_is_refilled(
     async with Redis.from_url(redis_url) as raw:
         await raw.script_flush()
     assert (await limiter.acquire(key_id, KeyLimits(rpm=3), 0, _lease())).usage.requests == 2
+
+
+async def test_a_release_after_a_flushed_script_cache_is_sent_again_as_eval(
+    open_redis: Callable[..., RedisLimiter], redis_url: str, key_id: str
+) -> None:
+    limiter, limits = open_redis(), KeyLimits(tpm=100)
+    window = await _in_one_window()
+    grant = await limiter.acquire(key_id, limits, 70, _lease())
+    async with Redis.from_url(redis_url, decode_responses=True) as raw:
+        await raw.script_flush()
+        failures: list[LimiterUnavailable] = []
+        limiter.release(grant, 5, failures.append)
+        assert (await _usage(limiter, key_id)).tokens == 5  # NOSCRIPT, then EVAL: both before this call
+        assert await raw.get(f"mm:rl:v1:{{{key_id}}}:w:{window}:tok") == "5"
+    assert failures == []
+
+
+async def test_a_release_to_a_killed_redis_reports_the_failure_and_never_raises(
+    open_redis: Callable[..., RedisLimiter], redis_server: RedisServer, key_id: str
+) -> None:
+    limiter, limits = open_redis(redis_server.url, timeout=0.25), KeyLimits(max_concurrent=5)
+    grants = [await limiter.acquire(key_id, limits, 0, _lease()) for _ in range(2)]
+    failures: list[LimiterUnavailable] = []
+    redis_server.stop()
+    limiter.release(grants[0], 0, failures.append)  # sent on the connection still believed open, or awaited
+    await asyncio.sleep(0.1)  # the closed connection is noticed
+    limiter.release(grants[1], 0, failures.append)  # no connection: the awaited settle, in a task
+    for _ in range(40):
+        if len(failures) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(failures) == 2 and all(isinstance(f, LimiterUnavailable) for f in failures), failures
+    await asyncio.wait_for(limiter.aclose(), 2)  # nothing left waiting
 
 
 async def _timed(call: Callable[[], Awaitable[object]]) -> float:
