@@ -162,3 +162,71 @@ Plain environment variables from a name -> value map (extraEnv).
   value: {{ $value | toString | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+The bridge's environment: its container's in the split mode, and the combined pod's (combined.enabled) beside the
+core's own. TLS to the core is the split mode's only: in one process the bridge calls the core without a channel.
+*/}}
+{{- define "modelmax.bridgeEnv" -}}
+{{- $coreSecret := .Values.core.tls.existingSecret }}
+{{- $clientSecret := .Values.bridge.coreTls.existingSecret -}}
+- name: MODELMAX_BRIDGE_HOST
+  value: "0.0.0.0"
+- name: MODELMAX_BRIDGE_PORT
+  value: {{ .Values.bridge.port | quote }}
+- name: MODELMAX_BRIDGE_METRICS_PORT
+  value: {{ .Values.bridge.metricsPort | quote }}
+- name: MODELMAX_CORE_TARGET
+  value: {{ include "modelmax.coreTarget" . | quote }}
+- name: MODELMAX_BRIDGE_SHUTDOWN_GRACE_SECONDS
+  value: {{ .Values.bridge.drainSeconds | quote }}
+- name: MODELMAX_BRIDGE_MAX_CONCURRENT_REQUESTS
+  value: {{ .Values.bridge.maxConcurrentRequests | int64 | quote }}
+{{- if not .Values.combined.enabled }}{{/* the core's own entry says the same */}}
+- name: MODELMAX_MAX_BODY_BYTES
+  value: {{ .Values.bridge.maxBodyBytes | int64 | quote }}
+{{- end }}
+- name: MODELMAX_REQUEST_TIMEOUT_SECONDS
+  value: {{ .Values.bridge.requestTimeoutSeconds | quote }}
+{{- if lt (int64 .Values.bridge.maxBufferedBytes) (int64 .Values.bridge.maxBodyBytes) }}
+{{- fail "bridge.maxBufferedBytes must be at least bridge.maxBodyBytes: the largest body could never be read" }}
+{{- end }}
+- name: MODELMAX_BRIDGE_MAX_BUFFERED_BYTES
+  value: {{ .Values.bridge.maxBufferedBytes | int64 | quote }}
+- name: MODELMAX_BRIDGE_PING_SECONDS
+  value: {{ .Values.bridge.pingSeconds | quote }}
+- name: MODELMAX_BRIDGE_MAX_HEADER_BYTES
+  value: {{ .Values.bridge.transport.maxHeaderBytes | int64 | quote }}
+- name: MODELMAX_BRIDGE_MAX_HEADERS
+  value: {{ .Values.bridge.transport.maxHeaders | int64 | quote }}
+- name: MODELMAX_BRIDGE_HEADER_TIMEOUT_SECONDS
+  value: {{ .Values.bridge.transport.headerTimeoutSeconds | quote }}
+- name: MODELMAX_BRIDGE_BODY_TIMEOUT_SECONDS
+  value: {{ .Values.bridge.transport.bodyTimeoutSeconds | quote }}
+- name: MODELMAX_BRIDGE_KEEPALIVE_SECONDS
+  value: {{ .Values.bridge.transport.keepaliveSeconds | quote }}
+- name: MODELMAX_BRIDGE_MAX_CONNECTIONS
+  value: {{ .Values.bridge.transport.maxConnections | int64 | quote }}
+{{- if not .Values.combined.enabled }}{{/* one process, one log: core.logLevel, in the core's entries */}}
+- name: MODELMAX_LOG_LEVEL
+  value: {{ .Values.bridge.logLevel | quote }}
+- name: MODELMAX_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+{{- end }}
+{{- if and $coreSecret (not .Values.combined.enabled) }}
+# TLS to the core: its certificate must chain to ca.crt of the core's TLS Secret.
+- name: MODELMAX_CORE_TLS_CA_FILE
+  value: /etc/modelmax/tls/core-ca.crt
+- name: MODELMAX_CORE_TLS_SERVER_NAME
+  value: {{ include "modelmax.coreServerName" . | quote }}
+{{- end }}
+{{- if and $clientSecret (not .Values.combined.enabled) }}
+- name: MODELMAX_BRIDGE_TLS_CERT_FILE
+  value: /etc/modelmax/tls/tls.crt
+- name: MODELMAX_BRIDGE_TLS_KEY_FILE
+  value: /etc/modelmax/tls/tls.key
+{{- end }}
+{{- with .Values.bridge.extraEnv }}
+{{- include "modelmax.extraEnv" . | trim | nindent 0 }}
+{{- end }}
+{{- end }}
