@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -26,6 +25,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.processes import free_port
+
 INSTALL_HINT = "prometheus is installed by `make tools` (Debian's prometheus package, which also ships promtool)"
 SCRAPE_SECONDS = 1
 _START_SECONDS = 20.0
@@ -36,13 +37,6 @@ def _prometheus_binary() -> str:
     if found is None:
         pytest.fail(f"prometheus is not on PATH: {INSTALL_HINT}", pytrace=False)
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -109,7 +103,7 @@ async def running_prometheus(root: Path, jobs: Mapping[str, str]) -> AsyncIterat
     root.mkdir(parents=True, exist_ok=True)
     config, log = root / "prometheus.yml", root / "prometheus.log"
     config.write_text(yaml.safe_dump(_config(jobs)), encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     args = [
         binary,
         f"--config.file={config}",

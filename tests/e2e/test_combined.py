@@ -24,16 +24,10 @@ from services.policy import open_store
 from services.policy.keys import KeySpec
 from startup.cli import main as modelmax
 from tests.conftest import write_catalog
-from tests.e2e.test_shutdown import (
-    MODEL,
-    ROOT,
-    assert_complete,
-    free_port,
-    process,
-    read_stream_then_terminate,
-)
+from tests.e2e.test_shutdown import MODEL, assert_complete, read_stream_then_terminate
 from tests.fakes.openai_upstream import DEFAULT_USAGE, OpenAIUpstream, serve_openai_upstream
 from tests.grpc_client import core_channel
+from tests.processes import ROOT, free_port, process
 
 
 def combined_env(tmp_path: Path, upstream: OpenAIUpstream, database: str) -> tuple[dict[str, str], int, int]:

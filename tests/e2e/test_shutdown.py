@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,17 +17,11 @@ from services.policy import open_store
 from services.policy.keys import KeySpec
 from tests.conftest import API_KEY, running_bridge, running_core, write_catalog
 from tests.fakes.openai_upstream import DEFAULT_USAGE, OpenAIUpstream, serve_openai_upstream
+from tests.processes import free_port, process
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "remote-chat"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -40,30 +30,6 @@ async def slow_upstream() -> AsyncIterator[OpenAIUpstream]:
         fake.chunks = [f"part{i} " for i in range(15)]
         fake.chunk_delay = 0.1  # a stream of about 1.5 s
         yield fake
-
-
-@asynccontextmanager
-async def process(module: str, env: dict[str, str], ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, cwd=ROOT, env={"PATH": os.environ["PATH"], **env},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with httpx.AsyncClient(timeout=1) as http:
-            for _ in range(200):
-                try:
-                    if (await http.get(ready_url)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"{module} did not start: {(await child.stderr.read()).decode()}")  # type: ignore[union-attr]
-        yield child
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
 
 
 async def read_stream_then_terminate(

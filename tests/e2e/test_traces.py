@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
-import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -28,8 +23,8 @@ from tests.fakes.bedrock import serve_bedrock, use_fake_credentials
 from tests.fakes.gemini import serve_gemini
 from tests.fakes.openai_upstream import OpenAIUpstream, serve_openai_upstream
 from tests.otlp_receiver import Received, ReceivedSpan, otlp_grpc_receiver, otlp_http_receiver
+from tests.processes import free_port, process, stop
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "remote-chat"
 UPSTREAM_MODEL = "qwen-upstream"
 PROMPT = "the-secret-prompt-4711"
@@ -46,46 +41,11 @@ USAGE = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(autouse=True)
 def no_tracing_left() -> Iterator[None]:
     """An in-process test's tracing never outlives it."""
     yield
     tracing.shutdown()
-
-
-@asynccontextmanager
-async def process(module: str, env: dict[str, str], ready_url: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, cwd=ROOT, env={"PATH": os.environ["PATH"], **env},
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        async with httpx.AsyncClient(timeout=1) as http:
-            for _ in range(400):
-                try:
-                    if (await http.get(ready_url)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"{module} did not start: {(await child.stderr.read()).decode()}")  # type: ignore[union-attr]
-        yield child
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
-
-
-async def stop(child: asyncio.subprocess.Process) -> None:
-    child.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(child.wait(), timeout=20)
 
 
 @pytest.fixture
