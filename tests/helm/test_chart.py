@@ -101,13 +101,18 @@ def test_strict_lint_is_clean(values: dict[str, Any], kube_version: str) -> None
     assert report["messages"] == ACCEPTED_LINT_FINDINGS
 
 
-@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-def test_every_manifest_is_a_valid_kubernetes_object(release: Rendered, kube_version: str) -> None:
+def assert_valid_objects(release: Rendered, kube_version: str) -> None:
+    """Every manifest a valid Kubernetes object of `kube_version` (strict); ServiceMonitors by their CRD schema."""
     for manifest in release.manifests:
         if manifest["kind"] == "ServiceMonitor":
             jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
         else:
             kubernetes_validate.validate(manifest, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_every_manifest_is_a_valid_kubernetes_object(release: Rendered, kube_version: str) -> None:
+    assert_valid_objects(release, kube_version)
 
 
 def test_default_release_has_the_expected_objects(default_release: Rendered) -> None:

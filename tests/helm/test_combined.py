@@ -7,14 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import helm_python
-import jsonschema
-import kubernetes_validate
 import pytest
 
 from bridge.settings import Settings as BridgeSettings
 from services.settings import Settings as CoreSettings
 from tests.helm.conftest import CHART_DIR, FULL_VALUES, KUBE_VERSIONS, NAMESPACE, Rendered, container, merged, render
-from tests.helm.test_chart import ACCEPTED_LINT_FINDINGS, SERVICE_MONITOR_SCHEMA
+from tests.helm.test_chart import ACCEPTED_LINT_FINDINGS, assert_valid_objects
 from tests.helm.test_chart_matches_code import environment
 
 COMBINED: dict[str, Any] = merged(FULL_VALUES, {"combined": {"enabled": True}})
@@ -29,11 +27,7 @@ def combined(chart: helm_python.Chart) -> Rendered:
 def test_it_lints_clean_and_every_object_is_valid(combined: Rendered, kube_version: str) -> None:
     report = helm_python.lint(CHART_DIR, COMBINED, strict=True, namespace=NAMESPACE, kube_version=f"v{kube_version}")
     assert report["errors"] == [] and report["messages"] == ACCEPTED_LINT_FINDINGS
-    for manifest in combined.manifests:
-        if manifest["kind"] == "ServiceMonitor":
-            jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
-        else:
-            kubernetes_validate.validate(manifest, kube_version, strict=True)
+    assert_valid_objects(combined, kube_version)
 
 
 def test_one_deployment_runs_the_combined_process(combined: Rendered) -> None:
