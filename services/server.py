@@ -16,8 +16,8 @@ from modelmax.v1 import completion_service_pb2 as svc
 from modelmax.v1 import completion_service_pb2_grpc as svc_grpc
 from modelmax.v1 import key_service_pb2, key_service_pb2_grpc
 from services.catalog import load_catalog
-from services.completion.servicer import CompletionServicer
-from services.dispatch import Dispatcher, build_routes
+from services.completion.servicer import create_servicer
+from services.dispatch import build_routes
 from services.metrics import CoreMetrics, watch_deployments, watch_policy, watch_queues
 from services.policy import open_store
 from services.policy.admin import KeyServicer
@@ -119,9 +119,7 @@ async def start_core(settings: Settings, env: Mapping[str, str], handlers: Handl
             options.append(("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_seconds * 1000))))
             options.append(("grpc.max_connection_age_grace_ms", 2**31 - 1))  # INT_MAX: gRPC's "infinite"
         server = grpc.aio.server(options=options)
-        servicer = CompletionServicer(
-            registry, Dispatcher(routes, metrics), metrics, policy, settings.max_concurrent_requests
-        )
+        servicer = create_servicer(registry, metrics, policy, settings.max_concurrent_requests, routes)
         stack.push_async_callback(servicer.aclose)
         serving = server if handlers is None else cast(grpc.aio.Server, Both(server, handlers))
         svc_grpc.add_CompletionServiceServicer_to_server(servicer, serving)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -290,10 +290,16 @@ class CompletionServicer(svc_grpc.CompletionServiceServicer):
 
 
 def create_servicer(
-    registry: ProviderRegistry, metrics: CoreMetrics, policy: Policy, max_concurrent: int = 1024
+    registry: ProviderRegistry,
+    metrics: CoreMetrics,
+    policy: Policy,
+    max_concurrent: int = 1024,
+    routes: Mapping[str, Route] | None = None,
 ) -> CompletionServicer:
-    """The servicer over the registry's routes, checking every call with `policy` and recording into `metrics`."""
-    return CompletionServicer(registry, Dispatcher(build_routes(registry), metrics), metrics, policy, max_concurrent)
+    """The servicer over the registry's routes (`routes`, when the caller built them to watch them too), checking
+    every call with `policy` and recording into `metrics`."""
+    routes = build_routes(registry) if routes is None else routes
+    return CompletionServicer(registry, Dispatcher(routes, metrics), metrics, policy, max_concurrent)
 
 
 def _server_span(
